@@ -1,0 +1,360 @@
+"""``BatchARTDecodeWrapper``: batched paged decode attention with run-time termination.
+
+Like FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper``: ``plan()`` once per decode step
+(validates the page table, flattens the visit order, cuts it into work items, allocates
+every buffer), then ``run()`` for each layer (validates q and the cache, launches, no host
+synchronization, CUDA-graph capturable on the Triton backend).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .backend import resolve_backend, triton_interpreter_enabled
+from .page_metadata import PageMetadata
+from .paged_cache import cache_geometry, unpack_paged_kv_cache, validate_page_table
+from .plan import DecodePlan, build_plan
+from .reference import LOG2E, VALUE_NORM_SCALE, art_decode_torch, bound_terms_torch, row_value_scale
+from .selection import PageSelection, dense_selection, validate_selection
+from .termination import TerminationConfig
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_GROUP_SIZE = 64
+MAX_PAGE_SIZE = 256
+BOUND_TILE = 32
+
+
+@dataclass
+class DecodeStats:
+    """What the last ``run`` read and where it stopped.
+
+    Attributes
+    ----------
+    visited_pages : torch.Tensor
+        ``[B, H_kv]`` int32: pages read per (request, KV head).
+    selected_pages : torch.Tensor
+        ``[B, H_kv]`` int32: pages in the selection.
+    visited_tokens : torch.Tensor
+        ``[B, H_kv]`` int32: tokens read.
+    stable_at : torch.Tensor
+        ``[B, H_qo]`` int32: the visit-order block (``block_pages`` pages each) at which each
+        query head first met the criterion on its own (``-1``: never; always -1 in ``off``).
+    kv_bytes_read : torch.Tensor
+        0-d int64: K and V bytes read, plus page metadata bytes in bound mode.
+    """
+
+    visited_pages: torch.Tensor
+    selected_pages: torch.Tensor
+    visited_tokens: torch.Tensor
+    stable_at: torch.Tensor
+    kv_bytes_read: torch.Tensor
+
+
+def _check_int(name: str, value, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
+    return value
+
+
+class BatchARTDecodeWrapper:
+    """Paged decode attention over FlashInfer's page format that stops per (request, KV head).
+
+    Parameters
+    ----------
+    kv_layout : {"NHD", "HND"}
+        Layout of the paged cache (see ``art_runtime.paged_cache``).
+    backend : {"auto", "triton", "torch"}
+        ``auto`` picks Triton for CUDA tensors and torch otherwise.
+    """
+
+    def __init__(self, kv_layout: str = "NHD", backend: str = "auto"):
+        if kv_layout not in ("NHD", "HND"):
+            raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        self.kv_layout = kv_layout
+        self.backend = backend
+        self._plan: DecodePlan | None = None
+        self._raw_stats = None
+
+    def plan(
+        self,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        kv_last_page_len: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        termination: TerminationConfig | None = None,
+        sm_scale: float | None = None,
+        policy=None,
+        selection: PageSelection | None = None,
+        chunk_pages: int | None = None,
+    ) -> None:
+        """Prepare a decode step; reused by every ``run`` until the next ``plan``.
+
+        Parameters
+        ----------
+        kv_indptr : torch.Tensor
+            ``[B + 1]`` int32 page-table row pointers (strictly increasing).
+        kv_indices : torch.Tensor
+            ``[>= kv_indptr[-1]]`` int32 physical page ids.
+        kv_last_page_len : torch.Tensor
+            ``[B]`` int32 tokens in each request's last page, 1..page_size.
+        num_qo_heads, num_kv_heads, head_dim, page_size : int
+            ``num_qo_heads`` must be a multiple of ``num_kv_heads`` (group size <= 64).
+        termination : TerminationConfig, optional
+            Criterion and thresholds; default ``TerminationConfig()``.
+        sm_scale : float, optional
+            Logit scale; default ``1 / sqrt(head_dim)``.
+        policy : optional
+            A page-selection policy (``art_runtime.policies``). ``None``: dense.
+        selection : PageSelection, optional
+            An explicit visit order (CSR over ``B * H_kv`` rows). ``None``: dense, sink and
+            current page first, then newest to oldest. Exclusive with ``policy``.
+        chunk_pages : int, optional
+            Pages per parallel work item. ``None``: rows are split only when ``B * H_kv``
+            is too small to fill the GPU.
+        """
+        termination = TerminationConfig() if termination is None else termination
+        if not isinstance(termination, TerminationConfig):
+            raise ValueError(f"termination must be a TerminationConfig, got {type(termination).__name__}")
+        _check_int("num_kv_heads", num_kv_heads, 1, 1 << 16)
+        _check_int("num_qo_heads", num_qo_heads, 1, 1 << 16)
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        _check_int("group size num_qo_heads // num_kv_heads", num_qo_heads // num_kv_heads, 1, MAX_GROUP_SIZE)
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim!r}")
+        _check_int("page_size", page_size, 1, MAX_PAGE_SIZE)
+        if sm_scale is None:
+            sm_scale = 1.0 / math.sqrt(head_dim)
+        if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+            raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+        if policy is not None:
+            raise ValueError("policy: page-selection policies are not available in this build; pass selection=")
+        batch_size = validate_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size)
+        device = kv_indptr.device
+        self._backend = resolve_backend(self.backend, device)
+        if selection is None:
+            selection = dense_selection(kv_indptr, num_kv_heads)
+        else:
+            validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
+        plan = build_plan(
+            kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+            termination, float(sm_scale), selection, chunk_pages, self._parallel_programs(device),
+        )
+        self._plan = plan
+        self._page_table = (kv_indptr, kv_indices, kv_last_page_len)
+        self._allocate(plan, device)
+        self._raw_stats = None
+
+    def _parallel_programs(self, device: torch.device) -> int:
+        """Work items that fill the device: two per SM on a GPU; no split elsewhere."""
+        if self._backend == "triton" and device.type == "cuda":
+            return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 1
+
+    def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
+        group_pad = max(16, 1 << (plan.group_size - 1).bit_length())
+        self._group_pad = group_pad
+        num_work = plan.num_work
+        self._visited_pages = torch.zeros(num_work, dtype=torch.int32, device=device)
+        self._visited_tokens = torch.zeros(num_work, dtype=torch.int32, device=device)
+        self._stable_at = torch.full((num_work, group_pad), -1, dtype=torch.int32, device=device)
+        split = plan.split and self._backend == "triton"
+        self._part_out = torch.empty((num_work if split else 0, group_pad, plan.head_dim), dtype=torch.float32, device=device)
+        self._part_lse = torch.empty((num_work if split else 0, group_pad), dtype=torch.float32, device=device)
+        bound = plan.termination.mode == "bound" and self._backend == "triton"
+        self._log2w = torch.empty((plan.nnz if bound else 0, group_pad), dtype=torch.float32, device=device)
+        self._vrest = torch.empty((plan.nnz if bound else 0,), dtype=torch.float32, device=device)
+        self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
+
+    def run(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache,
+        page_meta: PageMetadata | None = None,
+        return_lse: bool = False,
+        out: torch.Tensor | None = None,
+    ):
+        """Decode attention for one layer.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[B, H_qo, D]`` fp16, bf16 or fp32, the same dtype as the cache.
+        paged_kv_cache : torch.Tensor or tuple of torch.Tensor
+            FlashInfer-format cache in ``kv_layout``.
+        page_meta : PageMetadata, optional
+            Needed by ``bound`` mode; when ``None`` it is built from the cache (slow path).
+        return_lse : bool
+            Also return the base-2 log-sum-exp of the scaled logits ``[B, H_qo]`` float32
+            (FlashInfer's convention: ``lse = log2(sum_j exp(sm_scale * q.k_j))``).
+        out : torch.Tensor, optional
+            ``[B, H_qo, D]`` buffer (q's dtype and device) to write the output into.
+
+        Returns
+        -------
+        torch.Tensor or tuple of torch.Tensor
+            ``out [B, H_qo, D]`` in q's dtype, and ``lse`` if asked.
+        """
+        plan = self._plan
+        if plan is None:
+            raise ValueError("run() needs a plan(): call plan() first")
+        k_cache, v_cache = self._check_run_inputs(q, paged_kv_cache, plan)
+        if out is None:
+            out = torch.empty_like(q)
+        elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be a tensor of q's shape {list(q.shape)}, dtype and device")
+        elif out.stride(-1) != 1:
+            raise ValueError("out must be contiguous in its last dimension")
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        if plan.batch_size == 0:
+            self._raw_stats = (plan, k_cache.element_size(), None)
+            return (out, lse) if return_lse else out
+        bound = plan.termination.mode == "bound"
+        if bound and page_meta is None:
+            page_meta = PageMetadata.from_cache(paged_kv_cache, *self._page_table, kv_layout=self.kv_layout)
+        if bound:
+            self._check_page_meta(page_meta, k_cache, plan)
+        if self.kv_layout == "HND":  # both backends index [page, slot, head, dim]
+            k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        if self._backend == "triton":
+            self._run_triton(plan, q, k_cache, v_cache, page_meta, out, lse)
+        else:
+            terms = None
+            if bound:
+                log2w, vrest = bound_terms_torch(plan, q, page_meta)
+                terms = (log2w, vrest, row_value_scale(plan, vrest))
+            o, o_lse, visited, tokens, stable_at = art_decode_torch(plan, q, k_cache, v_cache, terms)
+            out.copy_(o)
+            lse.copy_(o_lse)
+            self._visited_pages.copy_(visited)
+            self._visited_tokens.copy_(tokens)
+            self._stable_at[:, : plan.group_size].copy_(stable_at)
+        meta_bytes = page_meta.nbytes_per_page() if bound else 0
+        self._raw_stats = (plan, k_cache.element_size(), meta_bytes)
+        return (out, lse) if return_lse else out
+
+    def _check_run_inputs(self, q, paged_kv_cache, plan: DecodePlan):
+        """Validate q and the cache against the plan; return the (K, V) views."""
+        if not isinstance(q, torch.Tensor):
+            raise ValueError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        if q.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+        expected = (plan.batch_size, plan.num_qo_heads, plan.head_dim)
+        if tuple(q.shape) != expected:
+            raise ValueError(f"q must have shape [B, H_qo, D] = {list(expected)}, got {list(q.shape)}")
+        if q.stride(-1) != 1:
+            raise ValueError("q must be contiguous in its last dimension")
+        device = plan.visit_phys.device
+        if q.device != device:
+            raise ValueError(f"q must be on the plan's device {device}, got {q.device}")
+        k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, self.kv_layout)
+        max_pages, page_size, num_kv_heads, head_dim = cache_geometry(paged_kv_cache, self.kv_layout)
+        if k_cache.device != device:
+            raise ValueError(f"paged_kv_cache must be on the plan's device {device}, got {k_cache.device}")
+        if k_cache.dtype != q.dtype:
+            raise ValueError(f"paged_kv_cache dtype {k_cache.dtype} must equal q's dtype {q.dtype}")
+        if (page_size, num_kv_heads, head_dim) != (plan.page_size, plan.num_kv_heads, plan.head_dim):
+            raise ValueError(
+                f"paged_kv_cache has page_size, H_kv, D = {(page_size, num_kv_heads, head_dim)}, "
+                f"the plan {(plan.page_size, plan.num_kv_heads, plan.head_dim)}"
+            )
+        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            raise ValueError("paged_kv_cache must be contiguous in its last dimension")
+        if plan.max_page_index >= max_pages:
+            raise ValueError(f"kv_indices holds page {plan.max_page_index}, out of range for a cache of {max_pages} pages")
+        return k_cache, v_cache
+
+    def _check_page_meta(self, page_meta, k_cache, plan: DecodePlan) -> None:
+        if not isinstance(page_meta, PageMetadata):
+            raise ValueError(f"page_meta must be a PageMetadata, got {type(page_meta).__name__}")
+        expected = (k_cache.shape[0], plan.num_kv_heads, plan.head_dim)
+        if tuple(page_meta.key_min.shape) != expected or page_meta.page_size != plan.page_size:
+            raise ValueError(f"page_meta must describe the cache: key_min {list(expected)}, page_size {plan.page_size}")
+        if page_meta.key_min.device != k_cache.device:
+            raise ValueError(f"page_meta must be on {k_cache.device}, got {page_meta.key_min.device}")
+
+    def _run_triton(self, plan, q, k_cache, v_cache, page_meta, out, lse) -> None:
+        from .kernels.art_decode import art_decode_kernel, art_merge_kernel
+
+        term = plan.termination
+        group_pad = self._group_pad
+        qk_scale = plan.sm_scale * LOG2E
+        if term.mode == "bound":
+            from .kernels.page_bounds import page_bound_suffix_kernel
+
+            page_bound_suffix_kernel[(plan.num_work,)](
+                q, page_meta.key_min, page_meta.key_max, page_meta.value_norm_max,
+                plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
+                self._log2w, self._vrest,
+                q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
+                page_meta.value_norm_max.stride(0), qk_scale, VALUE_NORM_SCALE,
+                NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
+                HEAD_DIM=plan.head_dim, TILE=BOUND_TILE,
+            )
+            self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
+        block_n = max(16, 1 << (plan.block_pages * plan.page_size - 1).bit_length())
+        interpreted = triton_interpreter_enabled()
+        # The interpreter computes bf16 dots wrongly and truncates fp32 -> bf16 stores; there,
+        # dot in fp32 and let torch round the output.
+        dot_in_input_dtype = q.dtype != torch.float32 and not interpreted
+        final_out = out
+        if interpreted and out.dtype == torch.bfloat16:
+            out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        art_decode_kernel[(plan.num_work,)](
+            q, k_cache, v_cache, out, lse, self._part_out, self._part_lse,
+            plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, plan.row_start,
+            self._log2w, self._vrest, self._vscale,
+            self._visited_pages, self._visited_tokens, self._stable_at,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+            qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages,
+            NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
+            HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
+            MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
+            DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
+            num_warps=4, num_stages=2,
+        )
+        if plan.split:
+            art_merge_kernel[(plan.num_rows,)](
+                self._part_out, self._part_lse, plan.row_work_indptr, out, lse, out.stride(0), out.stride(1),
+                NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
+                HEAD_DIM=plan.head_dim,
+            )
+        if out is not final_out:
+            final_out.copy_(out)
+
+    @property
+    def last_stats(self) -> DecodeStats:
+        """Statistics of the last ``run`` (computed on access, on the device)."""
+        if self._raw_stats is None:
+            raise ValueError("last_stats: no run() since the last plan()")
+        plan, elem_size, meta_bytes = self._raw_stats
+        rows = plan.work_row.long()
+        device = plan.visit_phys.device
+        batch, hkv, hqo = plan.batch_size, plan.num_kv_heads, plan.num_qo_heads
+        visited = torch.zeros(plan.num_rows, dtype=torch.int32, device=device).index_add_(0, rows, self._visited_pages)
+        tokens = torch.zeros(plan.num_rows, dtype=torch.int32, device=device).index_add_(0, rows, self._visited_tokens)
+        never = torch.iinfo(torch.int32).max
+        first = torch.where(self._stable_at < 0, never, self._stable_at)[:, : plan.group_size]
+        stable = torch.full((plan.num_rows, plan.group_size), never, dtype=torch.int32, device=device)
+        stable.scatter_reduce_(0, rows[:, None].expand_as(first), first, "amin")
+        stable = torch.where(stable == never, -1, stable)
+        kv_bytes = tokens.long().sum() * 2 * plan.head_dim * elem_size
+        if meta_bytes:
+            kv_bytes = kv_bytes + plan.selected_pages.long().sum() * meta_bytes
+        return DecodeStats(
+            visited_pages=visited.view(batch, hkv),
+            selected_pages=plan.selected_pages,
+            visited_tokens=tokens.view(batch, hkv),
+            stable_at=stable.view(batch, hqo),
+            kv_bytes_read=kv_bytes,
+        )

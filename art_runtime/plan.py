@@ -1,0 +1,156 @@
+"""Decode plans: the visit order flattened to physical pages, cut into parallel work items.
+
+``build_plan`` runs once per decode step (``BatchARTDecodeWrapper.plan``) and is reused by
+every layer. It may synchronize with the device; ``run`` never does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .selection import PageSelection
+from .termination import TerminationConfig
+
+MAX_BLOCK_TOKENS = 256
+
+
+@dataclass
+class DecodePlan:
+    """Everything ``run`` needs besides q, the cache and the metadata.
+
+    Row ``r = b * H_kv + h`` is one (request, KV head); its visit order occupies positions
+    ``row_start[r] .. row_start[r + 1]`` of the flat ``visit_*`` arrays. A work item is a
+    contiguous chunk of one row, a whole number of termination blocks long.
+    """
+
+    batch_size: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    block_pages: int
+    termination: TerminationConfig
+    sm_scale: float
+    max_page_index: int            # largest physical page id in the page table (-1 if none)
+    row_start: torch.Tensor        # [R + 1] int32: selection indptr
+    visit_phys: torch.Tensor       # [nnz] int32 physical page of each visit-order position
+    visit_tokens: torch.Tensor     # [nnz] int32 tokens held by that page
+    visit_row: torch.Tensor        # [nnz] int64 row of each position
+    work_row: torch.Tensor         # [W] int32
+    work_start: torch.Tensor       # [W] int32 first position (absolute)
+    work_end: torch.Tensor         # [W] int32 one past the last position
+    row_work_indptr: torch.Tensor  # [R + 1] int32: work items of each row
+    selected_pages: torch.Tensor   # [B, H_kv] int32
+    max_work_blocks: int           # blocks of the longest work item
+
+    @property
+    def group_size(self) -> int:
+        return self.num_qo_heads // self.num_kv_heads
+
+    @property
+    def num_rows(self) -> int:
+        return self.batch_size * self.num_kv_heads
+
+    @property
+    def num_work(self) -> int:
+        return self.work_row.numel()
+
+    @property
+    def split(self) -> bool:
+        """True when some row is cut into several work items (their outputs are merged)."""
+        return self.num_work > self.num_rows
+
+    @property
+    def nnz(self) -> int:
+        return self.visit_phys.numel()
+
+
+def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parallel_programs: int) -> int:
+    """Pages per work item so that about ``parallel_programs`` items exist (no split if enough)."""
+    if num_rows == 0 or num_rows >= parallel_programs:
+        return max(longest_row, 1)
+    splits = math.ceil(parallel_programs / num_rows)
+    # A chunk shorter than a few blocks costs more in merge traffic than it gains.
+    return max(4 * block_pages, math.ceil(longest_row / splits))
+
+
+def build_plan(
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    termination: TerminationConfig,
+    sm_scale: float,
+    selection: PageSelection,
+    chunk_pages: int | None,
+    parallel_programs: int,
+) -> DecodePlan:
+    """Flatten ``selection`` through the page table and cut it into work items.
+
+    ``chunk_pages`` None lets ``parallel_programs`` decide; bound mode relative to the output
+    is never split (its criterion needs the whole row's state, see ``TerminationConfig``).
+    """
+    device = kv_indptr.device
+    batch_size = kv_last_page_len.numel()
+    block_pages = termination.pages_per_block(page_size)
+    if block_pages * page_size > MAX_BLOCK_TOKENS:
+        raise ValueError(
+            f"termination.block_pages * page_size must be <= {MAX_BLOCK_TOKENS} tokens, "
+            f"got {block_pages} * {page_size}"
+        )
+    row_start = selection.indptr
+    nnz = int(row_start[-1]) if row_start.numel() else 0
+    lengths = (row_start[1:] - row_start[:-1]).long()
+    num_rows = lengths.numel()
+    visit_row = torch.arange(num_rows, device=device).repeat_interleave(lengths)
+    request = visit_row // num_kv_heads
+    logical = selection.pages[:nnz].long()
+    pages_per_request = (kv_indptr[1:] - kv_indptr[:-1]).long()
+    visit_phys = kv_indices[kv_indptr[request].long() + logical]
+    is_last = logical == pages_per_request[request] - 1
+    visit_tokens = torch.where(is_last, kv_last_page_len[request], page_size).to(torch.int32)
+
+    longest = int(lengths.max()) if num_rows else 0
+    no_split = termination.mode == "bound" and termination.relative_to == "output"
+    if chunk_pages is None:
+        chunk_pages = longest if no_split else choose_chunk_pages(longest, num_rows, block_pages, parallel_programs)
+    elif no_split and chunk_pages < longest:
+        raise ValueError("chunk_pages: bound mode relative to the output cannot split a row; use relative_to='values'")
+    if chunk_pages < 1:
+        raise ValueError(f"chunk_pages must be >= 1, got {chunk_pages}")
+    chunk_pages = math.ceil(chunk_pages / block_pages) * block_pages
+    chunks_per_row = (lengths + chunk_pages - 1) // chunk_pages
+    row_work_indptr = torch.zeros(num_rows + 1, dtype=torch.long, device=device)
+    row_work_indptr[1:] = chunks_per_row.cumsum(0)
+    work_row = torch.arange(num_rows, device=device).repeat_interleave(chunks_per_row)
+    chunk_rank = torch.arange(work_row.numel(), device=device) - row_work_indptr[:-1][work_row]
+    work_start = row_start[:-1].long()[work_row] + chunk_rank * chunk_pages
+    work_end = torch.minimum(work_start + chunk_pages, row_start[1:].long()[work_row])
+
+    return DecodePlan(
+        batch_size=batch_size,
+        num_qo_heads=num_qo_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+        block_pages=block_pages,
+        termination=termination,
+        sm_scale=sm_scale,
+        max_page_index=int(kv_indices[: int(kv_indptr[-1])].max()) if batch_size else -1,
+        row_start=row_start,
+        visit_phys=visit_phys.to(torch.int32),
+        visit_tokens=visit_tokens,
+        visit_row=visit_row,
+        work_row=work_row.to(torch.int32),
+        work_start=work_start.to(torch.int32),
+        work_end=work_end.to(torch.int32),
+        row_work_indptr=row_work_indptr.to(torch.int32),
+        selected_pages=lengths.view(batch_size, num_kv_heads).to(torch.int32),
+        max_work_blocks=math.ceil(min(chunk_pages, longest) / block_pages) if num_rows else 0,
+    )

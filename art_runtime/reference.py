@@ -1,0 +1,209 @@
+"""The torch backend: ART decode's semantic oracle and its CPU execution path.
+
+It follows the Triton kernel step for step (same blocks, same base-2 online softmax, same
+termination checks), vectorized over every work item of the batch at once: the Python loop
+runs over blocks of ``block_pages`` pages (64 tokens by default), never over pages or
+requests, and ends as soon as every work item has stopped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .page_metadata import PageMetadata
+from .plan import DecodePlan
+
+LOG2E = math.log2(math.e)
+# Kept equal to kernels/page_bounds.py: margins the bound gives for rounding and norms.
+ROUNDING_MARGIN = 2.0**-12
+VALUE_NORM_SCALE = 1.0 + 2.0**-16
+
+
+def _work_queries(plan: DecodePlan, q: torch.Tensor) -> torch.Tensor:
+    """``[W, G, D]`` float32 queries of every work item's GQA group."""
+    rows = plan.work_row.long()
+    q_groups = q.float().view(plan.batch_size, plan.num_kv_heads, plan.group_size, plan.head_dim)
+    return q_groups[rows // plan.num_kv_heads, rows % plan.num_kv_heads]
+
+
+def _gather_block(plan, k_cache, v_cache, work, pos, end):
+    """K/V of the block starting at positions ``pos`` of the given work items.
+
+    Returns keys and values ``[n, block_pages * P, D]`` float32, a token mask
+    ``[n, block_pages * P]`` and the pages read per item ``[n]``.
+    """
+    page_size = plan.page_size
+    page_pos = pos[:, None] + torch.arange(plan.block_pages, device=pos.device)  # [n, bp]
+    page_ok = page_pos < end[:, None]
+    safe_pos = torch.where(page_ok, page_pos, 0)
+    phys = plan.visit_phys.long()[safe_pos]
+    tokens = torch.where(page_ok, plan.visit_tokens.long()[safe_pos], 0)
+    heads = (plan.work_row.long()[work] % plan.num_kv_heads)[:, None].expand_as(phys)
+    keys = k_cache[phys, :, heads]  # [n, bp, P, D] (k_cache is [pages, P, H, D])
+    values = v_cache[phys, :, heads]
+    token_ok = torch.arange(page_size, device=pos.device)[None, None, :] < tokens[:, :, None]
+    n = work.numel()
+    token_ok = token_ok.reshape(n, -1)
+    # Slots past a page's tokens hold garbage (NaN included); zero them as the kernel's masked loads do.
+    return (
+        keys.reshape(n, -1, plan.head_dim).float().masked_fill(~token_ok[..., None], 0.0),
+        values.reshape(n, -1, plan.head_dim).float().masked_fill(~token_ok[..., None], 0.0),
+        token_ok,
+        page_ok.sum(1),
+    )
+
+
+def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata):
+    """Suffix bounds of every visit-order position (what ``page_bound_suffix_kernel`` writes).
+
+    Returns
+    -------
+    log2_rest_mass : torch.Tensor
+        ``[nnz, G]`` float32: ``log2 sum_{j >= p in p's work item} n_j 2^(ub_j)`` (base-2 logits).
+    value_rest : torch.Tensor
+        ``[nnz]`` float32: the largest value norm over the same suffix.
+    """
+    qk_scale = plan.sm_scale * LOG2E
+    phys = plan.visit_phys.long()
+    head = plan.visit_row % plan.num_kv_heads
+    kmin = page_meta.key_min[phys, head].float()  # [nnz, D]
+    kmax = page_meta.key_max[phys, head].float()
+    q_groups = q.float().view(plan.batch_size, plan.num_kv_heads, plan.group_size, plan.head_dim)
+    q_pos = q_groups[plan.visit_row // plan.num_kv_heads, head]  # [nnz, G, D]
+    ub = (q_pos.clamp(min=0) * kmax[:, None]).sum(-1) + (q_pos.clamp(max=0) * kmin[:, None]).sum(-1)
+    margin = (q_pos.abs() * torch.maximum(kmin.abs(), kmax.abs())[:, None]).sum(-1) * ROUNDING_MARGIN
+    x = (ub + margin) * qk_scale + torch.log2(plan.visit_tokens.float())[:, None]
+    vnorm = page_meta.value_norm_max[phys, head] * VALUE_NORM_SCALE
+
+    # Suffix scans inside each work item: lay the items out as padded rows, reversed.
+    starts, ends = plan.work_start.long(), plan.work_end.long()
+    width = int((ends - starts).max()) if plan.num_work else 0
+    offsets = torch.arange(width, device=x.device)
+    pos = ends[:, None] - 1 - offsets[None, :]  # reversed positions [W, width]
+    ok = pos >= starts[:, None]
+    safe = torch.where(ok, pos, 0)
+    x_rev = torch.where(ok[..., None], x[safe], float("-inf"))
+    log2w = torch.logcumsumexp(x_rev / LOG2E, dim=1) * LOG2E  # natural-log scan, back to base 2
+    v_rev = torch.where(ok, vnorm[safe], 0.0)
+    vrest = torch.cummax(v_rev, dim=1).values
+    log2_rest_mass = torch.empty_like(x)
+    value_rest = torch.empty_like(vnorm)
+    log2_rest_mass[pos[ok]] = log2w[ok]
+    value_rest[pos[ok]] = vrest[ok]
+    return log2_rest_mass, value_rest
+
+
+def row_value_scale(plan: DecodePlan, value_rest: torch.Tensor) -> torch.Tensor:
+    """``[R]`` the largest value norm over each row's selected pages."""
+    scale = torch.zeros(plan.num_rows, dtype=torch.float32, device=value_rest.device)
+    first = value_rest[plan.work_start.long()] if plan.num_work else value_rest[:0]
+    return scale.scatter_reduce_(0, plan.work_row.long(), first, "amax")
+
+
+def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None):
+    """Run ART decode on the torch backend.
+
+    Parameters
+    ----------
+    plan : DecodePlan
+    q : torch.Tensor
+        ``[B, H_qo, D]``.
+    k_cache, v_cache : torch.Tensor
+        ``[max_pages, P, H_kv, D]`` (NHD views; HND caches are passed transposed).
+    bound_terms : tuple or None
+        ``(log2_rest_mass [nnz, G], value_rest [nnz], value_scale [R])`` in bound mode.
+
+    Returns
+    -------
+    tuple
+        ``(out [B, H_qo, D] float32, lse [B, H_qo] float32 base 2, visited_pages [W] int32,
+        visited_tokens [W] int32, stable_at [W, G] int32)``.
+    """
+    term = plan.termination
+    num_work, group, dim = plan.num_work, plan.group_size, plan.head_dim
+    device = q.device
+    qk_scale = plan.sm_scale * LOG2E
+    queries = _work_queries(plan, q)  # [W, G, D]
+    start, end = plan.work_start.long(), plan.work_end.long()
+    first_block = (start - plan.row_start.long()[plan.work_row.long()]) // plan.block_pages
+
+    m = torch.full((num_work, group), float("-inf"), device=device)
+    l = torch.zeros(num_work, group, device=device)
+    acc = torch.zeros(num_work, group, dim, device=device)
+    prev_o = torch.zeros_like(acc)
+    prev_norm = torch.zeros_like(l)
+    streak = torch.zeros(num_work, group, dtype=torch.int32, device=device)
+    stable_at = torch.full((num_work, group), -1, dtype=torch.int32, device=device)
+    pos = start.clone()
+    visited_tokens = torch.zeros(num_work, dtype=torch.long, device=device)
+    active = pos < end
+    if term.mode != "off":
+        log2_rest_mass, value_rest, value_scale = bound_terms if term.mode == "bound" else (None, None, None)
+
+    for block in range(plan.max_work_blocks):
+        work = active.nonzero().squeeze(1)
+        if work.numel() == 0:
+            break
+        keys, values, token_ok, _ = _gather_block(plan, k_cache, v_cache, work, pos[work], end[work])
+        s = torch.einsum("ngd,ntd->ngt", queries[work], keys) * qk_scale
+        s = s.masked_fill(~token_ok[:, None, :], float("-inf"))
+        m_new = torch.maximum(m[work], s.amax(-1))
+        alpha = torch.exp2(m[work] - m_new)
+        p = torch.exp2(s - m_new[..., None])
+        l[work] = l[work] * alpha + p.sum(-1)
+        acc[work] = acc[work] * alpha[..., None] + torch.einsum("ngt,ntd->ngd", p, values)
+        m[work] = m_new
+        visited_tokens[work] += token_ok.sum(1)
+        pos[work] += plan.block_pages
+        if term.mode == "off":
+            active = pos < end
+            continue
+        rest = (pos[work] < end[work])[:, None]  # the criterion only means something while pages remain
+        o = acc[work] / l[work, :, None]
+        o_norm = o.norm(dim=-1)
+        if term.mode == "stability":
+            mag_change = (o_norm - prev_norm[work]).abs() / o_norm.clamp(min=1e-30)
+            cos = (o * prev_o[work]).sum(-1) / (o_norm * prev_norm[work]).clamp(min=1e-30)
+            calm = (mag_change < term.tau_mag) & (1.0 - cos < term.tau_dir) & (block > 0)
+            streak[work] = torch.where(calm, streak[work] + 1, 0)
+            head_ok = streak[work] >= term.patience
+            prev_o[work], prev_norm[work] = o, o_norm
+        else:
+            at = torch.where(rest[:, 0], pos[work], 0)
+            log2_rest = torch.where(rest, log2_rest_mass[at], float("-inf"))
+            v_rest = torch.where(rest, value_rest[at][:, None], 0.0)
+            rest_fraction = 1.0 / (1.0 + l[work] * torch.exp2(m[work] - log2_rest))
+            if term.relative_to == "values":
+                vscale = value_scale[plan.work_row.long()[work]][:, None]
+                spread = vscale if plan.split else o_norm
+                head_ok = rest_fraction * (v_rest + spread) <= term.eps * vscale
+            else:
+                head_ok = rest_fraction * (v_rest + o_norm) <= term.eps * o_norm
+        head_ok = head_ok & rest
+        stable_at[work] = torch.where(
+            head_ok & (stable_at[work] < 0), (first_block[work, None] + block).to(torch.int32), stable_at[work]
+        )
+        stop = head_ok.all(-1) & (pos[work] - plan.row_start.long()[plan.work_row.long()[work]] >= term.min_pages)
+        active[work] = (pos[work] < end[work]) & ~stop
+
+    visited_pages = (torch.minimum(pos, end) - start).to(torch.int32)
+    o = acc / l[..., None]
+    lse = m + torch.log2(l)
+    out, out_lse = _merge(plan, o, lse)
+    return out, out_lse, visited_pages, visited_tokens.to(torch.int32), stable_at
+
+
+def _merge(plan: DecodePlan, o: torch.Tensor, lse: torch.Tensor):
+    """Combine work items of each row by their base-2 LSEs -> ``[B, H_qo, D]``, ``[B, H_qo]``."""
+    rows = plan.work_row.long()
+    row_max = torch.full((plan.num_rows, plan.group_size), float("-inf"), device=o.device)
+    row_max.scatter_reduce_(0, rows[:, None].expand_as(lse), lse, "amax")
+    weight = torch.exp2(lse - row_max[rows])  # [W, G]
+    denom = torch.zeros_like(row_max).index_add_(0, rows, weight)
+    acc = torch.zeros(plan.num_rows, plan.group_size, plan.head_dim, device=o.device)
+    acc.index_add_(0, rows, weight[..., None] * o)
+    out = (acc / denom[..., None]).view(plan.batch_size, plan.num_qo_heads, plan.head_dim)
+    out_lse = (row_max + torch.log2(denom)).view(plan.batch_size, plan.num_qo_heads)
+    return out, out_lse

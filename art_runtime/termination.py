@@ -1,0 +1,111 @@
+"""When ART stops reading a head's pages: the termination criteria and their settings.
+
+Both criteria are evaluated per (request, KV head) after every visited *block* (``block_pages``
+consecutive entries of the visit order), for the whole GQA group at once: the query heads
+that share a KV head share one traversal, so the group stops only when all of them agree.
+
+``stability`` (the ART paper's rule, no guarantee)
+    For every query head, ``| |o_t| - |o_{t-1}| | / |o_t| < tau_mag`` and
+    ``1 - cos(o_t, o_{t-1}) < tau_dir``; stop once this held for ``patience`` consecutive
+    blocks.
+
+``bound`` (certified)
+    Per-page key boxes (``PageMetadata``) bound every unread logit of page ``j`` by
+    ``ub_j = scale * sum_d max(q_d kmax_jd, q_d kmin_jd)``, so the unread softmax mass is at
+    most ``W = sum_{j unread} n_j exp(ub_j - m)``. With ``L`` the visited mass and ``Vrest``
+    the largest value norm among unread pages::
+
+        |o_exact - o_t| <= W / (L + W) * (Vrest + |o_t|)
+
+    Stop when that is ``<= eps * |o_t|`` (``relative_to="output"``) or
+    ``<= eps * Vscale`` with ``Vscale`` the largest value norm over the selected pages
+    (``relative_to="values"``). The returned output is then within that error of exact
+    attention over the selected pages, for every input (up to the floating-point error that
+    mode ``off`` has too).
+
+``off``
+    Visit every selected page: exact attention over the selection.
+
+``min_pages`` applies to every mode: visit-order positions ``< min_pages`` are always read
+(the sink page and the current page come first in every built-in order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MODES = ("off", "stability", "bound")
+RELATIVE_TO = ("output", "values")
+
+# Kernel-side integer codes (constexpr in the Triton kernel, branches in the torch backend).
+MODE_CODE = {"off": 0, "stability": 1, "bound": 2}
+
+DEFAULT_BLOCK_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class TerminationConfig:
+    """Termination criterion and thresholds of ART decode.
+
+    Parameters
+    ----------
+    mode : {"off", "stability", "bound"}
+        ``off`` reads every selected page; ``stability`` is the ART paper's output-stability
+        rule; ``bound`` stops only when a certified error bound is below ``eps``.
+    tau_mag : float
+        Stability: largest relative change of ``|o|`` between consecutive blocks.
+    tau_dir : float
+        Stability: largest ``1 - cos`` between consecutive block outputs (the paper uses
+        ``tau_mag ** 2``).
+    patience : int
+        Stability: consecutive stable blocks needed to stop.
+    eps : float
+        Bound: the certified error, relative to ``|o|`` or to the value scale.
+    min_pages : int
+        Visit-order positions below this are always read.
+    relative_to : {"output", "values"}
+        What ``eps`` is relative to in bound mode.
+    block_pages : int or None
+        Pages per termination check (one kernel tile). ``None``: as many pages as make
+        64 tokens (at least one page).
+    """
+
+    mode: str = "stability"
+    tau_mag: float = 1e-3
+    tau_dir: float = 1e-6
+    patience: int = 2
+    eps: float = 0.05
+    min_pages: int = 2
+    relative_to: str = "output"
+    block_pages: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.relative_to not in RELATIVE_TO:
+            raise ValueError(f"relative_to must be one of {RELATIVE_TO}, got {self.relative_to!r}")
+        for name in ("tau_mag", "tau_dir", "eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("patience", "min_pages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.block_pages is not None and (
+            not isinstance(self.block_pages, int) or not 1 <= self.block_pages <= 1024
+        ):
+            raise ValueError(f"block_pages must be None or an int in 1..1024, got {self.block_pages!r}")
+
+    @property
+    def mode_code(self) -> int:
+        return MODE_CODE[self.mode]
+
+    def pages_per_block(self, page_size: int) -> int:
+        """Pages per termination check for this page size."""
+        if self.block_pages is not None:
+            return self.block_pages
+        return max(1, DEFAULT_BLOCK_TOKENS // page_size)

@@ -1,0 +1,196 @@
+"""Triton kernels: paged decode attention with run-time termination (ART), and the split merge.
+
+``art_decode_kernel`` runs one *work item* per program: a contiguous chunk of one
+(request, KV head)'s visit order. It carries the whole GQA group (``GROUP_PAD`` query rows,
+so that ``tl.dot`` runs on tensor cores), reads ``BLOCK_PAGES`` pages per step through the
+page table, keeps the online softmax in base 2, and after every block decides whether the
+group may stop (modes: 0 off, 1 stability, 2 bound; see ``art_runtime.termination``).
+Work items that cover a whole visit order write the final output; split rows write partial
+outputs and LSEs that ``art_merge_kernel`` combines.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_block(
+    q, m_i, l_i, acc, k_ptr, v_ptr, visit_phys_ptr, visit_tokens_ptr, pos, end, head,
+    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
+    PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+):
+    """Fold the block of visit-order positions ``pos .. pos + BLOCK_PAGES`` into the state."""
+    n = tl.arange(0, BLOCK_N)
+    page_in_block = n // PAGE_SIZE
+    slot = n % PAGE_SIZE
+    page_pos = pos + page_in_block
+    page_ok = (page_in_block < BLOCK_PAGES) & (page_pos < end)
+    phys = tl.load(visit_phys_ptr + page_pos, mask=page_ok, other=0).to(tl.int64)
+    tokens = tl.load(visit_tokens_ptr + page_pos, mask=page_ok, other=0)
+    token_ok = page_ok & (slot < tokens)
+    dims = tl.arange(0, HEAD_DIM)
+    k = tl.load(k_ptr + phys[:, None] * stride_kp + slot[:, None] * stride_kt + head * stride_kh + dims[None, :],
+                mask=token_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + phys[:, None] * stride_vp + slot[:, None] * stride_vt + head * stride_vh + dims[None, :],
+                mask=token_ok[:, None], other=0.0)
+    if DOT_IN_INPUT_DTYPE:
+        s = tl.dot(q, tl.trans(k))
+    else:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    s = tl.where(token_ok[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_IN_INPUT_DTYPE:
+        pv = tl.dot(p.to(v.dtype), v)
+    else:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    acc = acc * alpha[:, None] + pv
+    block_tokens = tl.sum(token_ok.to(tl.int32), 0)
+    return m_new, l_i, acc, block_tokens
+
+
+@triton.jit
+def art_decode_kernel(
+    q_ptr, k_ptr, v_ptr,
+    out_ptr, lse_ptr,                   # final [B, H_qo, D] / [B, H_qo] (unsplit plans)
+    part_out_ptr, part_lse_ptr,         # [W, GROUP_PAD, D] fp32 / [W, GROUP_PAD] (split plans)
+    visit_phys_ptr, visit_tokens_ptr,   # [nnz] int32: physical page and its token count, visit order
+    work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr,
+    bound_log2w_ptr, bound_vrest_ptr, row_vscale_ptr,  # bound mode: [nnz, GROUP_PAD], [nnz], [R]
+    visited_pages_ptr, visited_tokens_ptr, stable_at_ptr,  # stats: [W], [W], [W, GROUP_PAD]
+    stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    stride_ob, stride_oh,
+    qk_scale, tau_mag, tau_dir, eps, patience, min_pages,
+    NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
+    MODE: tl.constexpr, VALUES_RELATIVE: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr,
+):
+    work = tl.program_id(0)
+    row = tl.load(work_row_ptr + work)
+    request = row // NUM_KV_HEADS
+    head = row % NUM_KV_HEADS
+    start = tl.load(work_start_ptr + work)
+    end = tl.load(work_end_ptr + work)
+    row_start = tl.load(row_start_ptr + row)
+
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP_SIZE
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
+                mask=g_ok[:, None], other=0.0)
+    if not DOT_IN_INPUT_DTYPE:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    tokens_read = start * 0
+    stable_at = tl.full([GROUP_PAD], -1, tl.int32)
+
+    if MODE == 0:
+        for pos in range(start, end, BLOCK_PAGES):
+            m_i, l_i, acc, block_tokens = _attend_block(
+                q, m_i, l_i, acc, k_ptr, v_ptr, visit_phys_ptr, visit_tokens_ptr, pos, end, head,
+                stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
+                PAGE_SIZE, BLOCK_PAGES, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+            tokens_read += block_tokens
+        pos = end
+    else:
+        first_block = (start - row_start) // BLOCK_PAGES  # global index of this chunk's first block
+        block = first_block
+        pos = start
+        prev_o = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        prev_norm = tl.zeros([GROUP_PAD], tl.float32)
+        streak = tl.zeros([GROUP_PAD], tl.int32)
+        if VALUES_RELATIVE:
+            vscale = tl.load(row_vscale_ptr + row)
+        go = pos < end
+        while go:
+            m_i, l_i, acc, block_tokens = _attend_block(
+                q, m_i, l_i, acc, k_ptr, v_ptr, visit_phys_ptr, visit_tokens_ptr, pos, end, head,
+                stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
+                PAGE_SIZE, BLOCK_PAGES, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+            tokens_read += block_tokens
+            pos += BLOCK_PAGES
+            rest = pos < end  # the criterion only means something while pages remain
+            o = acc / l_i[:, None]
+            o_norm = tl.sqrt(tl.sum(o * o, 1))
+            if MODE == 1:
+                mag_change = tl.abs(o_norm - prev_norm) / tl.maximum(o_norm, 1e-30)
+                dir_change = 1.0 - tl.sum(o * prev_o, 1) / tl.maximum(o_norm * prev_norm, 1e-30)
+                calm = (mag_change < tau_mag) & (dir_change < tau_dir) & (block > first_block)
+                streak = tl.where(calm, streak + 1, 0)
+                head_ok = streak >= patience
+                prev_o = o
+                prev_norm = o_norm
+            else:
+                # Certified bound on |o_exact - o| from the unread rest of this chunk.
+                log2_rest_mass = tl.load(bound_log2w_ptr + pos * GROUP_PAD + g, mask=rest, other=float("-inf"))
+                v_rest = tl.load(bound_vrest_ptr + pos, mask=rest, other=0.0)
+                # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
+                rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(m_i - log2_rest_mass))
+                if VALUES_RELATIVE:
+                    if SPLIT:
+                        err = rest_fraction * (v_rest + vscale)
+                    else:
+                        err = rest_fraction * (v_rest + o_norm)
+                    head_ok = err <= eps * vscale
+                else:
+                    head_ok = rest_fraction * (v_rest + o_norm) <= eps * o_norm
+            head_ok = head_ok & rest
+            stable_at = tl.where(head_ok & (stable_at < 0), block, stable_at)
+            group_ok = tl.min(tl.where(g_ok, head_ok, True).to(tl.int32), 0) == 1
+            stop = group_ok & (pos - row_start >= min_pages)
+            block += 1
+            go = rest & ~stop
+
+    tl.store(visited_pages_ptr + work, tl.minimum(pos, end) - start)
+    tl.store(visited_tokens_ptr + work, tokens_read)
+    tl.store(stable_at_ptr + work * GROUP_PAD + g, stable_at)
+    o = acc / l_i[:, None]
+    lse = m_i + tl.log2(l_i)
+    if SPLIT:
+        tl.store(part_out_ptr + (work * GROUP_PAD + g)[:, None] * HEAD_DIM + dims[None, :], o)
+        tl.store(part_lse_ptr + work * GROUP_PAD + g, lse)
+    else:
+        out_rows = head * GROUP_SIZE + g
+        tl.store(out_ptr + request * stride_ob + out_rows[:, None] * stride_oh + dims[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+        tl.store(lse_ptr + request * NUM_KV_HEADS * GROUP_SIZE + out_rows, lse, mask=g_ok)
+
+
+@triton.jit
+def art_merge_kernel(
+    part_out_ptr, part_lse_ptr, row_work_indptr_ptr, out_ptr, lse_ptr, stride_ob, stride_oh,
+    NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Combine the chunks of one (request, KV head) row by their base-2 LSEs."""
+    row = tl.program_id(0)
+    request = row // NUM_KV_HEADS
+    head = row % NUM_KV_HEADS
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP_SIZE
+    dims = tl.arange(0, HEAD_DIM)
+    first = tl.load(row_work_indptr_ptr + row)
+    last = tl.load(row_work_indptr_ptr + row + 1)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    s = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for work in range(first, last):
+        lse = tl.load(part_lse_ptr + work * GROUP_PAD + g)
+        o = tl.load(part_out_ptr + (work * GROUP_PAD + g)[:, None] * HEAD_DIM + dims[None, :])
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        s = s * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    out_rows = head * GROUP_SIZE + g
+    tl.store(out_ptr + request * stride_ob + out_rows[:, None] * stride_oh + dims[None, :],
+             (acc / s[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+    tl.store(lse_ptr + request * NUM_KV_HEADS * GROUP_SIZE + out_rows, m + tl.log2(s), mask=g_ok)
