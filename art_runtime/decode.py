@@ -26,6 +26,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GROUP_SIZE = 64
 MAX_PAGE_SIZE = 256
 BOUND_TILE = 32
+# Launch configuration of the decode kernel (benchmarks/bench_decode.py --sweep tries others).
+NUM_WARPS = 4
+NUM_STAGES = 2
 
 
 @dataclass
@@ -321,7 +324,7 @@ class BatchARTDecodeWrapper:
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
             DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
-            num_warps=4, num_stages=2,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
         if plan.split:
             art_merge_kernel[(plan.num_rows,)](

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from common import (
     COPY_BUFFER_BYTES,
     L2Flusher,
+    as_cuda_graph,
     copy_bandwidth_tbps,
     device_info,
     markdown_table,
@@ -55,6 +56,7 @@ TABLE_COLUMNS = [
     ("batch", "batch", "d"),
     ("kv_len", "kv_len", "d"),
     ("ART mode", "mode", "s"),
+    ("warps/stages", "launch", "s"),
     ("MB", "megabytes", ".1f"),
     ("floor µs", "floor_us", ".1f"),
     ("ART µs", "art_us", ".1f"),
@@ -188,6 +190,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "'off' reads every page and must match FlashInfer within a relative error of 2e-2",
     )
     parser.add_argument(
+        "--launch", nargs="+", default=None, metavar="WARPS/STAGES",
+        help="ART decode kernel launch configurations to time, e.g. 4/2 8/3 "
+        "(default: the one art_runtime ships)",
+    )
+    parser.add_argument(
         "--quick", action="store_true",
         help="smoke test: small batches and kv_len, few iterations, unless given explicitly",
     )
@@ -196,6 +203,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = args.batches or (QUICK_BATCHES if args.quick else DEFAULT_BATCHES)
     args.kv_lens = args.kv_lens or (QUICK_KV_LENS if args.quick else DEFAULT_KV_LENS)
     args.iters = args.iters or (QUICK_ITERS if args.quick else DEFAULT_ITERS)
+    if args.launch is None:
+        from art_runtime import decode as art_decode
+
+        args.launch = [f"{art_decode.NUM_WARPS}/{art_decode.NUM_STAGES}"]
+    args.launch = [tuple(int(x) for x in text.split("/")) for text in args.launch]
     return args
 
 
@@ -204,6 +216,7 @@ def benchmark_row(
     batch: int,
     kv_len: int,
     modes: list[str],
+    launches: list[tuple[int, int]],
     flashinfer_wrapper,
     iters: int,
     flush_l2: L2Flusher,
@@ -217,6 +230,7 @@ def benchmark_row(
         One result row per ART mode (FlashInfer's numbers repeated in each).
     """
     from art_runtime import BatchARTDecodeWrapper, TerminationConfig
+    from art_runtime import decode as art_decode
 
     inputs = make_inputs(shape, batch, kv_len)
     page_table = (inputs.kv_indptr, inputs.kv_indices, inputs.kv_last_page_len)
@@ -225,7 +239,8 @@ def benchmark_row(
     flashinfer_wrapper.plan(*page_table, *layer, q_data_type=DTYPE, kv_data_type=DTYPE)
     run_flashinfer = functools.partial(flashinfer_wrapper.run, inputs.q, inputs.paged_kv_cache)
     flashinfer_out = run_flashinfer()
-    flashinfer_us = median_time_us(run_flashinfer, iters, WARMUP_ITERS, flush_l2)
+    replay_flashinfer, flashinfer_graph = as_cuda_graph(run_flashinfer)
+    flashinfer_us = median_time_us(replay_flashinfer, iters, WARMUP_ITERS, flush_l2)
 
     page_meta = None
     if MODES_NEEDING_PAGE_METADATA.intersection(modes):
@@ -236,7 +251,8 @@ def benchmark_row(
     nbytes = bytes_moved(shape, batch, kv_len)
     floor_us = nbytes / (copy_tbps * 1e12) * 1e6
     rows = []
-    for mode in modes:
+    for mode, (num_warps, num_stages) in itertools.product(modes, launches):
+        art_decode.NUM_WARPS, art_decode.NUM_STAGES = num_warps, num_stages
         art = BatchARTDecodeWrapper(kv_layout="NHD", backend="triton")
         art.plan(*page_table, *layer, termination=TerminationConfig(mode=mode))
         run_art = functools.partial(
@@ -245,7 +261,8 @@ def benchmark_row(
         )
         art_out = run_art()
         stats = art.last_stats
-        art_us = median_time_us(run_art, iters, WARMUP_ITERS, flush_l2)
+        replay_art, art_graph = as_cuda_graph(run_art)
+        art_us = median_time_us(replay_art, iters, WARMUP_ITERS, flush_l2)
         rows.append({
             "shape": str(shape),
             "num_qo_heads": shape.num_qo_heads,
@@ -254,6 +271,8 @@ def benchmark_row(
             "batch": batch,
             "kv_len": kv_len,
             "mode": mode,
+            "launch": f"{num_warps}/{num_stages}",
+            "cuda_graphs": f"{'yes' if art_graph else 'no'}/{'yes' if flashinfer_graph else 'no'}",
             "bytes": nbytes,
             "megabytes": nbytes / 1e6,
             "floor_us": floor_us,
@@ -305,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                             "reason": reason})
             tqdm.write(f"skipped {shape} batch {batch} kv_len {kv_len}: {reason}")
             continue
-        for row in benchmark_row(shape, batch, kv_len, args.modes, flashinfer_wrapper,
+        for row in benchmark_row(shape, batch, kv_len, args.modes, args.launch, flashinfer_wrapper,
                                  args.iters, flush_l2, copy_tbps):
             rows.append(row)
             # "not <=" so that a NaN error fails too
@@ -316,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                            f"{row['max_relative_error']:.3e} > {MAX_RELATIVE_ERROR}")
 
     command = shlex.join(["python3", *sys.argv])
-    timing = (f"median of {args.iters} calls after {WARMUP_ITERS} warm-up calls, each timed "
-              f"alone with CUDA events, L2 flushed before every call by reading a "
-              f"{flush_l2.nbytes >> 20} MiB buffer")
+    timing = (f"median of {args.iters} CUDA-graph replays (one decode call each, GPU time "
+              f"without Python launch overhead, for ART and FlashInfer alike) after "
+              f"{WARMUP_ITERS} warm-up replays, each timed alone with CUDA events, L2 flushed "
+              f"before every replay by reading a {flush_l2.nbytes >> 20} MiB buffer")
     markdown = "\n".join([
         f"# Paged decode: ART vs FlashInfer on {device['name']}",
         "",

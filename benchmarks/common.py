@@ -73,6 +73,24 @@ class L2Flusher:
         self._buffer.sum()
 
 
+def as_cuda_graph(fn: Callable[[], object]) -> tuple[Callable[[], None], bool]:
+    """Capture one call of ``fn`` in a CUDA graph; return its replay and whether that worked.
+
+    Timing graph replays measures the GPU work alone, as a server that decodes under CUDA
+    graphs (SGLang, vLLM) sees it, without Python launch overhead on either side.
+    """
+    fn()  # compile / JIT and warm the allocator outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return fn, False
+    return graph.replay, True
+
+
 def median_time_us(
     fn: Callable[[], object], iters: int, warmup: int, flush_l2: Callable[[], None]
 ) -> float:

@@ -1,0 +1,85 @@
+"""Compile every Triton kernel variant for sm_90 without a GPU (run by test_compile_sm90.py).
+
+The Triton interpreter accepts code that the GPU compiler rejects (Python ``break``, ``tl.dot``
+with K < 16, ...); compiling to a cubin here makes such code fail CPU CI. Runs in its own
+process because kernels created under ``TRITON_INTERPRET=1`` cannot be compiled.
+"""
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  # noqa: E402
+from art_runtime.kernels.page_bounds import page_bound_suffix_kernel  # noqa: E402
+from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOAT_ARGS = {"qk_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale"}
+
+
+def signature(kernel, constexprs, pointer_types):
+    """Triton signature: pointers by name (default fp32), floats by name, other scalars i32."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + pointer_types.get(name, "fp32")
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_kernel(kernel, constexprs, pointer_types, **options):
+    source = ASTSource(fn=kernel, signature=signature(kernel, constexprs, pointer_types), constexprs=constexprs)
+    compiled = triton.compile(source, target=TARGET, options=options)
+    assert compiled.asm["cubin"], kernel.fn.__name__
+    return compiled
+
+
+def main():
+    count = 0
+    int_ptrs = {n: "i32" for n in ("visit_phys_ptr", "visit_tokens_ptr", "work_row_ptr", "work_start_ptr",
+                                  "work_end_ptr", "row_start_ptr", "visited_pages_ptr", "visited_tokens_ptr",
+                                  "stable_at_ptr", "row_work_indptr_ptr", "batch_indices_ptr", "positions_ptr",
+                                  "append_indptr_ptr", "kv_indices_ptr", "kv_indptr_ptr")}
+    # Every value of every parameter appears with every mode; the full product takes ~9 min.
+    shapes = [("bf16", 1, 64, 1, 64), ("fp16", 7, 64, 16, 4), ("fp32", 4, 128, 64, 1), ("bf16", 16, 256, 3, 21),
+              ("bf16", 8, 128, 16, 4)]
+    variants = [(shape, mode, values, split) for shape in shapes for mode in (0, 1, 2)
+                for values in ((False, True) if mode == 2 else (False,)) for split in (False, True)]
+    for (dtype, group, dim, page, block_pages), mode, values, split in variants:
+        group_pad = max(16, 1 << (group - 1).bit_length())
+        block_n = max(16, 1 << (page * block_pages - 1).bit_length())
+        ptrs = dict(int_ptrs, q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, out_ptr=dtype)
+        constexprs = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, PAGE_SIZE=page,
+                          BLOCK_PAGES=block_pages, BLOCK_N=block_n, MODE=mode, VALUES_RELATIVE=values, SPLIT=split,
+                          DOT_IN_INPUT_DTYPE=dtype != "fp32")
+        compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=4, num_stages=2)
+        count += 1
+        if mode == 2:
+            compile_kernel(page_bound_suffix_kernel,
+                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, TILE=32),
+                           dict(int_ptrs, q_ptr=dtype, key_min_ptr=dtype, key_max_ptr=dtype))
+            count += 1
+        if split and mode == 0:
+            compile_kernel(art_merge_kernel, dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim),
+                           dict(int_ptrs, out_ptr=dtype))
+            count += 1
+    for dtype, page, dim in [("bf16", 1, 64), ("fp16", 3, 128), ("fp32", 16, 256), ("bf16", 64, 128)]:
+        ptrs = dict(int_ptrs, key_ptr=dtype, value_ptr=dtype, kmin_ptr=dtype, kmax_ptr=dtype)
+        compile_kernel(page_metadata_update_kernel,
+                       dict(PAGE_SIZE=page, PAGE_SIZE_POW2=1 << (page - 1).bit_length(), HEAD_DIM=dim), ptrs)
+        count += 1
+    print(f"compiled {count} kernel variants for sm_90")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
