@@ -29,6 +29,8 @@ BOUND_TILE = 32
 # Launch configuration of the decode kernel (benchmarks/bench_decode.py --sweep tries others).
 NUM_WARPS = 4
 NUM_STAGES = 2
+PROGRAMS_PER_SM = 2  # work items per SM that the split heuristic aims for
+OFF_BLOCK_TOKENS = 64  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 
 
 @dataclass
@@ -150,7 +152,7 @@ class BatchARTDecodeWrapper:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-            termination, float(sm_scale), selection, chunk_pages, self._parallel_programs(device),
+            termination, float(sm_scale), selection, chunk_pages, self._parallel_programs(device), OFF_BLOCK_TOKENS,
         )
         self._plan = plan
         self._page_table = (kv_indptr, kv_indices, kv_last_page_len)
@@ -160,7 +162,7 @@ class BatchARTDecodeWrapper:
     def _parallel_programs(self, device: torch.device) -> int:
         """Work items that fill the device: two per SM on a GPU; no split elsewhere."""
         if self._backend == "triton" and device.type == "cuda":
-            return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+            return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
         return 1
 
     def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
@@ -200,7 +202,7 @@ class BatchARTDecodeWrapper:
             Also return the base-2 log-sum-exp of the scaled logits ``[B, H_qo]`` float32
             (FlashInfer's convention: ``lse = log2(sum_j exp(sm_scale * q.k_j))``).
         out : torch.Tensor, optional
-            ``[B, H_qo, D]`` buffer (q's dtype and device) to write the output into.
+            ``[B, H_qo, D]`` buffer on q's device, in q's dtype or float32, to write into.
 
         Returns
         -------
@@ -213,8 +215,9 @@ class BatchARTDecodeWrapper:
         k_cache, v_cache = self._check_run_inputs(q, paged_kv_cache, plan)
         if out is None:
             out = torch.empty_like(q)
-        elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out must be a tensor of q's shape {list(q.shape)}, dtype and device")
+        elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.device != q.device
+              or out.dtype not in (q.dtype, torch.float32)):
+            raise ValueError(f"out must be a tensor of q's shape {list(q.shape)} and device, in q's dtype or float32")
         elif out.stride(-1) != 1:
             raise ValueError("out must be contiguous in its last dimension")
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)

@@ -104,8 +104,8 @@ class TerminationConfig:
     def mode_code(self) -> int:
         return MODE_CODE[self.mode]
 
-    def pages_per_block(self, page_size: int) -> int:
-        """Pages per termination check for this page size."""
+    def pages_per_block(self, page_size: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> int:
+        """Pages per block: ``block_pages`` if set, else ``block_tokens`` worth (at least one)."""
         if self.block_pages is not None:
             return self.block_pages
-        return max(1, DEFAULT_BLOCK_TOKENS // page_size)
+        return max(1, block_tokens // page_size)

@@ -56,7 +56,7 @@ TABLE_COLUMNS = [
     ("batch", "batch", "d"),
     ("kv_len", "kv_len", "d"),
     ("ART mode", "mode", "s"),
-    ("warps/stages", "launch", "s"),
+    ("warps/stages/progs per SM/off tile", "launch", "s"),
     ("MB", "megabytes", ".1f"),
     ("floor µs", "floor_us", ".1f"),
     ("ART µs", "art_us", ".1f"),
@@ -195,6 +195,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the one art_runtime ships)",
     )
     parser.add_argument(
+        "--programs-per-sm", nargs="+", type=int, default=None, metavar="N",
+        help="split heuristic targets to try: work items per SM (default: art_runtime's)",
+    )
+    parser.add_argument(
+        "--off-block-tokens", nargs="+", type=int, default=None, metavar="TOKENS",
+        help="tile lengths of mode off to try (default: art_runtime's)",
+    )
+    parser.add_argument(
         "--quick", action="store_true",
         help="smoke test: small batches and kv_len, few iterations, unless given explicitly",
     )
@@ -208,6 +216,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         args.launch = [f"{art_decode.NUM_WARPS}/{art_decode.NUM_STAGES}"]
     args.launch = [tuple(int(x) for x in text.split("/")) for text in args.launch]
+    from art_runtime import decode as art_decode
+
+    args.programs_per_sm = args.programs_per_sm or [art_decode.PROGRAMS_PER_SM]
+    args.off_block_tokens = args.off_block_tokens or [art_decode.OFF_BLOCK_TOKENS]
+    # One kernel configuration: (warps, stages, programs per SM, off tile tokens).
+    args.configs = list(itertools.product(args.launch, args.programs_per_sm, args.off_block_tokens))
     return args
 
 
@@ -216,7 +230,7 @@ def benchmark_row(
     batch: int,
     kv_len: int,
     modes: list[str],
-    launches: list[tuple[int, int]],
+    configs: list[tuple[tuple[int, int], int, int]],
     flashinfer_wrapper,
     iters: int,
     flush_l2: L2Flusher,
@@ -251,8 +265,9 @@ def benchmark_row(
     nbytes = bytes_moved(shape, batch, kv_len)
     floor_us = nbytes / (copy_tbps * 1e12) * 1e6
     rows = []
-    for mode, (num_warps, num_stages) in itertools.product(modes, launches):
+    for mode, ((num_warps, num_stages), programs_per_sm, off_tokens) in itertools.product(modes, configs):
         art_decode.NUM_WARPS, art_decode.NUM_STAGES = num_warps, num_stages
+        art_decode.PROGRAMS_PER_SM, art_decode.OFF_BLOCK_TOKENS = programs_per_sm, off_tokens
         art = BatchARTDecodeWrapper(kv_layout="NHD", backend="triton")
         art.plan(*page_table, *layer, termination=TerminationConfig(mode=mode))
         run_art = functools.partial(
@@ -271,7 +286,7 @@ def benchmark_row(
             "batch": batch,
             "kv_len": kv_len,
             "mode": mode,
-            "launch": f"{num_warps}/{num_stages}",
+            "launch": f"{num_warps}/{num_stages}/{programs_per_sm}/{off_tokens}",
             "cuda_graphs": f"{'yes' if art_graph else 'no'}/{'yes' if flashinfer_graph else 'no'}",
             "bytes": nbytes,
             "megabytes": nbytes / 1e6,
@@ -324,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                             "reason": reason})
             tqdm.write(f"skipped {shape} batch {batch} kv_len {kv_len}: {reason}")
             continue
-        for row in benchmark_row(shape, batch, kv_len, args.modes, args.launch, flashinfer_wrapper,
+        for row in benchmark_row(shape, batch, kv_len, args.modes, args.configs, flashinfer_wrapper,
                                  args.iters, flush_l2, copy_tbps):
             rows.append(row)
             # "not <=" so that a NaN error fails too

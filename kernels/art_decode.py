@@ -14,21 +14,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_block(
-    q, m_i, l_i, acc, k_ptr, v_ptr, visit_phys_ptr, visit_tokens_ptr, pos, end, head,
-    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
-    PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
-):
-    """Fold the block of visit-order positions ``pos .. pos + BLOCK_PAGES`` into the state."""
+def _block_pages(visit_phys_ptr, visit_tokens_ptr, pos, end,
+                 PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Physical page and token count behind each of the block's ``BLOCK_N`` token slots."""
     n = tl.arange(0, BLOCK_N)
     page_in_block = n // PAGE_SIZE
-    slot = n % PAGE_SIZE
     page_pos = pos + page_in_block
     page_ok = (page_in_block < BLOCK_PAGES) & (page_pos < end)
     phys = tl.load(visit_phys_ptr + page_pos, mask=page_ok, other=0).to(tl.int64)
     tokens = tl.load(visit_tokens_ptr + page_pos, mask=page_ok, other=0)
-    token_ok = page_ok & (slot < tokens)
+    return phys, tokens
+
+
+@triton.jit
+def _attend_block(
+    q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
+    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+):
+    """Fold one block (its pages' ``phys`` ids and ``tokens`` counts per slot) into the state."""
+    slot = tl.arange(0, BLOCK_N) % PAGE_SIZE
+    token_ok = slot < tokens
     dims = tl.arange(0, HEAD_DIM)
     k = tl.load(k_ptr + phys[:, None] * stride_kp + slot[:, None] * stride_kt + head * stride_kh + dims[None, :],
                 mask=token_ok[:, None], other=0.0)
@@ -49,8 +55,7 @@ def _attend_block(
     else:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     acc = acc * alpha[:, None] + pv
-    block_tokens = tl.sum(token_ok.to(tl.int32), 0)
-    return m_new, l_i, acc, block_tokens
+    return m_new, l_i, acc, tl.sum(token_ok.to(tl.int32), 0)
 
 
 @triton.jit
@@ -92,12 +97,18 @@ def art_decode_kernel(
     tokens_read = start * 0
     stable_at = tl.full([GROUP_PAD], -1, tl.int32)
 
+    # The page ids of block t+1 are loaded during block t, so that the K/V loads of a block
+    # never wait on the page-table load in front of them.
+    phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, start, end, PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
     if MODE == 0:
         for pos in range(start, end, BLOCK_PAGES):
+            next_phys, next_tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, pos + BLOCK_PAGES, end,
+                                                  PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
             m_i, l_i, acc, block_tokens = _attend_block(
-                q, m_i, l_i, acc, k_ptr, v_ptr, visit_phys_ptr, visit_tokens_ptr, pos, end, head,
+                q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
                 stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
-                PAGE_SIZE, BLOCK_PAGES, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+                PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+            phys, tokens = next_phys, next_tokens
             tokens_read += block_tokens
         pos = end
     else:
@@ -111,10 +122,13 @@ def art_decode_kernel(
             vscale = tl.load(row_vscale_ptr + row)
         go = pos < end
         while go:
+            next_phys, next_tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, pos + BLOCK_PAGES, end,
+                                                  PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
             m_i, l_i, acc, block_tokens = _attend_block(
-                q, m_i, l_i, acc, k_ptr, v_ptr, visit_phys_ptr, visit_tokens_ptr, pos, end, head,
+                q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
                 stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
-                PAGE_SIZE, BLOCK_PAGES, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+                PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+            phys, tokens = next_phys, next_tokens
             tokens_read += block_tokens
             pos += BLOCK_PAGES
             rest = pos < end  # the criterion only means something while pages remain
