@@ -26,11 +26,12 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GROUP_SIZE = 64
 MAX_PAGE_SIZE = 256
 BOUND_TILE = 32
-# Launch configuration of the decode kernel (benchmarks/bench_decode.py --sweep tries others).
+# Launch configuration of the decode kernel, picked from a sweep on an H200
+# (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
 NUM_WARPS = 4
-NUM_STAGES = 2
-PROGRAMS_PER_SM = 2  # work items per SM that the split heuristic aims for
-OFF_BLOCK_TOKENS = 64  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
+NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipeline), else 2
+PROGRAMS_PER_SM = 4  # work items per SM that the split heuristic aims for
+OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 
 
 @dataclass
@@ -327,7 +328,7 @@ class BatchARTDecodeWrapper:
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
             DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES or (3 if plan.head_dim <= 64 else 2),
         )
         if plan.split:
             art_merge_kernel[(plan.num_rows,)](
