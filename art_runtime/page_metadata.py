@@ -81,7 +81,7 @@ class PageMetadata:
         valid = (torch.arange(page_size, device=pages.device)[None, :] < tokens[:, None])[:, :, None, None]
         meta.key_min[pages] = keys.masked_fill(~valid, float("inf")).amin(1).to(meta.key_min.dtype)
         meta.key_max[pages] = keys.masked_fill(~valid, float("-inf")).amax(1).to(meta.key_max.dtype)
-        meta.value_norm_max[pages] = (values.norm(dim=-1) * valid[..., 0]).amax(1)
+        meta.value_norm_max[pages] = values.norm(dim=-1).masked_fill(~valid[..., 0], 0.0).amax(1)
         return meta
 
     def update(self, append_key, append_value, batch_indices, positions, kv_indices, kv_indptr) -> None:

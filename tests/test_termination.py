@@ -1,0 +1,253 @@
+"""Termination semantics: the paper's stability rule and the certified bound.
+
+* stability: the Triton kernel and the torch backend stop at the same page; both agree with
+  an independent float64 simulation of the rule; the output is exact attention over the
+  pages read.
+* bound: never exceeds its eps (hypothesis-generated and adversarial inputs: huge logit
+  ranges, near-ties, a dominating token late in the visit order, value outliers), on split
+  rows too, and does stop when the unread mass is provably small.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from art_runtime import BatchARTDecodeWrapper, TerminationConfig, dense_selection
+from art_runtime.paged_cache import unpack_paged_kv_cache
+from attention_cases import exact_attention, make_case, relative_error
+
+BACKENDS = ["torch", "triton"]
+
+
+def run(case, backend, termination, **plan_kwargs):
+    wrapper = BatchARTDecodeWrapper(kv_layout=case.kv_layout, backend=backend)
+    wrapper.plan(*case.plan_args(), termination=termination, **plan_kwargs)
+    out = torch.full(case.q.shape, float("nan"), dtype=torch.float32, device=case.q.device)
+    wrapper.run(case.q, case.cache, page_meta=case.page_meta(), out=out)
+    return out, wrapper.last_stats
+
+
+def simulate_stability(case, termination):
+    """Float64, one head group at a time, one block at a time: the rule as the paper states it."""
+    block = termination.pages_per_block(case.page_size)
+    selection = dense_selection(case.kv_indptr.cpu(), case.num_kv_heads)
+    group = case.num_qo_heads // case.num_kv_heads
+    visited = torch.zeros(case.batch_size, case.num_kv_heads, dtype=torch.int64)
+    for b in range(case.batch_size):
+        for h in range(case.num_kv_heads):
+            row = b * case.num_kv_heads + h
+            order = selection.pages[selection.indptr[row]:selection.indptr[row + 1]].tolist()
+            prev, streak, count = None, torch.zeros(group, dtype=torch.int64), 0
+            for start in range(0, len(order), block):
+                count = min(start + block, len(order))
+                out, _ = exact_attention(case, selection, visited=_only(case, b, h, count))
+                o = out[b, h * group:(h + 1) * group]
+                if prev is not None:
+                    norm, prev_norm = o.norm(dim=-1), prev.norm(dim=-1)
+                    calm = ((norm - prev_norm).abs() / norm < termination.tau_mag) & (
+                        1 - (o * prev).sum(-1) / (norm * prev_norm) < termination.tau_dir)
+                    streak = torch.where(calm, streak + 1, 0)
+                prev = o
+                if count < len(order) and bool((streak >= termination.patience).all()) and count >= termination.min_pages:
+                    break
+            visited[b, h] = count
+    return visited
+
+
+def _only(case, b, h, count):
+    visited = torch.zeros(case.batch_size, case.num_kv_heads, dtype=torch.int64)
+    visited[b, h] = count
+    return visited
+
+
+STABILITY = TerminationConfig(mode="stability", tau_mag=0.1, tau_dir=1e-2, patience=2, min_pages=2, block_pages=1)
+
+
+def test_stability_kernel_and_torch_backend_agree(device):
+    case = make_case([1500, 700, 1100, 64], 8, 2, 64, 16, device=device, seed=11)
+    _, torch_stats = run(case, "torch", STABILITY)
+    _, triton_stats = run(case, "triton", STABILITY)
+    assert torch.equal(torch_stats.visited_pages, triton_stats.visited_pages)
+    assert torch.equal(torch_stats.stable_at, triton_stats.stable_at)
+    assert (torch_stats.visited_pages < torch_stats.selected_pages).any()  # the rule did fire
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stability_follows_the_rule_and_returns_attention_over_read_pages(backend, device):
+    case = make_case([900, 333], 6, 2, 64, 16, device=device, seed=12)
+    out, stats = run(case, backend, STABILITY)
+    expected = simulate_stability(case, STABILITY)
+    assert torch.equal(stats.visited_pages.cpu().long(), expected)
+    selection = dense_selection(case.kv_indptr, case.num_kv_heads)
+    ref, _ = exact_attention(case, selection, visited=stats.visited_pages.cpu())
+    assert relative_error(out, ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stability_on_split_rows_agrees_between_backends(backend, device):
+    case = make_case([3000, 400], 8, 2, 64, 16, device=device, seed=13)
+    loose = TerminationConfig(mode="stability", tau_mag=0.2, tau_dir=0.05, patience=2, min_pages=2, block_pages=1)
+    _, reference = run(case, "torch", loose, chunk_pages=48)
+    _, stats = run(case, backend, loose, chunk_pages=48)
+    assert torch.equal(stats.visited_pages, reference.visited_pages)
+    assert (stats.visited_pages < stats.selected_pages).any()
+
+
+def adversarial_case(*, seq_lens, group, page_size, logit_scale, tie, late_dominator, value_outlier, seed, device):
+    """A case whose keys, values and queries stress the bound (see the module docstring)."""
+    case = make_case(seq_lens, 2 * group, 2, 64, page_size, device="cpu", seed=seed)
+    k_cache, v_cache = unpack_paged_kv_cache(case.cache, case.kv_layout)
+    gen = torch.Generator().manual_seed(seed + 1)
+    k_cache.mul_(logit_scale)
+    if tie:  # every page of a request repeats one key: many exactly equal logits
+        k_cache.copy_(k_cache[:, :1].expand_as(k_cache))
+    for b in range(case.batch_size):
+        pages = case.kv_indices[case.kv_indptr[b]:case.kv_indptr[b + 1]]
+        if late_dominator and len(pages) > 2:
+            # Visit order is 0, n-1, n-2, ..., 1: logical page 1 is read last.
+            k_cache[pages[1], 0] = case.q[b].view(2, group, 64).mean(1) * 4 * logit_scale
+        if value_outlier:
+            slot = int(torch.randint(0, len(pages), (1,), generator=gen))
+            v_cache[pages[slot], 0] *= 1000.0
+    to = lambda t: t.to(device)  # noqa: E731
+    case.cache = to(case.cache)
+    case.q, case.kv_indptr, case.kv_indices, case.kv_last_page_len = map(
+        to, (case.q, case.kv_indptr, case.kv_indices, case.kv_last_page_len))
+    return case
+
+
+def assert_bound_holds(case, out, termination, selection=None):
+    ref, _ = exact_attention(case, selection)
+    err = (out.cpu().double() - ref).norm(dim=-1)
+    if termination.relative_to == "output":
+        allowed = termination.eps * out.cpu().double().norm(dim=-1)
+    else:
+        vscale = max_value_norm(case)
+        allowed = termination.eps * vscale
+    # Floating-point slack: what mode off has too (fp32 accumulation).
+    slack = 1e-5 * ref.norm(dim=-1) + 1e-6 * max_value_norm(case)
+    assert (err <= allowed + slack).all(), (err - allowed).max()
+
+
+def max_value_norm(case):
+    """``[B, H_qo]`` the largest |v| over each request's tokens for each query head's KV head."""
+    from art_runtime.paged_cache import gather_request_kv
+
+    group = case.num_qo_heads // case.num_kv_heads
+    cache = tuple(t.cpu() for t in case.cache) if isinstance(case.cache, tuple) else case.cache.cpu()
+    rows = []
+    for b in range(case.batch_size):
+        _, v = gather_request_kv(cache, case.kv_indptr.cpu(), case.kv_indices.cpu(), case.kv_last_page_len.cpu(), b,
+                                 case.kv_layout)
+        rows.append(v.double().norm(dim=-1).amax(0).repeat_interleave(group))
+    return torch.stack(rows)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seq_lens=st.lists(st.integers(1, 300), min_size=1, max_size=3),
+    group=st.sampled_from([1, 2, 4, 7]),
+    page_size=st.sampled_from([1, 3, 8, 16]),
+    eps=st.floats(1e-3, 0.5),
+    relative_to=st.sampled_from(["output", "values"]),
+    logit_scale=st.sampled_from([0.1, 1.0, 10.0, 100.0]),
+    tie=st.booleans(),
+    late_dominator=st.booleans(),
+    value_outlier=st.booleans(),
+    split=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bound_never_exceeds_eps(seq_lens, group, page_size, eps, relative_to, logit_scale, tie, late_dominator,
+                                 value_outlier, split, seed):
+    case = adversarial_case(seq_lens=seq_lens, group=group, page_size=page_size, logit_scale=logit_scale, tie=tie,
+                            late_dominator=late_dominator, value_outlier=value_outlier, seed=seed, device="cpu")
+    termination = TerminationConfig(mode="bound", eps=eps, relative_to=relative_to, min_pages=1, block_pages=1)
+    chunk = 2 if split and relative_to == "values" else None
+    out, stats = run(case, "torch", termination, chunk_pages=chunk)
+    assert_bound_holds(case, out, termination)
+    assert (stats.visited_pages <= stats.selected_pages).all()
+
+
+ADVERSARIAL = [
+    dict(logit_scale=100.0, tie=False, late_dominator=True, value_outlier=False),
+    dict(logit_scale=10.0, tie=True, late_dominator=False, value_outlier=True),
+    dict(logit_scale=1.0, tie=False, late_dominator=True, value_outlier=True),
+    dict(logit_scale=0.1, tie=False, late_dominator=False, value_outlier=False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stress", ADVERSARIAL, ids=lambda s: "-".join(k for k, v in s.items() if v is True) or "plain")
+@pytest.mark.parametrize("relative_to,chunk_pages", [("output", None), ("values", None), ("values", 3)])
+def test_bound_holds_on_adversarial_inputs(backend, stress, relative_to, chunk_pages, device):
+    case = adversarial_case(seq_lens=[150, 17, 90], group=4, page_size=8, seed=21, device=device, **stress)
+    for eps in (1e-3, 0.1):
+        termination = TerminationConfig(mode="bound", eps=eps, relative_to=relative_to, min_pages=1, block_pages=1)
+        out, _ = run(case, backend, termination, chunk_pages=chunk_pages)
+        assert_bound_holds(case, out, termination)
+
+
+def concentrated_case(device, seed=31, background=0.05):
+    """Keys small except the sink token, which the queries point at: the rest is provably negligible."""
+    case = make_case([2000, 900], 8, 2, 64, 16, device="cpu", seed=seed)
+    k_cache, _ = unpack_paged_kv_cache(case.cache, case.kv_layout)
+    k_cache.mul_(background)
+    group = 4
+    for b in range(case.batch_size):
+        sink = case.kv_indices[case.kv_indptr[b]]
+        k_cache[sink, 0] = case.q[b].view(2, group, 64).mean(1) * 10.0  # logits ~20 nats above the rest
+    to = lambda t: t.to(device)  # noqa: E731
+    case.cache, case.q = to(case.cache), to(case.q)
+    case.kv_indptr, case.kv_indices, case.kv_last_page_len = map(to, (case.kv_indptr, case.kv_indices,
+                                                                      case.kv_last_page_len))
+    return case
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("relative_to", ["output", "values"])
+def test_bound_stops_early_when_the_rest_is_provably_small(backend, relative_to, device):
+    case = concentrated_case(device)
+    termination = TerminationConfig(mode="bound", eps=0.05, relative_to=relative_to, min_pages=2, block_pages=1)
+    out, stats = run(case, backend, termination)
+    assert_bound_holds(case, out, termination)
+    assert (stats.visited_pages < stats.selected_pages // 2).all()
+    assert (stats.stable_at >= 0).all()
+    meta_bytes = case.page_meta().nbytes_per_page()
+    expected_bytes = stats.visited_tokens.long().sum() * 2 * 64 * 4 + stats.selected_pages.long().sum() * meta_bytes
+    assert int(stats.kv_bytes_read) == int(expected_bytes)
+
+
+def test_bound_kernel_and_torch_backend_agree(device):
+    case = concentrated_case(device, seed=32, background=1.1)  # the stop lands inside the row
+    termination = TerminationConfig(mode="bound", eps=0.05, relative_to="values", min_pages=2, block_pages=1)
+    _, torch_stats = run(case, "torch", termination)
+    _, triton_stats = run(case, "triton", termination)
+    assert torch.equal(torch_stats.visited_pages, triton_stats.visited_pages)
+    assert (torch_stats.visited_pages > 2).any()
+
+
+def test_min_pages_is_always_read(device):
+    case = concentrated_case(device, seed=33)
+    termination = TerminationConfig(mode="bound", eps=0.5, relative_to="values", min_pages=37, block_pages=1)
+    _, stats = run(case, "torch", termination)
+    assert (stats.visited_pages >= 37).all()
+
+
+def test_bound_suffix_terms_agree_between_backends(device):
+    """The Triton bound pre-pass writes what the torch backend computes."""
+    from art_runtime.reference import bound_terms_torch
+
+    case = adversarial_case(seq_lens=[500, 70], group=7, page_size=16, logit_scale=30.0, tie=False,
+                            late_dominator=True, value_outlier=True, seed=41, device=device)
+    termination = TerminationConfig(mode="bound", eps=0.05, relative_to="values", min_pages=1)
+    wrapper = BatchARTDecodeWrapper(backend="triton")
+    wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=8)
+    meta = case.page_meta()
+    wrapper.run(case.q, case.cache, page_meta=meta)
+    log2w, vrest = bound_terms_torch(wrapper._plan, case.q, meta)
+    assert torch.allclose(wrapper._log2w[:, :7], log2w, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(wrapper._vrest, vrest, rtol=1e-6)
+    assert math.isfinite(float(log2w.max()))
