@@ -36,10 +36,10 @@ _TERMINATION_DEFAULTS = TerminationConfig()
 # Synthetic workload, in logit units (natural log) before each head's inverse temperature.
 SINK_LOGIT = 12.0
 HEAVY_HITTERS = 8  # per (request, KV head)
-HEAVY_LOGIT_RANGE = (4.0, 8.0)
+HEAVY_LOGIT_RANGE = (3.0, 7.0)
 RECENT_LOGIT = 8.0
 RECENT_DECAY_TOKENS = 32.0
-BACKGROUND_LOGIT_STD = 1.5
+BACKGROUND_LOGIT_STD = 1.0
 BACKGROUND_RANK = 8  # real keys are low-rank: the background varies along a few axes only
 INVERSE_TEMPERATURE_RANGE = (0.2, 4.0)  # spread over the KV heads' groups, diffuse to peaked
 GROUP_TEMPERATURE_SPREAD = (0.8, 1.0)  # query heads of one group: this fraction of the group's
@@ -162,14 +162,14 @@ def synthetic_workload(batch: int, kv_len: int, steps: int, num_qo_heads: int, n
     * axis 0, the attention sink: token 0 scores ``SINK_LOGIT`` (12);
     * axis 1, heavy hitters: ``HEAVY_HITTERS`` (8) tokens per (request, KV head), at
       uniformly random positions of the context, score uniformly in ``HEAVY_LOGIT_RANGE``
-      (4..8);
+      (3..7);
     * axis 2, the recent window: token ``t`` scores
       ``RECENT_LOGIT * exp(-(end - t) / RECENT_DECAY_TOKENS)`` (8, decay 32 tokens), with
       ``end`` the request's last position after all steps (keys are written once and never
       move, like post-RoPE keys in a cache; over a few steps the drift is negligible);
     * the next ``BACKGROUND_RANK`` (8) axes, a diffuse background: unit Gaussian keys and
       Gaussian queries drawn afresh at every step, scaled so that background logits are
-      ``N(0, BACKGROUND_LOGIT_STD^2)`` (std 1.5); the remaining key axes are 0.
+      ``N(0, BACKGROUND_LOGIT_STD^2)`` (std 1); the remaining key axes are 0.
 
     ``beta_j`` is query head ``j``'s inverse temperature: KV head ``h`` of ``H_kv`` gets
     ``lo^(1-x) hi^x`` with ``x = (h + 1/2) / H_kv`` and ``(lo, hi) = INVERSE_TEMPERATURE_RANGE``

@@ -1,0 +1,80 @@
+"""The ``art-runtime demo`` command, run in-process, checked through its JSON report."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from art_runtime.cli import main
+
+CAPTURE = Path(__file__).resolve().parents[2] / "shared/data/captures/smollm2-135m_pride-prejudice_8k.safetensors"
+SMALL = ["--batch", "2", "--kv-len", "1024", "--steps", "2", "--device", "cpu", "--backend", "torch",
+         "--dtype", "float32"]
+OPTIONS = ["--batch", "--kv-len", "--page-size", "--num-qo-heads", "--num-kv-heads", "--head-dim", "--dtype",
+           "--device", "--backend", "--steps", "--modes", "--tau-mag", "--tau-dir", "--patience", "--eps",
+           "--relative-to", "--min-pages", "--seed", "--capture", "--layer", "--json"]
+# Float32 storage, float32 accumulation and output: mode off is exact up to rounding.
+OFF_TOLERANCE = 1e-5
+
+
+def run_demo(tmp_path, *args):
+    path = tmp_path / "report.json"
+    assert main(["demo", *args, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_off_reads_every_page_and_is_exact(tmp_path, capsys):
+    report = run_demo(tmp_path, *SMALL, "--modes", "off")
+    off = report["modes"]["off"]
+    assert off["depth"]["visited_pages"] == off["depth"]["selected_pages"]
+    assert off["bytes"]["read"] == off["bytes"]["dense"]
+    assert off["error"]["relative_max"] < OFF_TOLERANCE
+    assert off["error"]["value_relative_max"] < OFF_TOLERANCE
+    assert "synthetic workload" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("relative_to", ["output", "values"])
+def test_stability_saves_pages_and_bound_keeps_its_guarantee(tmp_path, relative_to):
+    eps = 0.01
+    report = run_demo(tmp_path, *SMALL, "--relative-to", relative_to, "--eps", str(eps))
+    off, stability, bound = (report["modes"][mode] for mode in ("off", "stability", "bound"))
+    pages = lambda mode: sum(map(sum, sum(mode["depth"]["visited_pages"], [])))  # noqa: E731
+    assert pages(stability) < pages(off)
+    certified = "relative_max" if relative_to == "output" else "value_relative_max"
+    assert bound["error"][certified] <= eps + OFF_TOLERANCE
+    assert bound["metadata_matches_rebuild"] is True
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(option in text for option in OPTIONS)
+    assert "synthetic" in text.lower()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--kv-len", "64", "--capture", "x.safetensors"], ["--layer", "3"],
+                                  ["--device", "cpu", "--capture", "/nonexistent.safetensors"]])
+def test_unusable_arguments_exit_with_2(args, capsys):
+    assert main(["demo", *args]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CAPTURE.exists(), reason=f"capture file not found: {CAPTURE}")
+def test_capture(tmp_path, capsys):
+    report = run_demo(tmp_path, "--capture", str(CAPTURE), "--batch", "3", "--modes", "off,stability",
+                      "--device", "cpu", "--backend", "torch", "--dtype", "float32")
+    workload = report["workload"]
+    assert workload["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (workload["num_qo_heads"], workload["num_kv_heads"], workload["head_dim"]) == (9, 3, 64)
+    assert workload["context_lens"] == [8192 - 64, 8192 - 32, 8192 - 1]
+    assert workload["physical_pages"] < workload["logical_pages"]  # the requests share their prefix pages
+    off = report["modes"]["off"]
+    assert off["depth"]["visited_pages"] == off["depth"]["selected_pages"]
+    assert off["error"]["relative_max"] < OFF_TOLERANCE
+    assert "SmolLM2-135M-Instruct" in capsys.readouterr().out
