@@ -31,7 +31,12 @@ oldest. For every mode it prints:
   * KV bytes read, and saved against a dense read (mode off);
   * output error against exact float64 dense attention, max and p99 over query heads:
     |o - o_dense| / |o_dense|, and |o - o_dense| / max|v| (relative to the value scale);
-  * the median wall time of a decode step (append + metadata update + plan + run).
+  * the median wall time of a decode step (append + metadata update + plan + run);
+  * in bound mode, whether the metadata kept by appends equals a rebuild from the cache.
+
+stability and bound check after every block of pages (64 tokens' worth); the GQA group of
+query heads sharing a KV head stops only when all of them agree. The report goes to
+stdout, the progress bar to stderr.
 
 The default workload is SYNTHETIC but structured like real attention: an attention sink
 with large logits, a recent window, a few heavy-hitter tokens scattered through the
@@ -139,7 +144,8 @@ def add_demo_parser(commands) -> None:
     termination.add_argument("--patience", type=positive_int, default=defaults.patience,
                              help=f"stability: consecutive stable checks needed to stop (default: {defaults.patience})")
     termination.add_argument("--eps", type=non_negative_float, default=defaults.eps,
-                             help=f"bound: the certified error (default: {defaults.eps:g})")
+                             help="bound: the certified bound on |o - o_exact|, relative to what --relative-to "
+                                  f"says (default: {defaults.eps:g})")
     termination.add_argument("--relative-to", choices=RELATIVE_TO, default=defaults.relative_to,
                              help="bound: eps is relative to |o| (output) or to the value scale max|v| over the "
                                   f"selected pages (values) (default: {defaults.relative_to})")
@@ -158,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``art-runtime`` argument parser with all its commands."""
     parser = argparse.ArgumentParser(
         prog="art-runtime", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="ART (Attention Run-time Termination): paged decode attention that stops reading a "
-                    "head's KV pages once more pages can no longer change its output.\n\n"
+        description="ART (Attention Run-time Termination): paged decode attention that stops reading\n"
+                    "a head's KV pages once more pages can no longer change its output.\n\n"
                     "Run 'art-runtime demo --help' for the demo's options.",
     )
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)

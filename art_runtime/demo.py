@@ -342,10 +342,10 @@ def _capture_first_queries(num_queries: int, batch: int | None, steps: int) -> t
 class PageLayout:
     """Where every token lives in a pool of physical pages.
 
-    Sequence ``s`` keeps its first ``shared_pages[s]`` full pages in pages shared by all its
-    requests (no request appends there); each request owns the pages after those. A
-    *segment* is a run of pages written by one owner: sequence ``s``'s shared prefix, or
-    request ``b``'s private tail, which starts at token ``page_size * shared_pages[s]``.
+    The full pages that all requests of a sequence hold before the first step (those below
+    its shortest context) are shared by them: no request appends there. Each request owns
+    the pages after those. A *segment* is a run of pages written by one owner: a sequence's
+    shared prefix, or a request's private tail, which starts at the first unshared token.
 
     Attributes
     ----------
@@ -381,7 +381,8 @@ def assign_pages(workload: Workload, page_size: int, seed: int) -> PageLayout:
     final_pages = ((workload.context_lens + workload.steps + page_size - 1) // page_size).tolist()
     private_pages = [final_pages[b] - shared_pages[s] for b, s in enumerate(sequence.tolist())]
     num_pages = sum(shared_pages) + sum(private_pages)
-    pool = iter(torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed)).split(shared_pages + private_pages))
+    shuffled = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed))
+    pool = iter(shuffled.split(shared_pages + private_pages))
     shared = [next(pool) for _ in range(num_sequences)]
     private = [next(pool) for _ in private_pages]
     shared_tokens = page_size * torch.tensor(shared_pages, dtype=torch.long)
@@ -446,10 +447,9 @@ def prefill_cache(workload: Workload, layout: PageLayout, dtype: torch.dtype, de
     append_indptr = torch.zeros(lengths.numel() + 1, dtype=torch.long)
     append_indptr[1:] = lengths.cumsum(0)
     segment, position = get_batch_indices_positions(append_indptr, lengths, int(append_indptr[-1]))
-    segment, position = segment.long(), position.long()
-    token = first_token[segment] + position
-    keys = workload.keys[sequence[segment], token].to(device=device, dtype=dtype)
-    values = workload.values[sequence[segment], token].to(device=device, dtype=dtype)
+    sequence_of_token, token = sequence[segment.long()], first_token[segment.long()] + position
+    keys = workload.keys[sequence_of_token, token].to(device=device, dtype=dtype)
+    values = workload.values[sequence_of_token, token].to(device=device, dtype=dtype)
     append_paged_kv_cache(keys, values, segment.to(device), position.to(device), cache, table.kv_indices,
                           table.kv_indptr, table.kv_last_page_len)
     return cache
@@ -593,13 +593,13 @@ def exact_attention(workload: Workload, dtype: torch.dtype) -> tuple[torch.Tenso
     return out.flatten(2, 3), value_scale
 
 
-def summarize_mode(run: ModeRun, reference: torch.Tensor, value_scale: torch.Tensor, dense_bytes: int) -> dict:
+def summarize_mode(run: ModeRun, reference: torch.Tensor, value_scale: torch.Tensor, dense_read: int) -> dict:
     """Depth, bytes, error and time of one mode, as plain numbers (the JSON report's entry)."""
     group = reference.shape[2] // value_scale.shape[2]
     fraction = (run.visited_pages.double() / run.selected_pages.double()).flatten()
-    error = (run.outputs.double() - reference).norm(dim=-1)  # [steps, B, H_qo]
-    relative = (error / reference.norm(dim=-1)).flatten()
-    value_relative = (error / value_scale.repeat_interleave(group, dim=-1)).flatten()
+    distance = (run.outputs.double() - reference).norm(dim=-1)  # [steps, B, H_qo]
+    relative = (distance / reference.norm(dim=-1)).flatten()
+    value_relative = (distance / value_scale.repeat_interleave(group, dim=-1)).flatten()
     bytes_read = sum(run.bytes_read)
     return {
         "termination": asdict(run.termination),
@@ -611,9 +611,11 @@ def summarize_mode(run: ModeRun, reference: torch.Tensor, value_scale: torch.Ten
             "visited_pages": run.visited_pages.tolist(),
             "selected_pages": run.selected_pages.tolist(),
         },
-        "bytes": {"read": bytes_read, "dense": dense_bytes, "saved_fraction": 1.0 - bytes_read / dense_bytes,
+        "bytes": {"read": bytes_read, "dense": dense_read, "saved_fraction": 1.0 - bytes_read / dense_read,
                   "per_step": run.bytes_read},
         "error": {
+            "relative": relative.view(distance.shape).tolist(),
+            "value_relative": value_relative.view(distance.shape).tolist(),
             "relative_max": float(relative.max()),
             "relative_p99": float(relative.quantile(0.99)),
             "value_relative_max": float(value_relative.max()),
@@ -734,7 +736,7 @@ def _header(report: dict, settings: DemoSettings) -> list:
     return [
         f"ART decode demo on a {workload['title']}",
         f"  {workload['batch']} requests, {min(lens)}..{max(lens)} context tokens + {workload['steps']} decode "
-        f"steps (one appended token each), {workload['num_qo_heads']} q / {workload['num_kv_heads']} kv heads, "
+        f"step(s) appending one token each, {workload['num_qo_heads']} q / {workload['num_kv_heads']} kv heads, "
         f"head_dim {workload['head_dim']}, page {workload['page_size']}",
         f"  {run['dtype']} on {run['device']}, {run['backend']} backend; dense visit order "
         "(sink page, current page, newest to oldest)",
@@ -767,8 +769,8 @@ def _first_request_grid(modes: dict) -> list:
 
 
 def _cost_table(modes: dict) -> list:
-    lines = ["cost and output error against exact dense attention (float64), over all steps and query heads",
-             "  err = |o - o_dense| / |o_dense|;  err/v = |o - o_dense| / max|v| (the value scale)",
+    lines = ["cost, and output error against exact dense attention (float64) over all steps, requests, query heads",
+             "  err = |o - o_dense| / |o_dense|;  err/v = |o - o_dense| / max|v| (over the request's KV head)",
              f"  {'mode':<10} {'MB read':>9} {'saved':>7} {'err max':>9} {'err p99':>9} {'err/v max':>9} "
              f"{'err/v p99':>9} {'ms/step':>8}"]
     for mode, summary in modes.items():
@@ -777,9 +779,10 @@ def _cost_table(modes: dict) -> list:
             f"  {mode:<10} {data['read'] / 1e6:>9.2f} {data['saved_fraction']:>7.1%} {error['relative_max']:>9.2e} "
             f"{error['relative_p99']:>9.2e} {error['value_relative_max']:>9.2e} {error['value_relative_p99']:>9.2e} "
             f"{summary['step_seconds']['median'] * 1e3:>8.1f}")
-    lines.append("  MB read: K and V (and page metadata in bound mode); saved: against a dense read of every page; "
-                 "ms/step: median wall time of append + metadata update + plan + run")
-    meta_checks = {mode: s["metadata_matches_rebuild"] for mode, s in modes.items() if s["metadata_matches_rebuild"] is not None}
-    for mode, ok in meta_checks.items():
-        lines.append(f"  {mode}: page metadata kept by appends {'matches' if ok else 'DIFFERS FROM'} a rebuild from the cache")
+    lines += ["  MB read: K and V, plus page metadata in bound mode; saved: against a dense read of every page",
+              "  ms/step: median wall time of append + metadata update + plan + run"]
+    for mode, summary in modes.items():
+        if summary["metadata_matches_rebuild"] is not None:
+            verdict = "matches" if summary["metadata_matches_rebuild"] else "DIFFERS FROM"
+            lines.append(f"  {mode}: page metadata kept by appends {verdict} a rebuild from the cache")
     return lines
