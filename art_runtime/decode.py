@@ -32,6 +32,8 @@ NUM_WARPS = 4
 NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipeline), else 2
 PROGRAMS_PER_SM = 4  # work items per SM that the split heuristic aims for
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
+OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256: 64 tokens)
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight per program (H100/H200: 227 KiB)
 
 
 @dataclass
@@ -153,16 +155,22 @@ class BatchARTDecodeWrapper:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-            termination, float(sm_scale), selection, chunk_pages, self._parallel_programs(device), OFF_BLOCK_TOKENS,
+            termination, float(sm_scale), selection, chunk_pages, self._parallel_programs(device),
+            min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim),
         )
         self._plan = plan
         self._page_table = (kv_indptr, kv_indices, kv_last_page_len)
         self._allocate(plan, device)
         self._raw_stats = None
 
-    def _parallel_programs(self, device: torch.device) -> int:
-        """Work items that fill the device: two per SM on a GPU; no split elsewhere."""
-        if self._backend == "triton" and device.type == "cuda":
+    @staticmethod
+    def _parallel_programs(device: torch.device) -> int:
+        """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU, none on a CPU.
+
+        It depends on the device only, so both backends plan the same chunks (and so give
+        the same results) on the same device.
+        """
+        if device.type == "cuda":
             return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
         return 1
 
@@ -328,7 +336,7 @@ class BatchARTDecodeWrapper:
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
             DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES or (3 if plan.head_dim <= 64 else 2),
+            num_warps=NUM_WARPS, num_stages=self._num_stages(plan, block_n, k_cache.element_size()),
         )
         if plan.split:
             art_merge_kernel[(plan.num_rows,)](
@@ -338,6 +346,15 @@ class BatchARTDecodeWrapper:
             )
         if out is not final_out:
             final_out.copy_(out)
+
+    @staticmethod
+    def _num_stages(plan: DecodePlan, block_n: int, element_size: int) -> int:
+        """Pipeline depth: 3 for head_dim <= 64 (small tiles), else 2; fewer if the tiles don't fit."""
+        stages = NUM_STAGES or (3 if plan.head_dim <= 64 else 2)
+        tile_bytes = 2 * block_n * plan.head_dim * element_size  # K and V
+        while stages > 1 and stages * tile_bytes > SHARED_MEMORY_BUDGET:
+            stages -= 1
+        return stages
 
     @property
     def last_stats(self) -> DecodeStats:

@@ -68,13 +68,18 @@ class DecodePlan:
         return self.visit_phys.numel()
 
 
-def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parallel_programs: int) -> int:
-    """Pages per work item so that about ``parallel_programs`` items exist (no split if enough)."""
+def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parallel_programs: int,
+                       terminates: bool) -> int:
+    """Pages per work item so that about ``parallel_programs`` items exist (no split if enough).
+
+    A chunk shorter than a few blocks costs more in merge traffic than it gains; with
+    termination on, a chunk stops on its own, so it gets room to do so (16 blocks).
+    """
     if num_rows == 0 or num_rows >= parallel_programs:
         return max(longest_row, 1)
     splits = math.ceil(parallel_programs / num_rows)
-    # A chunk shorter than a few blocks costs more in merge traffic than it gains.
-    return max(4 * block_pages, math.ceil(longest_row / splits))
+    min_blocks = 16 if terminates else 4
+    return max(min_blocks * block_pages, math.ceil(longest_row / splits))
 
 
 def build_plan(
@@ -125,7 +130,8 @@ def build_plan(
     longest = int(lengths.max()) if num_rows else 0
     no_split = termination.mode == "bound" and termination.relative_to == "output"
     if chunk_pages is None:
-        chunk_pages = longest if no_split else choose_chunk_pages(longest, num_rows, block_pages, parallel_programs)
+        chunk_pages = longest if no_split else choose_chunk_pages(
+            longest, num_rows, block_pages, parallel_programs, termination.mode != "off")
     elif no_split and chunk_pages < longest:
         raise ValueError("chunk_pages: bound mode relative to the output cannot split a row; use relative_to='values'")
     if chunk_pages < 1:

@@ -22,9 +22,13 @@ from attention_cases import exact_attention, make_case, relative_error
 BACKENDS = ["torch", "triton"]
 
 
-def run(case, backend, termination, **plan_kwargs):
+NO_SPLIT = 1 << 30  # chunk_pages that keeps every row whole, whatever the device
+
+
+def run(case, backend, termination, chunk_pages=NO_SPLIT, **plan_kwargs):
+    """Decode with rows kept whole unless ``chunk_pages`` says otherwise (the GPU would split)."""
     wrapper = BatchARTDecodeWrapper(kv_layout=case.kv_layout, backend=backend)
-    wrapper.plan(*case.plan_args(), termination=termination, **plan_kwargs)
+    wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=chunk_pages, **plan_kwargs)
     out = torch.full(case.q.shape, float("nan"), dtype=torch.float32, device=case.q.device)
     wrapper.run(case.q, case.cache, page_meta=case.page_meta(), out=out)
     return out, wrapper.last_stats
@@ -165,7 +169,7 @@ def test_bound_never_exceeds_eps(seq_lens, group, page_size, eps, relative_to, l
     case = adversarial_case(seq_lens=seq_lens, group=group, page_size=page_size, logit_scale=logit_scale, tie=tie,
                             late_dominator=late_dominator, value_outlier=value_outlier, seed=seed, device="cpu")
     termination = TerminationConfig(mode="bound", eps=eps, relative_to=relative_to, min_pages=1, block_pages=1)
-    chunk = 2 if split and relative_to == "values" else None
+    chunk = 2 if split and relative_to == "values" else NO_SPLIT
     out, stats = run(case, "torch", termination, chunk_pages=chunk)
     assert_bound_holds(case, out, termination)
     assert (stats.visited_pages <= stats.selected_pages).all()
@@ -181,7 +185,7 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stress", ADVERSARIAL, ids=lambda s: "-".join(k for k, v in s.items() if v is True) or "plain")
-@pytest.mark.parametrize("relative_to,chunk_pages", [("output", None), ("values", None), ("values", 3)])
+@pytest.mark.parametrize("relative_to,chunk_pages", [("output", NO_SPLIT), ("values", NO_SPLIT), ("values", 3)])
 def test_bound_holds_on_adversarial_inputs(backend, stress, relative_to, chunk_pages, device):
     case = adversarial_case(seq_lens=[150, 17, 90], group=4, page_size=8, seed=21, device=device, **stress)
     for eps in (1e-3, 0.1):
@@ -244,7 +248,7 @@ def test_bound_suffix_terms_agree_between_backends(device):
                             late_dominator=True, value_outlier=True, seed=41, device=device)
     termination = TerminationConfig(mode="bound", eps=0.05, relative_to="values", min_pages=1)
     wrapper = BatchARTDecodeWrapper(backend="triton")
-    wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=8)
+    wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=8)  # split: suffixes end at chunk ends
     meta = case.page_meta()
     wrapper.run(case.q, case.cache, page_meta=meta)
     log2w, vrest = bound_terms_torch(wrapper._plan, case.q, meta)
