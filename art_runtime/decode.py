@@ -30,7 +30,9 @@ BOUND_TILE = 32
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
 NUM_WARPS = 4
 NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipeline), else 2
-PROGRAMS_PER_SM = 4  # work items per SM that the split heuristic aims for
+# Work items per SM that the split heuristic aims for; None: 2 for head_dim <= 64, else 8
+# (H200 sweep: both land at ~9 chunks per row for batch 16 at 16K-32K tokens).
+PROGRAMS_PER_SM = None
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256: 64 tokens)
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight per program (H100/H200: 227 KiB)
@@ -155,7 +157,7 @@ class BatchARTDecodeWrapper:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-            termination, float(sm_scale), selection, chunk_pages, self._parallel_programs(device),
+            termination, float(sm_scale), selection, chunk_pages, self._parallel_programs(device, head_dim),
             min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim),
         )
         self._plan = plan
@@ -164,14 +166,15 @@ class BatchARTDecodeWrapper:
         self._raw_stats = None
 
     @staticmethod
-    def _parallel_programs(device: torch.device) -> int:
+    def _parallel_programs(device: torch.device, head_dim: int) -> int:
         """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU, none on a CPU.
 
         It depends on the device only, so both backends plan the same chunks (and so give
         the same results) on the same device.
         """
         if device.type == "cuda":
-            return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+            per_sm = PROGRAMS_PER_SM or (2 if head_dim <= 64 else 8)
+            return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
         return 1
 
     def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
