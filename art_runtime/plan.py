@@ -75,9 +75,11 @@ def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parall
     A chunk shorter than a few blocks costs more in merge traffic than it gains; with
     termination on, a chunk stops on its own, so it gets room to do so (16 blocks).
     """
-    if num_rows == 0 or num_rows >= parallel_programs:
+    # Rounded, not ceiled: 256 rows for 264 slots run best unsplit (H200 sweep, v5 in
+    # benchmarks/NOTES.md), and a near-miss of a whole number of waves costs little.
+    splits = round(parallel_programs / num_rows) if num_rows else 1
+    if splits <= 1:
         return max(longest_row, 1)
-    splits = math.ceil(parallel_programs / num_rows)
     min_blocks = 16 if terminates else 4
     return max(min_blocks * block_pages, math.ceil(longest_row / splits))
 
