@@ -16,8 +16,9 @@ import torch
 from .backend import resolve_backend, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import cache_geometry, unpack_paged_kv_cache, validate_page_table
-from .plan import DecodePlan, build_plan
+from .plan import DecodePlan, build_plan, physical_pages
 from .reference import LOG2E, VALUE_NORM_SCALE, art_decode_torch, bound_terms_torch, row_value_scale
+from .policies import PagePolicy, PolicyContext
 from .selection import PageSelection, dense_selection, validate_selection
 from .termination import TerminationConfig
 
@@ -55,6 +56,12 @@ class DecodeStats:
         query head first met the criterion on its own (``-1``: never; always -1 in ``off``).
     kv_bytes_read : torch.Tensor
         0-d int64: K and V bytes read, plus page metadata bytes in bound mode.
+    selection : PageSelection
+        The pages visited-or-skipped, in visit order (for per-layer policies: the last run's).
+    page_mass : torch.Tensor or None
+        ``[nnz]`` float32 aligned with ``selection.pages``: the softmax mass each page got,
+        summed over the query heads of its group (0 for pages not read); only when planned
+        with ``record_page_mass=True`` or for a policy that needs it (H2O).
     """
 
     visited_pages: torch.Tensor
@@ -62,6 +69,8 @@ class DecodeStats:
     visited_tokens: torch.Tensor
     stable_at: torch.Tensor
     kv_bytes_read: torch.Tensor
+    selection: PageSelection
+    page_mass: torch.Tensor | None
 
 
 def _check_int(name: str, value, low: int, high: int) -> int:
@@ -105,6 +114,8 @@ class BatchARTDecodeWrapper:
         policy=None,
         selection: PageSelection | None = None,
         chunk_pages: int | None = None,
+        request_ids: list | None = None,
+        record_page_mass: bool = False,
     ) -> None:
         """Prepare a decode step; reused by every ``run`` until the next ``plan``.
 
@@ -122,14 +133,20 @@ class BatchARTDecodeWrapper:
             Criterion and thresholds; default ``TerminationConfig()``.
         sm_scale : float, optional
             Logit scale; default ``1 / sqrt(head_dim)``.
-        policy : optional
-            A page-selection policy (``art_runtime.policies``). ``None``: dense.
+        policy : art_runtime.policies.PagePolicy, optional
+            Selects and orders the pages (``art_runtime.policies``). ``None``: dense. Policies
+            that score with the query or per-layer state re-select in every ``run``.
         selection : PageSelection, optional
             An explicit visit order (CSR over ``B * H_kv`` rows). ``None``: dense, sink and
             current page first, then newest to oldest. Exclusive with ``policy``.
         chunk_pages : int, optional
             Pages per parallel work item. ``None``: rows are split only when ``B * H_kv``
             is too small to fill the GPU.
+        request_ids : list, optional
+            One hashable id per request; needed by policies that keep per-request state.
+        record_page_mass : bool
+            Have the kernel record each visited page's softmax mass (``last_stats.page_mass``);
+            needs ``block_pages * page_size`` to be a power of two on the Triton backend.
         """
         termination = TerminationConfig() if termination is None else termination
         if not isinstance(termination, TerminationConfig):
@@ -146,15 +163,20 @@ class BatchARTDecodeWrapper:
             sm_scale = 1.0 / math.sqrt(head_dim)
         if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
             raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
-        if policy is not None:
-            raise ValueError("policy: page-selection policies are not available in this build; pass selection=")
         batch_size = validate_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size)
+        if request_ids is not None and len(request_ids) != batch_size:
+            raise ValueError(f"request_ids must hold one id per request ({batch_size}), got {len(request_ids)}")
         device = kv_indptr.device
         self._backend = resolve_backend(self.backend, device)
-        if selection is None:
+        self._policy = None
+        if policy is not None:
+            selection = self._plan_policy(policy, selection, PolicyContext(
+                kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, page_size, request_ids))
+        elif selection is None:
             selection = dense_selection(kv_indptr, num_kv_heads)
         else:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
+        self._selection = selection
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
             termination, float(sm_scale), selection, chunk_pages, self._parallel_programs(device, head_dim),
@@ -162,8 +184,26 @@ class BatchARTDecodeWrapper:
         )
         self._plan = plan
         self._page_table = (kv_indptr, kv_indices, kv_last_page_len)
+        self._record_page_mass = record_page_mass or (self._policy is not None and self._policy[0].needs_page_mass)
+        block_tokens = plan.block_pages * page_size
+        if self._record_page_mass and self._backend == "triton" and block_tokens & (block_tokens - 1):
+            raise ValueError(f"record_page_mass needs block_pages * page_size to be a power of two, got {block_tokens}")
         self._allocate(plan, device)
         self._raw_stats = None
+
+    def _plan_policy(self, policy, selection, ctx: PolicyContext) -> PageSelection:
+        """The policy's selection, or (re-scored per layer) its layout with a placeholder order."""
+        if selection is not None:
+            raise ValueError("selection and policy: pass one of them, not both")
+        if not isinstance(policy, PagePolicy):
+            raise ValueError(f"policy must be an art_runtime.policies.PagePolicy, got {type(policy).__name__}")
+        if policy.stateful and ctx.request_ids is None:
+            raise ValueError(f"request_ids: the {policy.name} policy keeps state per request and needs their ids")
+        layout = policy.layout(ctx)
+        self._policy = (policy, ctx, layout)
+        if policy.per_layer:
+            return PageSelection(layout.indptr, layout.rank.to(torch.int32))  # replaced in run()
+        return PageSelection(layout.indptr, policy.select(ctx, layout))
 
     @staticmethod
     def _parallel_programs(device: torch.device, head_dim: int) -> int:
@@ -191,6 +231,8 @@ class BatchARTDecodeWrapper:
         self._log2w = torch.empty((plan.nnz if bound else 0, group_pad), dtype=torch.float32, device=device)
         self._vrest = torch.empty((plan.nnz if bound else 0,), dtype=torch.float32, device=device)
         self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
+        self._page_lse = torch.empty((plan.nnz if self._record_page_mass else 0, group_pad), dtype=torch.float32,
+                                     device=device)
 
     def run(
         self,
@@ -199,6 +241,7 @@ class BatchARTDecodeWrapper:
         page_meta: PageMetadata | None = None,
         return_lse: bool = False,
         out: torch.Tensor | None = None,
+        layer_id: int = 0,
     ):
         """Decode attention for one layer.
 
@@ -215,6 +258,8 @@ class BatchARTDecodeWrapper:
             (FlashInfer's convention: ``lse = log2(sum_j exp(sm_scale * q.k_j))``).
         out : torch.Tensor, optional
             ``[B, H_qo, D]`` buffer on q's device, in q's dtype or float32, to write into.
+        layer_id : int
+            The layer, for policies that keep per-layer state.
 
         Returns
         -------
@@ -234,13 +279,17 @@ class BatchARTDecodeWrapper:
             raise ValueError("out must be contiguous in its last dimension")
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         if plan.batch_size == 0:
-            self._raw_stats = (plan, k_cache.element_size(), None)
+            self._raw_stats = (plan, k_cache.element_size(), 0, None)
             return (out, lse) if return_lse else out
         bound = plan.termination.mode == "bound"
-        if bound and page_meta is None:
+        if (bound or (self._policy is not None and self._policy[0].per_layer)) and page_meta is None:
             page_meta = PageMetadata.from_cache(paged_kv_cache, *self._page_table, kv_layout=self.kv_layout)
-        if bound:
+        if page_meta is not None:
             self._check_page_meta(page_meta, k_cache, plan)
+        if self._policy is not None and self._policy[0].per_layer:
+            self._select_pages(plan, layer_id, q, page_meta)
+        if self._record_page_mass:
+            self._page_lse.fill_(float("-inf"))  # pages that termination skips get no mass
         if self.kv_layout == "HND":  # both backends index [page, slot, head, dim]
             k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
         if self._backend == "triton":
@@ -250,15 +299,25 @@ class BatchARTDecodeWrapper:
             if bound:
                 log2w, vrest = bound_terms_torch(plan, q, page_meta)
                 terms = (log2w, vrest, row_value_scale(plan, vrest))
-            o, o_lse, visited, tokens, stable_at = art_decode_torch(plan, q, k_cache, v_cache, terms)
+            o, o_lse, visited, tokens, stable_at = art_decode_torch(
+                plan, q, k_cache, v_cache, terms, self._page_lse if self._record_page_mass else None)
             out.copy_(o)
             lse.copy_(o_lse)
             self._visited_pages.copy_(visited)
             self._visited_tokens.copy_(tokens)
             self._stable_at[:, : plan.group_size].copy_(stable_at)
         meta_bytes = page_meta.nbytes_per_page() if bound else 0
-        self._raw_stats = (plan, k_cache.element_size(), meta_bytes)
+        page_mass = self._page_mass(plan, lse) if self._record_page_mass else None
+        if page_mass is not None and self._policy is not None and self._policy[0].needs_page_mass:
+            policy, ctx, layout = self._policy
+            policy.observe(ctx, layout, layer_id, self._selection.pages, page_mass)
+        self._raw_stats = (plan, k_cache.element_size(), meta_bytes, page_mass)
         return (out, lse) if return_lse else out
+
+    def _page_mass(self, plan: DecodePlan, lse: torch.Tensor) -> torch.Tensor:
+        """``[nnz]`` softmax mass of each selected page, summed over its group's query heads."""
+        row_lse = lse.view(plan.num_rows, plan.group_size)[plan.visit_row]  # [nnz, G]
+        return torch.exp2(self._page_lse[:, : plan.group_size] - row_lse).sum(-1)
 
     def _check_run_inputs(self, q, paged_kv_cache, plan: DecodePlan):
         """Validate q and the cache against the plan; return the (K, V) views."""
@@ -290,6 +349,16 @@ class BatchARTDecodeWrapper:
         if plan.max_page_index >= max_pages:
             raise ValueError(f"kv_indices holds page {plan.max_page_index}, out of range for a cache of {max_pages} pages")
         return k_cache, v_cache
+
+    def _select_pages(self, plan: DecodePlan, layer_id: int, q, page_meta) -> None:
+        """Re-select with a per-layer policy and point the plan's visit order at its pages."""
+        policy, ctx, layout = self._policy
+        pages = policy.select(ctx, layout, layer_id, q, page_meta)
+        self._selection = PageSelection(layout.indptr, pages)
+        phys, tokens = physical_pages(ctx.kv_indptr, ctx.kv_indices, ctx.kv_last_page_len, ctx.page_size,
+                                      plan.visit_row // plan.num_kv_heads, pages)
+        plan.visit_phys.copy_(phys)
+        plan.visit_tokens.copy_(tokens)
 
     def _check_page_meta(self, page_meta, k_cache, plan: DecodePlan) -> None:
         if not isinstance(page_meta, PageMetadata):
@@ -331,14 +400,14 @@ class BatchARTDecodeWrapper:
             q, k_cache, v_cache, out, lse, self._part_out, self._part_lse,
             plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, plan.row_start,
             self._log2w, self._vrest, self._vscale,
-            self._visited_pages, self._visited_tokens, self._stable_at,
+            self._visited_pages, self._visited_tokens, self._stable_at, self._page_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
             qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages,
             NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
-            DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
+            DOT_IN_INPUT_DTYPE=dot_in_input_dtype, PAGE_MASS=self._record_page_mass,
             num_warps=NUM_WARPS, num_stages=self._num_stages(plan, block_n, k_cache.element_size()),
         )
         if plan.split:
@@ -364,7 +433,7 @@ class BatchARTDecodeWrapper:
         """Statistics of the last ``run`` (computed on access, on the device)."""
         if self._raw_stats is None:
             raise ValueError("last_stats: no run() since the last plan()")
-        plan, elem_size, meta_bytes = self._raw_stats
+        plan, elem_size, meta_bytes, page_mass = self._raw_stats
         rows = plan.work_row.long()
         device = plan.visit_phys.device
         batch, hkv, hqo = plan.batch_size, plan.num_kv_heads, plan.num_qo_heads
@@ -384,4 +453,6 @@ class BatchARTDecodeWrapper:
             visited_tokens=tokens.view(batch, hkv),
             stable_at=stable.view(batch, hqo),
             kv_bytes_read=kv_bytes,
+            selection=self._selection,
+            page_mass=page_mass,
         )

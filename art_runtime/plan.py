@@ -68,6 +68,19 @@ class DecodePlan:
         return self.visit_phys.numel()
 
 
+def physical_pages(kv_indptr, kv_indices, kv_last_page_len, page_size, request, logical):
+    """Physical page id and token count of logical pages ``logical`` of requests ``request``.
+
+    Both ``[n]`` int32, gathered on the device with no synchronization.
+    """
+    request, logical = request.long(), logical.long()
+    first = kv_indptr[request].long()
+    phys = kv_indices[first + logical]
+    is_last = logical == kv_indptr[request + 1].long() - first - 1
+    tokens = torch.where(is_last, kv_last_page_len[request], page_size)
+    return phys.to(torch.int32), tokens.to(torch.int32)
+
+
 def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parallel_programs: int,
                        terminates: bool) -> int:
     """Pages per work item so that about ``parallel_programs`` items exist (no split if enough).
@@ -122,12 +135,8 @@ def build_plan(
     lengths = (row_start[1:] - row_start[:-1]).long()
     num_rows = lengths.numel()
     visit_row = torch.arange(num_rows, device=device).repeat_interleave(lengths)
-    request = visit_row // num_kv_heads
-    logical = selection.pages[:nnz].long()
-    pages_per_request = (kv_indptr[1:] - kv_indptr[:-1]).long()
-    visit_phys = kv_indices[kv_indptr[request].long() + logical]
-    is_last = logical == pages_per_request[request] - 1
-    visit_tokens = torch.where(is_last, kv_last_page_len[request], page_size).to(torch.int32)
+    visit_phys, visit_tokens = physical_pages(kv_indptr, kv_indices, kv_last_page_len, page_size,
+                                              visit_row // num_kv_heads, selection.pages[:nnz])
 
     longest = int(lengths.max()) if num_rows else 0
     no_split = termination.mode == "bound" and termination.relative_to == "output"
@@ -158,7 +167,7 @@ def build_plan(
         sm_scale=sm_scale,
         max_page_index=int(kv_indices[: int(kv_indptr[-1])].max()) if batch_size else -1,
         row_start=row_start,
-        visit_phys=visit_phys.to(torch.int32),
+        visit_phys=visit_phys,
         visit_tokens=visit_tokens,
         visit_row=visit_row,
         work_row=work_row.to(torch.int32),

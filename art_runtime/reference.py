@@ -102,7 +102,7 @@ def row_value_scale(plan: DecodePlan, value_rest: torch.Tensor) -> torch.Tensor:
     return scale.scatter_reduce_(0, plan.work_row.long(), first, "amax")
 
 
-def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None):
+def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, page_lse=None):
     """Run ART decode on the torch backend.
 
     Parameters
@@ -114,6 +114,9 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None):
         ``[max_pages, P, H_kv, D]`` (NHD views; HND caches are passed transposed).
     bound_terms : tuple or None
         ``(log2_rest_mass [nnz, G], value_rest [nnz], value_scale [R])`` in bound mode.
+    page_lse : torch.Tensor or None
+        ``[nnz, >= G]`` filled with -inf; if given, each visited page's
+        ``log2 sum_tokens 2^s`` (base-2 logits) is written into it.
 
     Returns
     -------
@@ -149,6 +152,8 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None):
         keys, values, token_ok, _ = _gather_block(plan, k_cache, v_cache, work, pos[work], end[work])
         s = torch.einsum("ngd,ntd->ngt", queries[work], keys) * qk_scale
         s = s.masked_fill(~token_ok[:, None, :], float("-inf"))
+        if page_lse is not None:
+            _record_page_lse(plan, page_lse, s, pos[work], end[work])
         m_new = torch.maximum(m[work], s.amax(-1))
         alpha = torch.exp2(m[work] - m_new)
         p = torch.exp2(s - m_new[..., None])
@@ -193,6 +198,16 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None):
     lse = m + torch.log2(l)
     out, out_lse = _merge(plan, o, lse)
     return out, out_lse, visited_pages, visited_tokens.to(torch.int32), stable_at
+
+
+def _record_page_lse(plan: DecodePlan, page_lse, s, pos, end):
+    """Write the block's per-page ``log2 sum 2^s`` at its visit-order positions."""
+    n, group = s.shape[:2]
+    per_page = s.view(n, group, plan.block_pages, plan.page_size)
+    lse = torch.logsumexp(per_page / LOG2E, dim=-1) * LOG2E  # [n, G, bp], base 2
+    positions = pos[:, None] + torch.arange(plan.block_pages, device=pos.device)
+    ok = positions < end[:, None]
+    page_lse[positions[ok], :group] = lse.permute(0, 2, 1)[ok]
 
 
 def _merge(plan: DecodePlan, o: torch.Tensor, lse: torch.Tensor):

@@ -55,7 +55,19 @@ def _attend_block(
     else:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc, tl.sum(token_ok.to(tl.int32), 0)
+    return m_new, l_i, acc, tl.sum(token_ok.to(tl.int32), 0), s
+
+
+@triton.jit
+def _store_page_lse(page_lse_ptr, s, pos, end, GROUP_PAD: tl.constexpr, BLOCK_PAGES: tl.constexpr,
+                    PAGE_SIZE: tl.constexpr):
+    """Write log2 sum_tokens 2^s of each page of the block (the page's share of the softmax)."""
+    per_page = tl.reshape(s, [GROUP_PAD, BLOCK_PAGES, PAGE_SIZE])
+    page_max = tl.max(per_page, 2)
+    page_lse = page_max + tl.log2(tl.sum(tl.exp2(per_page - page_max[:, :, None]), 2))
+    pages = pos + tl.arange(0, BLOCK_PAGES)
+    g = tl.arange(0, GROUP_PAD)
+    tl.store(page_lse_ptr + pages[None, :] * GROUP_PAD + g[:, None], page_lse, mask=(pages < end)[None, :])
 
 
 @triton.jit
@@ -67,13 +79,14 @@ def art_decode_kernel(
     work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr,
     bound_log2w_ptr, bound_vrest_ptr, row_vscale_ptr,  # bound mode: [nnz, GROUP_PAD], [nnz], [R]
     visited_pages_ptr, visited_tokens_ptr, stable_at_ptr,  # stats: [W], [W], [W, GROUP_PAD]
+    page_lse_ptr,                       # PAGE_MASS: [nnz, GROUP_PAD] log2 softmax mass of each page read
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ob, stride_oh,
     qk_scale, tau_mag, tau_dir, eps, patience, min_pages,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, VALUES_RELATIVE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_IN_INPUT_DTYPE: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr, PAGE_MASS: tl.constexpr,
 ):
     work = tl.program_id(0)
     row = tl.load(work_row_ptr + work)
@@ -104,10 +117,12 @@ def art_decode_kernel(
         for pos in range(start, end, BLOCK_PAGES):
             next_phys, next_tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, pos + BLOCK_PAGES, end,
                                                   PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
-            m_i, l_i, acc, block_tokens = _attend_block(
+            m_i, l_i, acc, block_tokens, s = _attend_block(
                 q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
                 stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
                 PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+            if PAGE_MASS:
+                _store_page_lse(page_lse_ptr, s, pos, end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
             phys, tokens = next_phys, next_tokens
             tokens_read += block_tokens
         pos = end
@@ -124,10 +139,12 @@ def art_decode_kernel(
         while go:
             next_phys, next_tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, pos + BLOCK_PAGES, end,
                                                   PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
-            m_i, l_i, acc, block_tokens = _attend_block(
+            m_i, l_i, acc, block_tokens, s = _attend_block(
                 q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
                 stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
                 PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+            if PAGE_MASS:
+                _store_page_lse(page_lse_ptr, s, pos, end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
             phys, tokens = next_phys, next_tokens
             tokens_read += block_tokens
             pos += BLOCK_PAGES

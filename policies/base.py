@@ -1,0 +1,156 @@
+"""The mechanics every page-selection policy shares.
+
+A policy only scores pages: ``page_scores`` returns, per (request, KV head) row and logical
+page, a number where higher means "keep, and visit earlier". The base class turns scores
+into a selection: the sink page (0) first and the current page (the request's last) second,
+both always kept, then the highest-scoring pages, ``budget`` pages in all, in score order.
+Everything runs on the device with no host synchronization once the layout (how many pages
+each row keeps) is fixed, which ``plan`` does once per decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+# Scores that place the forced pages first: the sink, then the current page.
+SINK_SCORE = float("inf")
+CURRENT_SCORE = torch.finfo(torch.float32).max
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may know about the batch of one decode step.
+
+    Attributes
+    ----------
+    kv_indptr, kv_indices, kv_last_page_len : torch.Tensor
+        The page table (int32, FlashInfer format).
+    num_qo_heads, num_kv_heads, page_size : int
+    request_ids : list or None
+        One hashable id per request, for policies that keep state per request.
+    """
+
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_last_page_len: torch.Tensor
+    num_qo_heads: int
+    num_kv_heads: int
+    page_size: int
+    request_ids: list | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv_last_page_len.numel()
+
+    @property
+    def num_rows(self) -> int:
+        return self.batch_size * self.num_kv_heads
+
+    @property
+    def pages_per_request(self) -> torch.Tensor:
+        """``[B]`` int64."""
+        return (self.kv_indptr[1:] - self.kv_indptr[:-1]).long()
+
+    @property
+    def pages_per_row(self) -> torch.Tensor:
+        """``[B * H_kv]`` int64."""
+        return self.pages_per_request.repeat_interleave(self.num_kv_heads)
+
+    def page_positions(self, width: int) -> torch.Tensor:
+        """``[R, width]`` logical page positions, with positions past a row's pages at -1."""
+        positions = torch.arange(width, device=self.kv_indptr.device).expand(self.num_rows, width)
+        return torch.where(positions < self.pages_per_row[:, None], positions, -1)
+
+
+@dataclass
+class SelectionLayout:
+    """How many pages each row keeps, fixed at plan time.
+
+    Attributes
+    ----------
+    indptr : torch.Tensor
+        ``[R + 1]`` int32 CSR row pointers of the selection.
+    row : torch.Tensor
+        ``[nnz]`` int64 row of each selected entry.
+    rank : torch.Tensor
+        ``[nnz]`` int64 its rank within the row (0 = visited first).
+    width : int
+        Pages of the longest row (the score matrices' width).
+    kept : int
+        The most pages any row keeps.
+    """
+
+    indptr: torch.Tensor
+    row: torch.Tensor
+    rank: torch.Tensor
+    width: int
+    kept: int
+
+
+class PagePolicy:
+    """Base class of page-selection policies (subclasses are small dataclasses).
+
+    Subclasses set ``name``, implement ``page_scores`` and, if they keep fewer than all
+    pages, ``budget_pages``. ``per_layer`` policies (scores from the query or from per-layer
+    state) are re-scored in every ``run``; the others once per ``plan``.
+    """
+
+    name: ClassVar[str]
+    per_layer: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    needs_page_mass: ClassVar[bool] = False  # if True, ``observe`` gets the mass of every run
+
+    def observe(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int, pages, page_mass) -> None:
+        """Receive the softmax mass each selected page got in a run (``needs_page_mass`` policies).
+
+        ``pages`` and ``page_mass`` are ``[nnz]`` aligned with ``layout`` (rows in CSR order).
+        """
+        raise NotImplementedError
+
+    def budget_pages(self, ctx: PolicyContext) -> torch.Tensor:
+        """``[R]`` pages to keep per row (the forced pages included). Default: all."""
+        return ctx.pages_per_row
+
+    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta) -> torch.Tensor:
+        """``[R, width]`` float32 scores of each row's logical pages; higher is kept first.
+
+        ``width`` is the longest row's page count; entries past a row's pages are ignored.
+        ``q`` (``[B, H_qo, D]``) and ``page_meta`` are given to ``per_layer`` policies.
+        """
+        raise NotImplementedError
+
+    def layout(self, ctx: PolicyContext) -> SelectionLayout:
+        """How many pages each row keeps: ``min(budget, pages)``. May synchronize (plan time)."""
+        pages = ctx.pages_per_row
+        kept = torch.minimum(self.budget_pages(ctx).to(pages.device), pages)
+        indptr = torch.zeros(kept.numel() + 1, dtype=torch.long, device=pages.device)
+        indptr[1:] = kept.cumsum(0)
+        nnz = int(indptr[-1])
+        row = torch.arange(kept.numel(), device=pages.device).repeat_interleave(kept)
+        rank = torch.arange(nnz, device=pages.device) - indptr[:-1][row]
+        width = int(pages.max()) if pages.numel() else 0
+        return SelectionLayout(indptr.to(torch.int32), row, rank, width, int(kept.max()) if kept.numel() else 0)
+
+    def select(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int = 0, q=None, page_meta=None):
+        """``[nnz]`` int32 logical pages in visit order, laid out as ``layout``. No host sync."""
+        scores = self.page_scores(ctx, layer_id, q, page_meta).float()
+        positions = ctx.page_positions(layout.width)
+        last = (ctx.pages_per_row - 1)[:, None]
+        scores = torch.where(positions == last, CURRENT_SCORE, scores)
+        scores = torch.where(positions == 0, SINK_SCORE, scores)
+        scores = torch.where(positions < 0, float("-inf"), scores)
+        # A stable sort breaks ties by position (lower logical page first) on every device, so
+        # selections are reproducible; topk guarantees no order among equal scores.
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        return order[layout.row, layout.rank].to(torch.int32)
+
+
+def check_budget(name: str, value, minimum: int = 2) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an int >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(
+            f"{name} must be an int >= {minimum} (the sink and current pages are always kept), got {value!r}"
+        )

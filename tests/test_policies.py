@@ -1,0 +1,199 @@
+"""Page-selection policies: each equals a brute-force reference; every registered policy runs
+through the kernel in every termination mode; bad arguments raise ValueError."""
+
+import math
+
+import pytest
+import torch
+
+from art_runtime import BatchARTDecodeWrapper, PageSelection, TerminationConfig
+from art_runtime.paged_cache import gather_request_kv
+from art_runtime.policies import REGISTRY, DensePolicy, H2OPolicy, PolicyContext, QuestPolicy, StreamingLLMPolicy, get
+from attention_cases import exact_attention, make_case, relative_error
+
+SEQ_LENS = [300, 17, 161]  # 19, 2 and 11 pages of 16
+
+
+def context(case, request_ids=None):
+    return PolicyContext(case.kv_indptr, case.kv_indices, case.kv_last_page_len, case.num_qo_heads,
+                         case.num_kv_heads, case.page_size, request_ids)
+
+
+def select(policy, case, layer_id=0, request_ids=None):
+    ctx = context(case, request_ids)
+    layout = policy.layout(ctx)
+    pages = policy.select(ctx, layout, layer_id, case.q, case.page_meta())
+    return [pages[layout.indptr[r]:layout.indptr[r + 1]].tolist() for r in range(ctx.num_rows)]
+
+
+def forced_then(rest_in_order, n):
+    """Sink, current page, then the others in the given order (without repeating those two)."""
+    head = [0] if n == 1 else [0, n - 1]
+    return head + [p for p in rest_in_order if p not in head]
+
+
+def quest_bound(case, b, h, p):
+    """float64 max over the group of sum_d max(q kmax, q kmin) over page p's real keys."""
+    k, _ = gather_request_kv(case.cache, case.kv_indptr, case.kv_indices, case.kv_last_page_len, b)
+    keys = k[p * case.page_size:(p + 1) * case.page_size, h].double()
+    group = case.num_qo_heads // case.num_kv_heads
+    q = case.q[b, h * group:(h + 1) * group].double()
+    kmin, kmax = keys.amin(0), keys.amax(0)
+    return float(torch.maximum(q * kmax, q * kmin).sum(-1).max())
+
+
+@pytest.fixture
+def case(device):
+    return make_case(SEQ_LENS, 8, 2, 64, 16, device=device, seed=3)
+
+
+def test_dense_recency_reference(case):
+    got = select(DensePolicy(), case)
+    for b, n in enumerate(case.pages_per_request()):
+        for h in range(2):
+            assert got[b * 2 + h] == forced_then(list(range(n - 1, 0, -1)), n)
+
+
+@pytest.mark.parametrize("policy", [DensePolicy(order="quest"), QuestPolicy(budget=5), QuestPolicy(token_budget=70)],
+                         ids=["dense-quest", "quest-5", "quest-70-tokens"])
+def test_quest_scoring_reference(policy, case):
+    got = select(policy, case)
+    for b, n in enumerate(case.pages_per_request()):
+        for h in range(2):
+            bounds = {p: quest_bound(case, b, h, p) for p in range(n)}
+            order = forced_then(sorted(range(n), key=lambda p: -bounds[p]), n)
+            budget = n if isinstance(policy, DensePolicy) else (policy.budget or math.ceil(70 / 16))
+            assert got[b * 2 + h] == order[:min(budget, n)]
+
+
+def test_quest_kernel_scores_equal_torch_scores(case):
+    from art_runtime.page_scores import _quest_page_scores_torch, quest_page_scores
+
+    ctx, meta = context(case), case.page_meta()
+    for reduce in ("max", "mean"):
+        kernel = quest_page_scores(ctx, case.q, meta, 19, reduce)
+        reference = _quest_page_scores_torch(ctx, case.q, meta, 19, 4, reduce)
+        assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_streaming_llm_reference(case):
+    got = select(StreamingLLMPolicy(sink_pages=2, window_pages=4), case)
+    for b, n in enumerate(case.pages_per_request()):
+        window = list(range(n - 1, max(n - 4, 0) - 1, -1))
+        sinks = [p for p in (0, 1) if p < n]
+        expected = forced_then(sinks + [p for p in window if p not in sinks], n)
+        for h in range(2):
+            assert got[b * 2 + h] == expected[:6]
+
+
+def test_h2o_keeps_heavy_pages_and_evicts_for_good(case):
+    policy = H2OPolicy(budget=6, recent_pages=2)
+    ids = ["a", "b", "c"]
+    first = select(policy, case, request_ids=ids)
+    for b, n in enumerate(case.pages_per_request()):  # no history: sink, recent, then newest
+        assert first[b * 2] == forced_then(list(range(n - 1, 0, -1)), n)[:6]
+    wrapper = BatchARTDecodeWrapper(backend="torch")
+    wrapper.plan(*case.plan_args(), termination=TerminationConfig(mode="off"), policy=policy, request_ids=ids)
+    wrapper.run(case.q, case.cache)
+    stats = wrapper.last_stats
+    mass = stats.page_mass
+    pages = stats.selection.pages
+    # Heavy hitters after one step: the pages of the first selection by mass (recent forced).
+    state_mass, evicted = policy._state[("a", 0)]
+    row0 = pages[:6].long()
+    assert torch.allclose(state_mass[0, row0], mass[:6])
+    assert evicted[0].sum() == case.pages_per_request()[0] - 6  # every unselected page is gone
+    second = select(policy, case, request_ids=ids)
+    n = case.pages_per_request()[0]
+    candidates = sorted((p for p in first[0] if p not in (0, n - 1, n - 2)), key=lambda p: -float(state_mass[0, p]))
+    assert second[0] == [0, n - 1, n - 2] + candidates[:3]
+    policy.release("a")
+    assert not any(key[0] == "a" for key in policy._state)
+
+
+def test_page_mass_sums_to_the_group_and_matches_across_backends(case):
+    masses = {}
+    for backend in ("torch", "triton"):
+        wrapper = BatchARTDecodeWrapper(backend=backend)
+        wrapper.plan(*case.plan_args(), termination=TerminationConfig(mode="off"), record_page_mass=True)
+        wrapper.run(case.q, case.cache)
+        stats = wrapper.last_stats
+        rows = torch.arange(6, device=case.q.device).repeat_interleave(stats.selected_pages.flatten().long())
+        per_row = torch.zeros(6, device=case.q.device).index_add_(0, rows, stats.page_mass)
+        assert torch.allclose(per_row, torch.full_like(per_row, 4.0), rtol=1e-5)  # 4 query heads per group
+        masses[backend] = stats.page_mass
+    assert torch.allclose(masses["torch"], masses["triton"], rtol=1e-4, atol=1e-6)
+
+
+POLICY_KWARGS = {
+    "dense": dict(order="quest"),
+    "streaming_llm": dict(sink_pages=1, window_pages=4),
+    "quest": dict(budget=6),
+    "h2o": dict(budget=6, recent_pages=2),
+    "snapkv": dict(budget=6, window=8),
+}
+
+
+def prefill_if_needed(policy, case, request_ids, layer_id):
+    """Stateful policies that learn from the prompt get it (random queries, the real keys)."""
+    if not hasattr(policy, "prefill"):
+        return
+    for b, request_id in enumerate(request_ids):
+        k, _ = gather_request_kv(case.cache, case.kv_indptr, case.kv_indices, case.kv_last_page_len, b)
+        queries = torch.randn(k.shape[0], case.num_qo_heads, case.head_dim, device=k.device, dtype=k.dtype)
+        policy.prefill(request_id, layer_id, queries, k, case.page_size)
+
+
+def test_every_registered_policy_is_tested():
+    assert set(REGISTRY) == set(POLICY_KWARGS)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", sorted(POLICY_KWARGS))
+@pytest.mark.parametrize("mode", ["off", "stability", "bound"])
+def test_every_policy_through_the_kernel(backend, name, mode, device):
+    case = make_case([300, 9, 161], 8, 2, 64, 16, device=device, seed=4)
+    policy = get(name, **POLICY_KWARGS[name])
+    ids = [f"r{b}" for b in range(case.batch_size)]
+    prefill_if_needed(policy, case, ids, layer_id=1)
+    termination = TerminationConfig(mode=mode, eps=0.1, relative_to="values", tau_mag=0.05, tau_dir=1e-3)
+    wrapper = BatchARTDecodeWrapper(backend=backend)
+    wrapper.plan(*case.plan_args(), termination=termination, policy=policy, request_ids=ids)
+    out = torch.full(case.q.shape, float("nan"), device=case.q.device)
+    wrapper.run(case.q, case.cache, out=out, layer_id=1)
+    stats = wrapper.last_stats
+    budget = {"dense": 10**9, "streaming_llm": 5}.get(name, 6)
+    pages = torch.tensor(case.pages_per_request(), device=stats.selected_pages.device)[:, None]
+    assert torch.equal(stats.selected_pages.long(), torch.minimum(pages, torch.tensor(budget)).expand(-1, 2))
+    ref, _ = exact_attention(case, stats.selection)
+    if mode == "off":
+        assert relative_error(out, ref).max() <= 1e-5
+    elif mode == "bound":
+        from test_termination import assert_bound_holds
+
+        assert_bound_holds(case, out, termination, stats.selection)
+    first_pages = stats.selection.pages[stats.selection.indptr[:-1].long()]
+    assert (first_pages == 0).all()  # the sink leads every row
+
+
+@pytest.mark.parametrize("make", [
+    lambda: get("quest", budget=0),
+    lambda: get("quest", budget=-3),
+    lambda: get("h2o", budget=0),
+    lambda: get("streaming_llm", window_pages=0),
+    lambda: get("streaming_llm", sink_pages=0),
+    lambda: get("dense", order="random"),
+    lambda: get("no-such-policy"),
+], ids=["quest-0", "quest-neg", "h2o-0", "window-0", "sink-0", "order", "name"])
+def test_bad_arguments(make):
+    with pytest.raises(ValueError, match="budget|window|sink|order|name"):
+        make()
+
+
+def test_stateful_policy_needs_request_ids(case):
+    wrapper = BatchARTDecodeWrapper(backend="torch")
+    with pytest.raises(ValueError, match="request_ids"):
+        wrapper.plan(*case.plan_args(), policy=H2OPolicy(budget=4, recent_pages=1))
+    with pytest.raises(ValueError, match="selection and policy"):
+        wrapper.plan(*case.plan_args(), policy=QuestPolicy(budget=4),
+                     selection=PageSelection(case.kv_indptr, case.kv_indices))
