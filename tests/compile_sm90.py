@@ -17,6 +17,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  # noqa: E402
 from art_runtime.kernels.page_bounds import page_bound_suffix_kernel  # noqa: E402
 from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
+from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale"}
@@ -59,14 +60,20 @@ def main():
         group_pad = max(16, 1 << (group - 1).bit_length())
         block_n = max(16, 1 << (page * block_pages - 1).bit_length())
         ptrs = dict(int_ptrs, q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, out_ptr=dtype)
+        page_mass = block_n == page * block_pages and split  # H2O's page mass (power-of-two blocks only)
         constexprs = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, PAGE_SIZE=page,
                           BLOCK_PAGES=block_pages, BLOCK_N=block_n, MODE=mode, VALUES_RELATIVE=values, SPLIT=split,
-                          DOT_IN_INPUT_DTYPE=dtype != "fp32")
+                          DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_MASS=page_mass)
         compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=4, num_stages=2)
         count += 1
         if mode == 2:
             compile_kernel(page_bound_suffix_kernel,
                            dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, TILE=32),
+                           dict(int_ptrs, q_ptr=dtype, key_min_ptr=dtype, key_max_ptr=dtype))
+            count += 1
+            compile_kernel(quest_page_scores_kernel,
+                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, TILE=32,
+                                REDUCE_MAX=not split),
                            dict(int_ptrs, q_ptr=dtype, key_min_ptr=dtype, key_max_ptr=dtype))
             count += 1
         if split and mode == 0:
