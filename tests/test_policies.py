@@ -48,7 +48,7 @@ def case(device):
 
 
 def test_dense_recency_reference(case):
-    got = select(DensePolicy(), case)
+    got = select(DensePolicy(order="recency"), case)
     for b, n in enumerate(case.pages_per_request()):
         for h in range(2):
             assert got[b * 2 + h] == forced_then(list(range(n - 1, 0, -1)), n)
