@@ -114,10 +114,11 @@ class PagePolicy:
         """``[R]`` pages to keep per row (the forced pages included). Default: all."""
         return ctx.pages_per_row
 
-    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta) -> torch.Tensor:
+    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         """``[R, width]`` float32 scores of each row's logical pages; higher is kept first.
 
-        ``width`` is the longest row's page count; entries past a row's pages are ignored.
+        ``width`` is the longest row's page count (given, so that no policy has to ask the
+        device for it); entries past a row's pages are ignored.
         ``q`` (``[B, H_qo, D]``) and ``page_meta`` are given to ``per_layer`` policies.
         """
         raise NotImplementedError
@@ -136,7 +137,7 @@ class PagePolicy:
 
     def select(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int = 0, q=None, page_meta=None):
         """``[nnz]`` int32 logical pages in visit order, laid out as ``layout``. No host sync."""
-        scores = self.page_scores(ctx, layer_id, q, page_meta).float()
+        scores = self.page_scores(ctx, layer_id, q, page_meta, layout.width).float()
         positions = ctx.page_positions(layout.width)
         last = (ctx.pages_per_row - 1)[:, None]
         scores = torch.where(positions == last, CURRENT_SCORE, scores)

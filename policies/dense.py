@@ -46,8 +46,7 @@ class DensePolicy(PagePolicy):
     def per_layer(self) -> bool:  # the Quest order depends on the query
         return self.order == "quest"
 
-    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta) -> torch.Tensor:
-        width = int(ctx.pages_per_row.max()) if ctx.num_rows else 0
+    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         if self.order == "recency":
             return ctx.page_positions(width).float()
         from art_runtime.page_scores import quest_page_scores

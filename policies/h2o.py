@@ -73,9 +73,8 @@ class H2OPolicy(PagePolicy):
             self._state[(request_id, layer_id)] = (mass, evicted)
         return mass, evicted
 
-    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta) -> torch.Tensor:
+    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         heads, device = ctx.num_kv_heads, ctx.kv_indptr.device
-        width = max(self._pages_per_request, default=0)
         scores = torch.full((ctx.num_rows, width), float("-inf"), device=device)
         for b, (request_id, pages) in enumerate(zip(ctx.request_ids, self._pages_per_request)):
             mass, evicted = self._request_state(request_id, layer_id, pages, heads, device)
@@ -88,8 +87,7 @@ class H2OPolicy(PagePolicy):
 
     def observe(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int, pages, page_mass) -> None:
         """Add this step's page mass; evict every existing page the step did not select."""
-        heads, device = ctx.num_kv_heads, ctx.kv_indptr.device
-        width = max(self._pages_per_request, default=0)
+        heads, device, width = ctx.num_kv_heads, ctx.kv_indptr.device, layout.width
         rows, columns = layout.row, pages.long()
         step_mass = torch.zeros(ctx.num_rows, width, device=device).index_put_((rows, columns), page_mass, accumulate=True)
         selected = torch.zeros(ctx.num_rows, width, dtype=torch.bool, device=device).index_put_(

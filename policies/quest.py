@@ -52,8 +52,7 @@ class QuestPolicy(PagePolicy):
         pages = self.budget if self.token_budget is None else max(2, math.ceil(self.token_budget / ctx.page_size))
         return torch.full_like(ctx.pages_per_row, pages)
 
-    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta) -> torch.Tensor:
+    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         from art_runtime.page_scores import quest_page_scores
 
-        width = int(ctx.pages_per_row.max()) if ctx.num_rows else 0
         return quest_page_scores(ctx, q, page_meta, width, self.group_reduce)

@@ -142,7 +142,7 @@ class SnapKVPolicy(PagePolicy):
     def budget_pages(self, ctx: PolicyContext) -> torch.Tensor:
         return torch.full_like(ctx.pages_per_row, self.budget)
 
-    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta) -> torch.Tensor:
+    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         """``[B * H_kv, width]`` float32: prompt pages by their votes, decode pages above them.
 
         Decode pages score ``window * group + 1 + position`` (a pooled vote is at most
@@ -150,7 +150,6 @@ class SnapKVPolicy(PagePolicy):
         """
         if ctx.request_ids is None:
             raise ValueError("request_ids: the snapkv policy keeps state per request and needs their ids")
-        width = int(ctx.pages_per_row.max()) if ctx.num_rows else 0
         group = ctx.num_qo_heads // ctx.num_kv_heads
         positions = torch.arange(width, dtype=torch.float32, device=ctx.kv_indptr.device)
         scores = (positions + (self.window * group + 1.0)).repeat(ctx.batch_size, ctx.num_kv_heads, 1)

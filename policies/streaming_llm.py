@@ -38,8 +38,7 @@ class StreamingLLMPolicy(PagePolicy):
     def budget_pages(self, ctx: PolicyContext) -> torch.Tensor:
         return torch.full_like(ctx.pages_per_row, self.sink_pages + self.window_pages)
 
-    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta) -> torch.Tensor:
-        width = int(ctx.pages_per_row.max()) if ctx.num_rows else 0
+    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         positions = ctx.page_positions(width).float()
         # Sink pages above every window page, the window newest first; the rest never kept.
         in_window = positions >= (ctx.pages_per_row[:, None] - self.window_pages)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from art_runtime import BatchARTDecodeWrapper, TerminationConfig
+from art_runtime.policies import get
 from attention_cases import exact_attention, make_case, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -11,11 +12,13 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("mode", ["off", "stability", "bound"])
 @pytest.mark.parametrize("batch", [1, 32])
-def test_cuda_graph_replay_matches_eager(mode, batch):
+@pytest.mark.parametrize("policy", [None, "quest"])
+def test_cuda_graph_replay_matches_eager(mode, batch, policy):
     case = make_case([700 + 37 * b for b in range(batch)], 16, 4, 128, 16, dtype=torch.bfloat16, device="cuda")
     termination = TerminationConfig(mode=mode, relative_to="values", eps=0.1, tau_mag=0.02, tau_dir=1e-3)
     wrapper = BatchARTDecodeWrapper(backend="triton")
-    wrapper.plan(*case.plan_args(), termination=termination)
+    wrapper.plan(*case.plan_args(), termination=termination,
+                 policy=None if policy is None else get(policy, budget=20))  # Quest re-selects inside the graph
     meta = case.page_meta()
     q = case.q.clone()
     out = torch.empty_like(q)
