@@ -76,6 +76,8 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--kv-lens", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), metavar="POLICY",
+                        help=f"policies to time (default all: {', '.join(POLICIES)})")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     import flashinfer
@@ -98,7 +100,7 @@ def main(argv=None):
             fi_us = median_time_us(as_cuda_graph(lambda: fi.run(q, cache))[0], args.iters, 5, flush)
             ids = [f"r{b}" for b in range(batch)]
             off_us = {}
-            for label in tqdm(POLICIES, desc=f"batch {batch} kv {kv_len}"):
+            for label in tqdm(args.policies, desc=f"batch {batch} kv {kv_len}"):
                 for mode, termination in modes.items():
                     policy = make_policy(label, q, cache, table, batch, kv_len)
                     wrapper = BatchARTDecodeWrapper(backend="triton")
@@ -116,8 +118,9 @@ def main(argv=None):
             ctx = PolicyContext(*table, hq, hk, PAGE_SIZE, ids)
             layout = policy.layout(ctx)
             select_us = median_time_us(as_cuda_graph(lambda: policy.select(ctx, layout, 0, q, meta))[0], args.iters, 5, flush)
-            dense_off = next(r["us"] for r in rows if r["batch"] == batch and r["kv_len"] == kv_len
-                             and r["policy"] == "dense (recency)" and r["mode"] == "off")
+            dense = BatchARTDecodeWrapper(backend="triton")
+            dense.plan(*table, hq, hk, dim, PAGE_SIZE, termination=modes["off"])
+            dense_off = median_time_us(as_cuda_graph(lambda: dense.run(q, cache))[0], args.iters, 5, flush)
             scoring.append(dict(batch=batch, kv_len=kv_len, quest_select_us=select_us, dense_decode_us=dense_off,
                                 fraction=select_us / dense_off))
             del q, cache, meta

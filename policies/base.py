@@ -143,10 +143,25 @@ class PagePolicy:
         scores = torch.where(positions == last, CURRENT_SCORE, scores)
         scores = torch.where(positions == 0, SINK_SCORE, scores)
         scores = torch.where(positions < 0, float("-inf"), scores)
-        # A stable sort breaks ties by position (lower logical page first) on every device, so
-        # selections are reproducible; topk guarantees no order among equal scores.
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        keys = _descending_keys(scores)
+        if layout.kept < layout.width:  # top-k of unique keys: fast, and the order is exact
+            order = torch.topk(keys, layout.kept, dim=1, sorted=True).indices
+        else:
+            order = torch.sort(keys, dim=1, descending=True).indices
         return order[layout.row, layout.rank].to(torch.int32)
+
+
+def _descending_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered as the float32 scores, ties broken toward the lower position.
+
+    Unique keys make any sort or top-k deterministic on every device, without the stable
+    segmented sort (on a GPU it costs as much as the decode it feeds).
+    """
+    bits = scores.contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # two's-complement order = float order
+    width = scores.shape[1]
+    tie_break = width - 1 - torch.arange(width, device=scores.device)
+    return (ordered.to(torch.int64) << 32) | tie_break
 
 
 def check_budget(name: str, value, minimum: int = 2) -> None:
