@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .backend import triton_runs_on
+from .backend import triton_interpreter_enabled, triton_runs_on
 from .page_metadata import PageMetadata
 
 GROUP_REDUCTIONS = ("max", "mean")
@@ -55,6 +55,7 @@ def quest_page_scores(ctx, q: torch.Tensor, page_meta: PageMetadata, width: int,
             width, q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
             NUM_KV_HEADS=ctx.num_kv_heads, GROUP_SIZE=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
             HEAD_DIM=head_dim, TILE=SCORE_TILE, REDUCE_MAX=group_reduce == "max",
+            DOT_IN_INPUT_DTYPE=page_meta.key_min.dtype != torch.float32 and not triton_interpreter_enabled(),
         )
         return scores
     return _quest_page_scores_torch(ctx, q, page_meta, width, group, group_reduce)

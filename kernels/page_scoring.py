@@ -16,7 +16,7 @@ def quest_page_scores_kernel(
     scores_ptr,                            # out: [R, width] fp32 (-inf past a row's pages)
     width, stride_qb, stride_qh, stride_mp, stride_mh,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, REDUCE_MAX: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, REDUCE_MAX: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0)
     request = row // NUM_KV_HEADS
@@ -29,13 +29,19 @@ def quest_page_scores_kernel(
     g_ok = g < GROUP_SIZE
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
-                mask=g_ok[:, None], other=0.0).to(tl.float32)
+                mask=g_ok[:, None], other=0.0)
     phys = tl.load(kv_indices_ptr + first + pages, mask=ok, other=0).to(tl.int64)
     box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
-    kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-    kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-    ub = tl.dot(tl.maximum(q, 0.0), tl.trans(kmax), input_precision="ieee") + \
-        tl.dot(tl.minimum(q, 0.0), tl.trans(kmin), input_precision="ieee")  # [GROUP_PAD, TILE]
+    kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0)
+    kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0)
+    if DOT_IN_INPUT_DTYPE:  # 16-bit products are exact in the fp32 accumulator: tensor cores
+        q = q.to(tl.float32)
+        ub = tl.dot(tl.maximum(q, 0.0).to(kmax.dtype), tl.trans(kmax)) + \
+            tl.dot(tl.minimum(q, 0.0).to(kmin.dtype), tl.trans(kmin))  # [GROUP_PAD, TILE]
+    else:
+        q = q.to(tl.float32)
+        ub = tl.dot(tl.maximum(q, 0.0), tl.trans(kmax.to(tl.float32)), input_precision="ieee") + \
+            tl.dot(tl.minimum(q, 0.0), tl.trans(kmin.to(tl.float32)), input_precision="ieee")
     if REDUCE_MAX:
         score = tl.max(tl.where(g_ok[:, None], ub, float("-inf")), 0)
     else:
