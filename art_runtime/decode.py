@@ -57,7 +57,7 @@ class DecodeStats:
     kv_bytes_read : torch.Tensor
         0-d int64: K and V bytes read, plus page metadata bytes in bound mode.
     selection : PageSelection
-        The pages visited-or-skipped, in visit order (for per-layer policies: the last run's).
+        The selected pages in visit order, read or not (for per-layer policies: the last run's).
     page_mass : torch.Tensor or None
         ``[nnz]`` float32 aligned with ``selection.pages``: the softmax mass each page got,
         summed over the query heads of its group (0 for pages not read); only when planned
