@@ -6,6 +6,11 @@ Commands:
     ART decode on a built-in synthetic workload or a real attention capture, per termination
     mode: how deep each head read, bytes saved, output error, time per step
     (``art_runtime.demo``).
+
+``analyze``
+    Exact simulation of visit orders and termination criteria on real attention captures:
+    pages and bytes read against per-head output error, the hindsight optimum, the key-box
+    bound's overshoot and per-head depth; a table, JSON and plots (``art_runtime.analysis``).
 """
 
 from __future__ import annotations
@@ -160,16 +165,169 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(DemoSettings(**{name: value for name, value in vars(args).items() if name in fields}), sys.stdout)
 
 
+ANALYZE_DESCRIPTION = """\
+Simulate ART's visit orders and termination criteria exactly, page by page, on real
+attention captures, and measure what each reads against how far its output lands from
+exact attention.
+
+Input: captures in the format of data/captures/README.md (per layer L: L{L}.k, L{L}.v
+[H_kv, n_tokens, D] and L{L}.q_last [H_q, Q, D], the queries of the last Q positions). Per
+layer, each chosen query becomes a decode request over its causal prefix, paged in
+FlashInfer's format (full pages shared, each request's last partial page its own).
+
+For every visit order x termination setting, the batch runs through
+BatchARTDecodeWrapper(backend="torch") -- the semantic oracle of the Triton kernel -- in
+fp32 on the CPU, so what is reported is what the kernel does: checks after every block of
+pages, the GQA group of query heads sharing one traversal, min_pages always read. Visit
+orders (--orders):
+  recency  sink page, current page, then newest to oldest (DensePolicy(order="recency"))
+  quest    sink page, current page, then by the Quest key-box bound (DensePolicy(order="quest"))
+  best     the hindsight order: pages by their true softmax mass for the GQA group (summed
+           over its query heads), most first (an explicit PageSelection)
+
+Reported per (layer, order, setting):
+  pages    pages read / selected over all (query, KV head)
+  bytes    K+V bytes read / a dense read, in the capture's dtype (float16); bound also
+           reads every selected page's metadata (PageMetadata.nbytes_per_page), counted
+  err      per query head |o - o_exact| against exact float64 attention over the same
+           pages, relative to |o_exact| and to the value scale max|v| (largest value norm
+           of the head's selected pages): mean, p99 and max over (query, query head)
+  depth    pages read / selected per (query, KV head): min, median, max (heatmap in plots)
+Per (layer, order), plain float64 torch on the capture:
+  hindsight optimum  for each error target (--targets, relative to |o_exact|): the fewest
+           pages, read in that order, after which every query head of the group is within
+           the target; as % of pages, for the group and (in brackets) for each head alone.
+           "rows where best needs more" counts (query, KV head) rows where the best order
+           needs more pages than this order (mass order is not optimal by construction).
+Per layer:
+  bound overshoot  key-box logit bound scale*sum_d max(q_d kmax_d, q_d kmin_d) of each
+           page (the metadata bound and Quest use) minus the page's true largest logit,
+           per (query, query head, page), in nats: median, p90, min, max.
+
+Termination settings (--setting, repeatable) are MODE[:key=value,...] with MODE one of
+off, stability, bound and keys the TerminationConfig fields tau_mag, tau_dir, patience,
+eps, relative_to (output|values), min_pages, block_pages, or the shorthands tau (sets
+tau_mag and tau_dir = tau**2, the paper's choice), p, rel, min, block.
+
+Outputs: the table on stdout (progress bar on stderr); OUT_DIR/analysis.json with every
+number (per-head errors, depth matrices, hindsight pages per row, frontier curves); and per
+capture OUT_DIR/<capture>_pages_vs_error.png (pages read vs max and p99 head error per
+order and setting, with each order's hindsight frontier) and OUT_DIR/<capture>_depth.png
+(per-(query, KV head) depth heatmaps), if matplotlib is installed.
+"""
+
+ANALYZE_EPILOG = """\
+the defaults take about a minute for both shared captures on a 2-core CPU (--all-queries: 2-3 minutes).
+examples:
+  art-runtime analyze ../shared/data/captures/*.safetensors
+  art-runtime analyze CAPTURE --all-queries --layers 12 --orders quest,best
+  art-runtime analyze CAPTURE --setting off --setting stability:tau=1e-3,p=2,block=1 \\
+      --setting bound:eps=0.05,rel=values --targets 0.01,0.05,0.1 --out-dir out
+"""
+
+
+def comma_list(kind):
+    """An argparse type: comma-separated values of ``kind``."""
+    def parse(text: str):
+        try:
+            values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list: {error}") from error
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return values
+    return parse
+
+
+def add_analyze_parser(commands) -> None:
+    """Add the ``analyze`` command and its options to the ``commands`` subparsers."""
+    from . import analysis
+
+    parser = commands.add_parser("analyze", help="simulate visit orders and termination criteria on captures",
+                                 description=ANALYZE_DESCRIPTION, epilog=ANALYZE_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("captures", nargs="+", metavar="CAPTURE",
+                        help="capture files (.safetensors, data/captures/README.md format)")
+    data = parser.add_argument_group("what to simulate")
+    data.add_argument("--layers", type=comma_list(int), metavar="L[,L...]",
+                      help="layers to analyze (default: every layer in each file)")
+    queries = data.add_mutually_exclusive_group()
+    queries.add_argument("--queries", type=positive_int, default=analysis.DEFAULT_QUERIES,
+                         help="requests per layer: this many evenly spaced queries of the captured last ones "
+                              f"(default: {analysis.DEFAULT_QUERIES})")
+    queries.add_argument("--all-queries", action="store_true",
+                         help="use every captured query (64 in the shared captures; about 4x the time)")
+    data.add_argument("--page-size", type=positive_int, default=analysis.PAGE_SIZE,
+                      help=f"tokens per KV page (default: {analysis.PAGE_SIZE})")
+    data.add_argument("--orders", type=comma_list(str), default=list(analysis.ORDERS),
+                      help=f"visit orders, of {', '.join(analysis.ORDERS)} (default: {','.join(analysis.ORDERS)})")
+    data.add_argument("--setting", action="append", dest="settings", metavar="MODE[:key=value,...]",
+                      help="a termination setting (repeat for several; default: "
+                           + "; ".join(analysis.DEFAULT_SETTINGS) + ")")
+    data.add_argument("--block-pages", type=positive_int,
+                      help="pages per termination check for settings that do not set block_pages (default: "
+                           "the kernel's, 64 tokens' worth = 4 pages of 16); 1 checks after every page")
+    data.add_argument("--targets", type=comma_list(float), default=list(analysis.TARGETS),
+                      help="error targets of the hindsight optimum, relative to |o_exact| (default: "
+                           f"{','.join(f'{t:g}' for t in analysis.TARGETS)})")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out-dir", default="art_analysis", metavar="DIR",
+                        help="folder of the JSON file and the plots (default: ./art_analysis)")
+    output.add_argument("--json", dest="json_path", metavar="PATH",
+                        help="the JSON report's path (default: OUT_DIR/analysis.json)")
+    output.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_analyze)
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    import datetime
+    from pathlib import Path
+
+    import torch
+
+    from . import analysis
+
+    settings = [analysis.parse_setting(spec, args.block_pages) for spec in (args.settings or analysis.DEFAULT_SETTINGS)]
+    plots = not args.no_plots
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("art-runtime analyze: matplotlib is not installed, writing no plots "
+                  "(pip install 'art-runtime[eval]')", file=sys.stderr)
+            plots = False
+    reports = []
+    for capture in args.captures:
+        report = analysis.analyze_capture(
+            capture, layers=args.layers, queries=None if args.all_queries else args.queries,
+            page_size=args.page_size, orders=args.orders, settings=settings, targets=args.targets,
+            progress=not args.no_progress)
+        reports.append(report)
+        print(report.format_table(), end="\n\n", flush=True)
+    out_dir = Path(args.out_dir)
+    options = {name: value for name, value in vars(args).items() if name not in ("handler", "command")}
+    written = [analysis.write_json(
+        reports, args.json_path or out_dir / "analysis.json", options=options,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(), torch=torch.__version__)]
+    if plots:
+        for report in reports:
+            written += analysis.plot_report(report, out_dir)
+    print("wrote " + ", ".join(str(path) for path in written))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``art-runtime`` argument parser with all its commands."""
     parser = argparse.ArgumentParser(
         prog="art-runtime", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="ART (Attention Run-time Termination): paged decode attention that stops reading\n"
                     "a head's KV pages once more pages can no longer change its output.\n\n"
-                    "Run 'art-runtime demo --help' for the demo's options.",
+                    "Run 'art-runtime demo --help' for the demo's options and\n"
+                    "'art-runtime analyze --help' for the termination analysis on captures.",
     )
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     add_demo_parser(commands)
+    add_analyze_parser(commands)
     return parser
 
 

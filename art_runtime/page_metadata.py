@@ -70,14 +70,19 @@ class PageMetadata:
         validate_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size, max_pages)
         meta = cls.allocate(max_pages, page_size, num_kv_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
         num_pages = int(kv_indptr[-1])
-        pages = kv_indices[:num_pages].long()
+        listed = kv_indices[:num_pages].long()
         if kv_layout == "HND":
             k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        # Tokens per listed page: full, except each request's last page. A page listed by
+        # several requests (a shared prefix) is summarized over the most tokens any of them
+        # reads, so that its box bounds every reader's keys.
+        listed_tokens = torch.full((num_pages,), page_size, dtype=torch.long, device=listed.device)
+        listed_tokens[kv_indptr[1:].long() - 1] = kv_last_page_len.long()
+        pages = torch.unique(listed)
+        tokens = torch.zeros(max_pages, dtype=torch.long, device=listed.device)
+        tokens = tokens.scatter_reduce(0, listed, listed_tokens, "amax")[pages]
         keys = k_cache[pages].float()  # [n, P, H, D]
         values = v_cache[pages].float()
-        # Tokens per listed page: full, except each request's last page.
-        tokens = torch.full((num_pages,), page_size, dtype=torch.long, device=pages.device)
-        tokens[kv_indptr[1:].long() - 1] = kv_last_page_len.long()
         valid = (torch.arange(page_size, device=pages.device)[None, :] < tokens[:, None])[:, :, None, None]
         meta.key_min[pages] = keys.masked_fill(~valid, float("inf")).amin(1).to(meta.key_min.dtype)
         meta.key_max[pages] = keys.masked_fill(~valid, float("-inf")).amax(1).to(meta.key_max.dtype)

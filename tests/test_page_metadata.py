@@ -114,3 +114,15 @@ def test_from_cache_matches_brute_force(device):
         assert torch.allclose(meta.value_norm_max[page], values.norm(dim=-1).amax(0))
     untouched = torch.tensor([0, 2, 3])
     assert torch.isinf(meta.key_min[untouched]).all() and (meta.value_norm_max[untouched] == 0).all()
+
+
+def test_a_page_shared_by_requests_is_summarized_over_its_longest_reader(device):
+    cache = torch.randn(3, 2, 8, 1, 16, device=device)
+    # Both requests read page 2: the first all 8 of its tokens, the second (listed last, so
+    # a plain scatter would keep its summary) only 3.
+    indptr = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
+    indices = torch.tensor([1, 2, 0, 2], dtype=torch.int32, device=device)
+    last = torch.tensor([8, 3], dtype=torch.int32, device=device)
+    meta = PageMetadata.from_cache(cache, indptr, indices, last)
+    assert torch.equal(meta.key_max[2], cache[2, 0].amax(0))
+    assert torch.equal(meta.key_min[2], cache[2, 0].amin(0))
