@@ -55,7 +55,8 @@ class DecodeStats:
         ``[B, H_qo]`` int32: the visit-order block (``block_pages`` pages each) at which each
         query head first met the criterion on its own (``-1``: never; always -1 in ``off``).
     kv_bytes_read : torch.Tensor
-        0-d int64: K and V bytes read, plus page metadata bytes in bound mode.
+        0-d int64: K and V bytes read, plus the page metadata read (bound mode: every
+        selected page's; key-box scoring policies such as Quest: every page's key box).
     selection : PageSelection
         The selected pages in visit order, read or not (for per-layer policies: the last run's).
     page_mass : torch.Tensor or None
@@ -184,6 +185,9 @@ class BatchARTDecodeWrapper:
         )
         self._plan = plan
         self._page_table = (kv_indptr, kv_indices, kv_last_page_len)
+        # Page counts on the host now, so that run() never synchronizes to count bytes.
+        self._pages_in_table = int(kv_indptr[-1])
+        self._pages_selected = plan.nnz
         self._record_page_mass = record_page_mass or (self._policy is not None and self._policy[0].needs_page_mass)
         block_tokens = plan.block_pages * page_size
         if self._record_page_mass and self._backend == "triton" and block_tokens & (block_tokens - 1):
@@ -306,7 +310,10 @@ class BatchARTDecodeWrapper:
             self._visited_pages.copy_(visited)
             self._visited_tokens.copy_(tokens)
             self._stable_at[:, : plan.group_size].copy_(stable_at)
-        meta_bytes = page_meta.nbytes_per_page() if bound else 0
+        # Metadata read per selected page (bound) and per page of the table (key-box scoring).
+        meta_bytes = (page_meta.nbytes_per_page() * self._pages_selected if bound else 0) + (
+            page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
+            if self._policy is not None and self._policy[0].reads_key_boxes else 0)
         page_mass = self._page_mass(plan, lse) if self._record_page_mass else None
         if page_mass is not None and self._policy is not None and self._policy[0].needs_page_mass:
             policy, ctx, layout = self._policy
@@ -445,9 +452,7 @@ class BatchARTDecodeWrapper:
         stable = torch.full((plan.num_rows, plan.group_size), never, dtype=torch.int32, device=device)
         stable.scatter_reduce_(0, rows[:, None].expand_as(first), first, "amin")
         stable = torch.where(stable == never, -1, stable)
-        kv_bytes = tokens.long().sum() * 2 * plan.head_dim * elem_size
-        if meta_bytes:
-            kv_bytes = kv_bytes + plan.selected_pages.long().sum() * meta_bytes
+        kv_bytes = tokens.long().sum() * 2 * plan.head_dim * elem_size + meta_bytes
         return DecodeStats(
             visited_pages=visited.view(batch, hkv),
             selected_pages=plan.selected_pages,

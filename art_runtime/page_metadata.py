@@ -141,10 +141,13 @@ class PageMetadata:
         norms = append_value.float().norm(dim=-1)
         self.value_norm_max.scatter_reduce_(0, pages[:, None].expand_as(norms), norms, "amax")
 
+    def key_box_bytes_per_page(self) -> int:
+        """Bytes of key box (min and max) per (page, KV head): what Quest scoring reads."""
+        return 2 * self.key_min.shape[-1] * self.key_min.element_size()
+
     def nbytes_per_page(self) -> int:
-        """Bytes of metadata read per (page, KV head) by scoring and the bound criterion."""
-        head_dim = self.key_min.shape[-1]
-        return 2 * head_dim * self.key_min.element_size() + self.value_norm_max.element_size()
+        """Bytes of metadata per (page, KV head) that the bound criterion reads (box and norm)."""
+        return self.key_box_bytes_per_page() + self.value_norm_max.element_size()
 
 
 def _next_pow2(n: int) -> int:

@@ -102,6 +102,7 @@ class PagePolicy:
     per_layer: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     needs_page_mass: ClassVar[bool] = False  # if True, ``observe`` gets the mass of every run
+    reads_key_boxes: ClassVar[bool] = False  # scores read every page's key box (counted in kv_bytes_read)
 
     def observe(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int, pages, page_mass) -> None:
         """Receive the softmax mass each selected page got in a run (``needs_page_mass`` policies).

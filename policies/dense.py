@@ -46,6 +46,10 @@ class DensePolicy(PagePolicy):
     def per_layer(self) -> bool:  # the Quest order depends on the query
         return self.order == "quest"
 
+    @property
+    def reads_key_boxes(self) -> bool:
+        return self.order == "quest"
+
     def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         if self.order == "recency":
             return ctx.page_positions(width).float()

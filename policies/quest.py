@@ -35,6 +35,7 @@ class QuestPolicy(PagePolicy):
 
     name = "quest"
     per_layer = True
+    reads_key_boxes = True
     budget: int | None = 64
     token_budget: int | None = None
     group_reduce: str = "max"

@@ -190,6 +190,16 @@ def test_bad_arguments(make):
         make()
 
 
+def test_key_box_scoring_counts_its_metadata_bytes(case):
+    wrapper = BatchARTDecodeWrapper(backend="torch")
+    wrapper.plan(*case.plan_args(), termination=TerminationConfig(mode="off"), policy=QuestPolicy(budget=4))
+    wrapper.run(case.q, case.cache)
+    stats = wrapper.last_stats
+    kv = int(stats.visited_tokens.sum()) * 2 * 64 * 4
+    boxes = sum(case.pages_per_request()) * 2 * (2 * 64 * 4)  # every page of both KV heads
+    assert int(stats.kv_bytes_read) == kv + boxes
+
+
 def test_stateful_policy_needs_request_ids(case):
     wrapper = BatchARTDecodeWrapper(backend="torch")
     with pytest.raises(ValueError, match="request_ids"):
