@@ -349,7 +349,7 @@ class CriterionResult:
     pages_read: int
     pages_selected: int
     kv_bytes: int  # K+V bytes read, in the capture's dtype
-    metadata_bytes: int  # page metadata bytes read (bound: every selected page's, as the kernel counts)
+    metadata_bytes: int  # page metadata read, as the kernel counts it: bound, every selected page's; Quest order, every key box
     dense_bytes: int  # K+V bytes of a dense read
     err_output: dict
     err_values: dict
@@ -735,16 +735,22 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
         summary["group_max_mean"] = float(rel.view(num_req, num_kv, -1).amax(-1).mean())
         summaries.append(summary)
     tokens_read = int(stats.visited_tokens.long().sum())
-    # The kernel's count in the simulated dtype (fp32), split into K+V and metadata pages.
+    # The kernel's count in the simulated dtype (fp32): K+V, the metadata of every selected
+    # page in bound mode, and every page's key box when the Quest order scores them (dense
+    # selections: selected pages = every page). Checked, then re-expressed in the capture dtype.
+    selected = int(stats.selected_pages.sum())
+    bound, scored = setting.config.mode == "bound", order == "quest"
     meta32 = int(stats.kv_bytes_read) - tokens_read * 2 * dim * batch.cache.element_size()
-    meta_pages, rest = divmod(meta32, meta.nbytes_per_page())
-    if rest:
-        raise RuntimeError(f"kv_bytes_read is not K+V plus whole metadata pages ({meta32} bytes of metadata)")
+    expected32 = selected * (meta.nbytes_per_page() * bound + meta.key_box_bytes_per_page() * scored)
+    if meta32 != expected32:
+        raise RuntimeError(f"kv_bytes_read holds {meta32} bytes of metadata, expected {expected32}")
+    box_bytes_stored = 2 * dim * esize
     dense_tokens = sum(batch.lengths) * num_kv
     return CriterionResult(
         layer=layer, order=order, setting=setting.name, config=asdict(setting.config),
         pages_read=int(stats.visited_pages.sum()), pages_selected=int(stats.selected_pages.sum()),
-        kv_bytes=tokens_read * 2 * dim * esize, metadata_bytes=meta_pages * meta_bytes_stored,
+        kv_bytes=tokens_read * 2 * dim * esize,
+        metadata_bytes=selected * (meta_bytes_stored * bound + box_bytes_stored * scored),
         dense_bytes=dense_tokens * 2 * dim * esize,
         err_output=summaries[0], err_values=summaries[1],
         depth=(stats.visited_pages.double() / stats.selected_pages.double()).tolist(),
