@@ -477,7 +477,7 @@ class AnalysisReport:
             f"   {len(self.queries)} of {self.num_captured_queries} last queries as requests, page size "
             f"{self.page_size}, layers {self.layers}; torch backend fp32 on CPU, {self.seconds:.0f} s",
             "   pages/bytes: read / dense over all (query, KV head) (bytes in "
-            f"{self.bytes_dtype}, page metadata included for bound); err: |o - o_exact| per query head, "
+            f"{self.bytes_dtype}, page metadata included: bound, and key boxes in Quest order); err: |o - o_exact| per query head, "
             "relative to |o_exact| and to max|v|; depth: pages read / selected per (query, KV head)",
             "",
         ]
