@@ -393,7 +393,6 @@ class BatchARTDecodeWrapper:
                 page_meta.value_norm_max.stride(0), qk_scale, VALUE_NORM_SCALE,
                 NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
                 HEAD_DIM=plan.head_dim, TILE=BOUND_TILE,
-                DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
             )
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
         block_n = max(16, 1 << (plan.block_pages * plan.page_size - 1).bit_length())

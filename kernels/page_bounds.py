@@ -37,7 +37,7 @@ def page_bound_suffix_kernel(
     stride_qb, stride_qh, stride_mp, stride_mh, stride_np,
     qk_scale, value_norm_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
 ):
     work = tl.program_id(0)
     row = tl.load(work_row_ptr + work)
@@ -49,14 +49,10 @@ def page_bound_suffix_kernel(
     g = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
-                mask=(g < GROUP_SIZE)[:, None], other=0.0)
-    # 16-bit operands: exact products, fp32 accumulation on tensor cores (the margin covers
-    # its rounding); fp32 operands: ieee.
-    dot_dtype = q.dtype if DOT_IN_INPUT_DTYPE else tl.float32
-    q = q.to(tl.float32)
-    q_pos = tl.maximum(q, 0.0).to(dot_dtype)  # exact: q's values come from dot_dtype
-    q_neg = tl.minimum(q, 0.0).to(dot_dtype)
-    q_abs = tl.abs(q).to(dot_dtype)
+                mask=(g < GROUP_SIZE)[:, None], other=0.0).to(tl.float32)
+    q_pos = tl.maximum(q, 0.0)
+    q_neg = tl.minimum(q, 0.0)
+    q_abs = tl.abs(q)
 
     carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     carry_s = tl.zeros([GROUP_PAD], tl.float32)
@@ -68,16 +64,11 @@ def page_bound_suffix_kernel(
         phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
         tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
         box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
-        kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(dot_dtype)
-        kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(dot_dtype)
-        k_abs = tl.maximum(tl.abs(kmin), tl.abs(kmax)).to(dot_dtype)
-        if DOT_IN_INPUT_DTYPE:
-            ub = tl.dot(q_pos, tl.trans(kmax)) + tl.dot(q_neg, tl.trans(kmin))
-            margin = tl.dot(q_abs, tl.trans(k_abs)) * ROUNDING_MARGIN
-        else:
-            ub = tl.dot(q_pos, tl.trans(kmax), input_precision="ieee") + \
-                tl.dot(q_neg, tl.trans(kmin), input_precision="ieee")
-            margin = tl.dot(q_abs, tl.trans(k_abs), input_precision="ieee") * ROUNDING_MARGIN
+        kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
+        kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
+        ub = tl.dot(q_pos, tl.trans(kmax), input_precision="ieee") + tl.dot(q_neg, tl.trans(kmin), input_precision="ieee")
+        k_abs = tl.maximum(tl.abs(kmin), tl.abs(kmax))
+        margin = tl.dot(q_abs, tl.trans(k_abs), input_precision="ieee") * ROUNDING_MARGIN
         x = tl.where(ok[None, :], (ub + margin) * qk_scale + tl.log2(tokens.to(tl.float32))[None, :], float("-inf"))
         ones = tl.where(ok[None, :], 1.0, 0.0) + tl.zeros([GROUP_PAD, TILE], tl.float32)
         suf_m, suf_s = tl.associative_scan((x, ones), 1, _logsumexp2_combine, reverse=True)

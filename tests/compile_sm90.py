@@ -68,8 +68,7 @@ def main():
         count += 1
         if mode == 2:
             compile_kernel(page_bound_suffix_kernel,
-                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, TILE=32,
-                                DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, TILE=32),
                            dict(int_ptrs, q_ptr=dtype, key_min_ptr=dtype, key_max_ptr=dtype))
             count += 1
             compile_kernel(quest_page_scores_kernel,
