@@ -15,8 +15,8 @@ import torch
 
 from .backend import resolve_backend, triton_interpreter_enabled
 from .page_metadata import PageMetadata
-from .paged_cache import cache_geometry, unpack_paged_kv_cache, validate_page_table
-from .plan import DecodePlan, build_plan, physical_pages
+from .paged_cache import unpack_paged_kv_cache, validate_page_table
+from .plan import DecodePlan, build_plan, group_tile, next_power_of_two, physical_pages
 from .reference import LOG2E, VALUE_NORM_SCALE, art_decode_torch, bound_terms_torch, row_value_scale
 from .policies import PagePolicy, PolicyContext
 from .selection import PageSelection, dense_selection, validate_selection
@@ -185,9 +185,7 @@ class BatchARTDecodeWrapper:
         )
         self._plan = plan
         self._page_table = (kv_indptr, kv_indices, kv_last_page_len)
-        # Page counts on the host now, so that run() never synchronizes to count bytes.
-        self._pages_in_table = int(kv_indptr[-1])
-        self._pages_selected = plan.nnz
+        self._pages_in_table = int(kv_indptr[-1])  # on the host now: run() never syncs to count bytes
         self._record_page_mass = record_page_mass or (self._policy is not None and self._policy[0].needs_page_mass)
         block_tokens = plan.block_pages * page_size
         if self._record_page_mass and self._backend == "triton" and block_tokens & (block_tokens - 1):
@@ -222,7 +220,7 @@ class BatchARTDecodeWrapper:
         return 1
 
     def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
-        group_pad = max(16, 1 << (plan.group_size - 1).bit_length())
+        group_pad = group_tile(plan.group_size)
         self._group_pad = group_pad
         num_work = plan.num_work
         self._visited_pages = torch.zeros(num_work, dtype=torch.int32, device=device)
@@ -294,8 +292,6 @@ class BatchARTDecodeWrapper:
             self._select_pages(plan, layer_id, q, page_meta)
         if self._record_page_mass:
             self._page_lse.fill_(float("-inf"))  # pages that termination skips get no mass
-        if self.kv_layout == "HND":  # both backends index [page, slot, head, dim]
-            k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
         if self._backend == "triton":
             self._run_triton(plan, q, k_cache, v_cache, page_meta, out, lse)
         else:
@@ -311,7 +307,7 @@ class BatchARTDecodeWrapper:
             self._visited_tokens.copy_(tokens)
             self._stable_at[:, : plan.group_size].copy_(stable_at)
         # Metadata read per selected page (bound) and per page of the table (key-box scoring).
-        meta_bytes = (page_meta.nbytes_per_page() * self._pages_selected if bound else 0) + (
+        meta_bytes = (page_meta.nbytes_per_page() * plan.nnz if bound else 0) + (
             page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
             if self._policy is not None and self._policy[0].reads_key_boxes else 0)
         page_mass = self._page_mass(plan, lse) if self._record_page_mass else None
@@ -327,7 +323,7 @@ class BatchARTDecodeWrapper:
         return torch.exp2(self._page_lse[:, : plan.group_size] - row_lse).sum(-1)
 
     def _check_run_inputs(self, q, paged_kv_cache, plan: DecodePlan):
-        """Validate q and the cache against the plan; return the (K, V) views."""
+        """Validate q and the cache against the plan; return (K, V) as ``[pages, slot, head, dim]`` views."""
         if not isinstance(q, torch.Tensor):
             raise ValueError(f"q must be a torch.Tensor, got {type(q).__name__}")
         if q.dtype not in SUPPORTED_DTYPES:
@@ -341,7 +337,9 @@ class BatchARTDecodeWrapper:
         if q.device != device:
             raise ValueError(f"q must be on the plan's device {device}, got {q.device}")
         k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, self.kv_layout)
-        max_pages, page_size, num_kv_heads, head_dim = cache_geometry(paged_kv_cache, self.kv_layout)
+        if self.kv_layout == "HND":  # both backends index [page, slot, head, dim]
+            k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        max_pages, page_size, num_kv_heads, head_dim = k_cache.shape
         if k_cache.device != device:
             raise ValueError(f"paged_kv_cache must be on the plan's device {device}, got {k_cache.device}")
         if k_cache.dtype != q.dtype:
@@ -395,7 +393,7 @@ class BatchARTDecodeWrapper:
                 HEAD_DIM=plan.head_dim, TILE=BOUND_TILE,
             )
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
-        block_n = max(16, 1 << (plan.block_pages * plan.page_size - 1).bit_length())
+        block_n = max(16, next_power_of_two(plan.block_pages * plan.page_size))
         interpreted = triton_interpreter_enabled()
         # The interpreter computes bf16 dots wrongly and truncates fp32 -> bf16 stores; there,
         # dot in fp32 and let torch round the output.

@@ -14,6 +14,7 @@ import torch
 
 from .backend import triton_runs_on
 from .paged_cache import cache_geometry, unpack_paged_kv_cache, validate_page_table
+from .plan import next_power_of_two
 
 
 @dataclass
@@ -122,7 +123,7 @@ class PageMetadata:
                 kv_indices, kv_indptr, self.key_min, self.key_max, self.value_norm_max, nnz,
                 append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
                 self.key_min.stride(0), self.key_min.stride(1), self.value_norm_max.stride(0),
-                PAGE_SIZE=page_size, PAGE_SIZE_POW2=_next_pow2(page_size), HEAD_DIM=append_key.shape[2],
+                PAGE_SIZE=page_size, PAGE_SIZE_POW2=next_power_of_two(page_size), HEAD_DIM=append_key.shape[2],
             )
         else:
             self._update_torch(append_key, append_value, batch_indices, positions, kv_indices, kv_indptr, page_size)
@@ -148,7 +149,3 @@ class PageMetadata:
     def nbytes_per_page(self) -> int:
         """Bytes of metadata per (page, KV head) that the bound criterion reads (box and norm)."""
         return self.key_box_bytes_per_page() + self.value_norm_max.element_size()
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()

@@ -11,6 +11,7 @@ import triton
 
 from .backend import triton_interpreter_enabled, triton_runs_on
 from .page_metadata import PageMetadata
+from .plan import group_tile
 
 GROUP_REDUCTIONS = ("max", "mean")
 SCORE_TILE = 32
@@ -53,7 +54,7 @@ def quest_page_scores(ctx, q: torch.Tensor, page_meta: PageMetadata, width: int,
         quest_page_scores_kernel[grid](
             q, page_meta.key_min, page_meta.key_max, ctx.kv_indptr, ctx.kv_indices, scores,
             width, q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
-            NUM_KV_HEADS=ctx.num_kv_heads, GROUP_SIZE=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
+            NUM_KV_HEADS=ctx.num_kv_heads, GROUP_SIZE=group, GROUP_PAD=group_tile(group),
             HEAD_DIM=head_dim, TILE=SCORE_TILE, REDUCE_MAX=group_reduce == "max",
             DOT_IN_INPUT_DTYPE=page_meta.key_min.dtype != torch.float32 and not triton_interpreter_enabled(),
         )

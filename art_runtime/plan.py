@@ -68,6 +68,16 @@ class DecodePlan:
         return self.visit_phys.numel()
 
 
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= ``n`` (``n >= 1``): Triton tile sizes."""
+    return 1 << (n - 1).bit_length()
+
+
+def group_tile(group_size: int) -> int:
+    """Query rows of a kernel tile holding one GQA group: a power of two, at least 16 (tl.dot)."""
+    return max(16, next_power_of_two(group_size))
+
+
 def physical_pages(kv_indptr, kv_indices, kv_last_page_len, page_size, request, logical):
     """Physical page id and token count of logical pages ``logical`` of requests ``request``.
 

@@ -12,12 +12,14 @@ import math
 
 import torch
 
+from .kernels.page_bounds import ROUNDING_MARGIN as _KERNEL_ROUNDING_MARGIN
 from .page_metadata import PageMetadata
 from .plan import DecodePlan
 
 LOG2E = math.log2(math.e)
-# Kept equal to kernels/page_bounds.py: margins the bound gives for rounding and norms.
-ROUNDING_MARGIN = 2.0**-12
+# The kernel's logit margin (one definition for both backends) and the norm margin the
+# wrapper passes to it.
+ROUNDING_MARGIN = float(_KERNEL_ROUNDING_MARGIN.value)
 VALUE_NORM_SCALE = 1.0 + 2.0**-16
 
 
