@@ -25,8 +25,9 @@ each request's last, partial page private). Then, per layer:
   ``scale * sum_d max(q_d kmax_d, q_d kmin_d)`` (``PageMetadata``, what ``bound`` and Quest
   read) minus the true largest logit of the page's tokens, in nats.
 
-Visit orders: ``recency`` (sink, current page, newest to oldest) and ``quest`` (sink, current
-page, then by the Quest bound) are ``DensePolicy`` orders, run through the policy exactly as a
+Visit orders: ``recency`` (sink, current page, newest to oldest), ``quest`` (sink, current
+page, then by the Quest bound) and ``mass`` (sink, current page, then by the estimated mass of
+termination mode ``mass``) are ``DensePolicy`` orders, run through the policy exactly as a
 user would; ``best`` is the hindsight order above, passed as an explicit ``PageSelection``.
 """
 
@@ -52,7 +53,7 @@ from .termination import MODES, TerminationConfig
 
 PAGE_SIZE = 16
 DEFAULT_QUERIES = 32
-ORDERS = ("recency", "quest", "best")
+ORDERS = ("recency", "quest", "mass", "best")
 TARGETS = (0.01, 0.1)
 # Error targets of the hindsight frontier (the plots' dashed curves and the JSON).
 FRONTIER_TARGETS = tuple(float(t) for t in torch.logspace(-4, 0, 33).tolist())
@@ -68,7 +69,7 @@ DEFAULT_SETTINGS = (
 _CONFIG_DEFAULTS = TerminationConfig()
 _ALIASES = {"rel": "relative_to", "block": "block_pages", "p": "patience", "min": "min_pages"}
 _SHORT = {"tau_mag": "tau", "patience": "p", "min_pages": "min", "block_pages": "block"}
-_MODE_FIELDS = {"stability": ("tau_mag", "tau_dir", "patience"), "bound": ("eps", "relative_to")}
+_MODE_FIELDS = {"stability": ("tau_mag", "tau_dir", "patience"), "bound": ("eps", "relative_to"), "mass": ("eps",)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,7 +586,7 @@ def analyze_capture(
         (``None``: all of them, 64 in the shared captures).
     page_size : int
         Tokens per KV page.
-    orders : sequence of {"recency", "quest", "best"}
+    orders : sequence of {"recency", "quest", "mass", "best"}
         Visit orders (``best``: by the true softmax mass of the GQA group, most first).
     settings : sequence, optional
         Termination settings: ``TerminationConfig``, ``Setting`` or ``MODE[:key=value,...]``
@@ -638,10 +639,9 @@ def analyze_capture(
                 bytes_dtype=str(data.dtype).replace("torch.", ""), queries=batch.picks,
                 num_captured_queries=data.queries.shape[1], layers=layers, orders=orders,
                 settings={s.name: asdict(s.config) for s in settings}, targets=targets)
-            meta_bytes_stored = PageMetadata.allocate(1, page_size, 1, dim, dtype=data.dtype, device="cpu").nbytes_per_page()
         num_req = len(batch.lengths)
         meta = PageMetadata.from_cache(batch.cache, *batch.page_table)
-        ctx = PolicyContext(*batch.page_table, num_qo, num_kv, page_size)
+        ctx = PolicyContext(*batch.page_table, num_qo, num_kv, page_size, sm_scale=data.scaling)
         selections = {o: _order_selection(o, ctx, batch.q, meta) for o in orders if o != "best"}
 
         # Exact attention, the best order, the hindsight optimum and the overshoot: float64, per request.
@@ -653,8 +653,8 @@ def analyze_capture(
             z, sv, page_max, o_exact[b], vscale[b] = _request_pages(data, batch, b)
             pages = z.shape[1]
             phys = batch.kv_indices[int(batch.kv_indptr[b]): int(batch.kv_indptr[b + 1])].long()
-            kmin = meta.key_min[phys].double().transpose(0, 1).repeat_interleave(group, 0)  # [H_q, c, D]
-            kmax = meta.key_max[phys].double().transpose(0, 1).repeat_interleave(group, 0)
+            kmin, kmax = (b.double().transpose(0, 1).repeat_interleave(group, 0)  # [H_q, c, D]
+                          for b in meta.key_bounds(phys[:, None], torch.arange(num_kv)))
             qb = batch.q[b].double()[:, None, :]
             ub = (torch.maximum(qb * kmax, qb * kmin)).sum(-1) * data.scaling
             overshoot.append((ub - page_max).flatten())
@@ -714,7 +714,7 @@ def analyze_capture(
                 if not torch.equal(stats.selection.pages.long(), selections[o].pages.long()):
                     raise RuntimeError(f"the wrapper visited another order than the analysis for {o}")
                 report.criteria.append(_criterion_result(
-                    data.layer, o, setting, out, stats, o_exact, vscale, batch, meta, meta_bytes_stored, esize,
+                    data.layer, o, setting, out, stats, o_exact, vscale, batch, meta, esize,
                     time.perf_counter() - t0))
                 bar.update()
     bar.close()
@@ -722,7 +722,7 @@ def analyze_capture(
     return report
 
 
-def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch, meta, meta_bytes_stored, esize,
+def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch, meta, esize,
                       seconds) -> CriterionResult:
     num_req, num_qo, dim = out.shape
     num_kv = stats.visited_pages.shape[1]
@@ -735,22 +735,21 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
         summary["group_max_mean"] = float(rel.view(num_req, num_kv, -1).amax(-1).mean())
         summaries.append(summary)
     tokens_read = int(stats.visited_tokens.long().sum())
-    # The kernel's count in the simulated dtype (fp32): K+V, the metadata of every selected
-    # page in bound mode, and every page's key box when the Quest order scores them (dense
-    # selections: selected pages = every page). Checked, then re-expressed in the capture dtype.
+    # The kernel's count: K+V in the simulated dtype (fp32, re-expressed in the capture dtype),
+    # the metadata of every selected page in bound mode, and every page's key box when the
+    # Quest order scores them (dense selections: selected pages = every page). Checked.
     selected = int(stats.selected_pages.sum())
-    bound, scored = setting.config.mode == "bound", order == "quest"
+    bound, scored = setting.config.reads_page_metadata, order in ("quest", "mass")
     meta32 = int(stats.kv_bytes_read) - tokens_read * 2 * dim * batch.cache.element_size()
     expected32 = selected * (meta.nbytes_per_page() * bound + meta.key_box_bytes_per_page() * scored)
     if meta32 != expected32:
         raise RuntimeError(f"kv_bytes_read holds {meta32} bytes of metadata, expected {expected32}")
-    box_bytes_stored = 2 * dim * esize
     dense_tokens = sum(batch.lengths) * num_kv
     return CriterionResult(
         layer=layer, order=order, setting=setting.name, config=asdict(setting.config),
         pages_read=int(stats.visited_pages.sum()), pages_selected=int(stats.selected_pages.sum()),
         kv_bytes=tokens_read * 2 * dim * esize,
-        metadata_bytes=selected * (meta_bytes_stored * bound + box_bytes_stored * scored),
+        metadata_bytes=meta32,
         dense_bytes=dense_tokens * 2 * dim * esize,
         err_output=summaries[0], err_values=summaries[1],
         depth=(stats.visited_pages.double() / stats.selected_pages.double()).tolist(),
@@ -782,7 +781,7 @@ def plot_report(report: AnalysisReport, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(report.capture).stem
-    colors = {"recency": "tab:blue", "quest": "tab:orange", "best": "tab:green"}
+    colors = {"recency": "tab:blue", "quest": "tab:orange", "mass": "tab:purple", "best": "tab:green"}
     markers = "osD^v<>phX*"
     setting_names = list(report.settings)
     paths = []

@@ -55,8 +55,8 @@ class DecodeStats:
         ``[B, H_qo]`` int32: the visit-order block (``block_pages`` pages each) at which each
         query head first met the criterion on its own (``-1``: never; always -1 in ``off``).
     kv_bytes_read : torch.Tensor
-        0-d int64: K and V bytes read, plus the page metadata read (bound mode: every
-        selected page's; key-box scoring policies such as Quest: every page's key box).
+        0-d int64: K and V bytes read, plus the page metadata read (bound and mass modes:
+        every selected page's; key-box scoring policies such as Quest: every page's key box).
     selection : PageSelection
         The selected pages in visit order, read or not (for per-layer policies: the last run's).
     page_mass : torch.Tensor or None
@@ -172,7 +172,8 @@ class BatchARTDecodeWrapper:
         self._policy = None
         if policy is not None:
             selection = self._plan_policy(policy, selection, PolicyContext(
-                kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, page_size, request_ids))
+                kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, page_size, request_ids,
+                sm_scale))
         elif selection is None:
             selection = dense_selection(kv_indptr, num_kv_heads)
         else:
@@ -229,7 +230,7 @@ class BatchARTDecodeWrapper:
         split = plan.split and self._backend == "triton"
         self._part_out = torch.empty((num_work if split else 0, group_pad, plan.head_dim), dtype=torch.float32, device=device)
         self._part_lse = torch.empty((num_work if split else 0, group_pad), dtype=torch.float32, device=device)
-        bound = plan.termination.mode == "bound" and self._backend == "triton"
+        bound = plan.termination.reads_page_metadata and self._backend == "triton"
         self._log2w = torch.empty((plan.nnz if bound else 0, group_pad), dtype=torch.float32, device=device)
         self._vrest = torch.empty((plan.nnz if bound else 0,), dtype=torch.float32, device=device)
         self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
@@ -283,7 +284,7 @@ class BatchARTDecodeWrapper:
         if plan.batch_size == 0:
             self._raw_stats = (plan, k_cache.element_size(), 0, None)
             return (out, lse) if return_lse else out
-        bound = plan.termination.mode == "bound"
+        bound = plan.termination.reads_page_metadata
         if (bound or (self._policy is not None and self._policy[0].per_layer)) and page_meta is None:
             page_meta = PageMetadata.from_cache(paged_kv_cache, *self._page_table, kv_layout=self.kv_layout)
         if page_meta is not None:
@@ -306,7 +307,7 @@ class BatchARTDecodeWrapper:
             self._visited_pages.copy_(visited)
             self._visited_tokens.copy_(tokens)
             self._stable_at[:, : plan.group_size].copy_(stable_at)
-        # Metadata read per selected page (bound) and per page of the table (key-box scoring).
+        # Metadata read per selected page (bound, mass) and per page of the table (key-box scoring).
         meta_bytes = (page_meta.nbytes_per_page() * plan.nnz if bound else 0) + (
             page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
             if self._policy is not None and self._policy[0].reads_key_boxes else 0)
@@ -380,17 +381,18 @@ class BatchARTDecodeWrapper:
         term = plan.termination
         group_pad = self._group_pad
         qk_scale = plan.sm_scale * LOG2E
-        if term.mode == "bound":
+        if term.reads_page_metadata:
             from .kernels.page_bounds import page_bound_suffix_kernel
 
             page_bound_suffix_kernel[(plan.num_work,)](
-                q, page_meta.key_min, page_meta.key_max, page_meta.value_norm_max,
+                q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, page_meta.value_norm_max,
                 plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
                 self._log2w, self._vrest,
                 q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
-                page_meta.value_norm_max.stride(0), qk_scale, VALUE_NORM_SCALE,
+                page_meta.value_norm_max.stride(0), qk_scale, plan.sm_scale, VALUE_NORM_SCALE,
                 NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
-                HEAD_DIM=plan.head_dim, TILE=BOUND_TILE,
+                HEAD_DIM=plan.head_dim, TILE=BOUND_TILE, ESTIMATE=term.mode == "mass",
+                DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
             )
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
         block_n = max(16, next_power_of_two(plan.block_pages * plan.page_size))

@@ -461,7 +461,7 @@ def metadata_matches_rebuild(meta: PageMetadata, cache, layout: PageLayout, requ
     rebuilt = PageMetadata.from_cache(cache, *table.as_args())
     return all(torch.allclose(mine.float(), theirs.float(), rtol=1e-5, atol=1e-6)
                for mine, theirs in ((meta.key_min, rebuilt.key_min), (meta.key_max, rebuilt.key_max),
-                                    (meta.value_norm_max, rebuilt.value_norm_max)))
+                                    (meta.key_scale, rebuilt.key_scale), (meta.value_norm_max, rebuilt.value_norm_max)))
 
 
 @dataclass

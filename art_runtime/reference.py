@@ -58,25 +58,33 @@ def _gather_block(plan, k_cache, v_cache, work, pos, end):
 
 
 def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata):
-    """Suffix bounds of every visit-order position (what ``page_bound_suffix_kernel`` writes).
+    """Suffix sums of every visit-order position (what ``page_bound_suffix_kernel`` writes).
+
+    In ``bound`` mode each page's term is its certified logit bound ``ub_j``; in ``mass`` mode
+    its estimated log-mass (see ``art_runtime.termination``).
 
     Returns
     -------
     log2_rest_mass : torch.Tensor
-        ``[nnz, G]`` float32: ``log2 sum_{j >= p in p's work item} n_j 2^(ub_j)`` (base-2 logits).
+        ``[nnz, G]`` float32: ``log2 sum_{j >= p in p's work item} n_j 2^(x_j)`` (base-2 logits).
     value_rest : torch.Tensor
         ``[nnz]`` float32: the largest value norm over the same suffix.
     """
     qk_scale = plan.sm_scale * LOG2E
     phys = plan.visit_phys.long()
     head = plan.visit_row % plan.num_kv_heads
-    kmin = page_meta.key_min[phys, head].float()  # [nnz, D]
-    kmax = page_meta.key_max[phys, head].float()
+    kmin, kmax = page_meta.key_bounds(phys, head)  # [nnz, D]
     q_groups = q.float().view(plan.batch_size, plan.num_kv_heads, plan.group_size, plan.head_dim)
     q_pos = q_groups[plan.visit_row // plan.num_kv_heads, head]  # [nnz, G, D]
-    ub = (q_pos.clamp(min=0) * kmax[:, None]).sum(-1) + (q_pos.clamp(max=0) * kmin[:, None]).sum(-1)
-    margin = (q_pos.abs() * torch.maximum(kmin.abs(), kmax.abs())[:, None]).sum(-1) * ROUNDING_MARGIN
-    x = (ub + margin) * qk_scale + torch.log2(plan.visit_tokens.float())[:, None]
+    if plan.termination.mode == "mass":
+        centre, spread = (kmin + kmax) / 2, (kmax - kmin) / 4
+        logit = (q_pos * centre[:, None]).sum(-1) * qk_scale + \
+            (q_pos.square() * spread.square()[:, None]).sum(-1) * (qk_scale * plan.sm_scale / 2)
+    else:
+        ub = (q_pos.clamp(min=0) * kmax[:, None]).sum(-1) + (q_pos.clamp(max=0) * kmin[:, None]).sum(-1)
+        margin = (q_pos.abs() * torch.maximum(kmin.abs(), kmax.abs())[:, None]).sum(-1) * ROUNDING_MARGIN
+        logit = (ub + margin) * qk_scale
+    x = logit + torch.log2(plan.visit_tokens.float())[:, None]
     vnorm = page_meta.value_norm_max[phys, head] * VALUE_NORM_SCALE
 
     # Suffix scans inside each work item: lay the items out as padded rows, reversed.
@@ -145,7 +153,7 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
     visited_tokens = torch.zeros(num_work, dtype=torch.long, device=device)
     active = pos < end
     if term.mode != "off":
-        log2_rest_mass, value_rest, value_scale = bound_terms if term.mode == "bound" else (None, None, None)
+        log2_rest_mass, value_rest, value_scale = bound_terms if term.reads_page_metadata else (None, None, None)
 
     for block in range(plan.max_work_blocks):
         work = active.nonzero().squeeze(1)
@@ -182,7 +190,9 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
             log2_rest = torch.where(rest, log2_rest_mass[at], float("-inf"))
             v_rest = torch.where(rest, value_rest[at][:, None], 0.0)
             rest_fraction = 1.0 / (1.0 + l[work] * torch.exp2(m[work] - log2_rest))
-            if term.relative_to == "values":
+            if term.mode == "mass":
+                head_ok = rest_fraction <= term.eps
+            elif term.relative_to == "values":
                 vscale = value_scale[plan.work_row.long()[work]][:, None]
                 spread = vscale if plan.split else o_norm
                 head_ok = rest_fraction * (v_rest + spread) <= term.eps * vscale

@@ -11,6 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .backend import triton_runs_on
+
+# Scores that place the forced pages first: the sink, then the current page.
+SINK_SCORE = float("inf")
+CURRENT_SCORE = torch.finfo(torch.float32).max
+TOP_POLICY_SCORE = 3.4028232635611926e38  # the float32 below CURRENT_SCORE: policies' scores are clamped to it
+
 
 @dataclass
 class PageSelection:
@@ -49,6 +56,55 @@ def dense_selection(kv_indptr: torch.Tensor, num_kv_heads: int) -> PageSelection
     pages_of_row = num_pages.repeat_interleave(num_pages)
     pages = torch.where(rank == 0, 0, pages_of_row - rank)
     return PageSelection(indptr=indptr.to(torch.int32), pages=pages.to(torch.int32))
+
+
+def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int, layout) -> torch.Tensor:
+    """Turn page scores into the selection's visit order; no host synchronization.
+
+    Each row keeps the sink page (0) first and the current page (the request's last) second,
+    then its highest-scoring pages in score order (ties: the lower position first), as many
+    as ``layout`` gives the row.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``[R, width]`` float32, ``R = B * H_kv``; higher is kept and visited first.
+    kv_indptr : torch.Tensor
+        ``[B + 1]`` int32 page-table row pointers.
+    num_kv_heads : int
+    layout : art_runtime.policies.base.SelectionLayout
+        Kept pages per row (``indptr``), with each entry's ``row`` and ``rank``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[nnz]`` int32 logical pages, row by row in visit order.
+    """
+    nnz = layout.row.numel()
+    if triton_runs_on(scores.device):
+        from .kernels.page_selection import select_top_pages_kernel
+
+        pages = torch.empty(nnz, dtype=torch.int32, device=scores.device)
+        if nnz:
+            width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
+            select_top_pages_kernel[(scores.shape[0],)](
+                scores, kv_indptr, layout.indptr, torch.empty(nnz, dtype=torch.int64, device=scores.device), pages,
+                layout.width, scores.stride(0), NUM_KV_HEADS=num_kv_heads, WIDTH_POW2=width_pow2,
+                KEPT_POW2=max(16, 1 << (layout.kept - 1).bit_length()),
+                num_warps=min(16, max(4, width_pow2 // 256)),  # 8 keys a thread at most, to stay in registers
+            )
+        return pages
+    num_pages = (kv_indptr[1:] - kv_indptr[:-1]).long().repeat_interleave(num_kv_heads)[:, None]
+    positions = torch.arange(layout.width, device=scores.device)[None, :]
+    scores = scores.clamp(max=TOP_POLICY_SCORE)
+    scores = torch.where(positions == num_pages - 1, CURRENT_SCORE, scores)
+    scores = torch.where(positions == 0, SINK_SCORE, scores)
+    scores = torch.where(positions < num_pages, scores, float("-inf"))
+    bits = scores.contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # two's-complement order = float order
+    keys = (ordered.to(torch.int64) << 32) | (layout.width - 1 - positions)  # unique: ties to the lower position
+    order = torch.sort(keys, dim=1, descending=True).indices
+    return order[layout.row, layout.rank].to(torch.int32)
 
 
 def validate_selection(selection: PageSelection, pages_per_request: torch.Tensor, num_kv_heads: int) -> None:

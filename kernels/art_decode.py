@@ -77,7 +77,7 @@ def art_decode_kernel(
     part_out_ptr, part_lse_ptr,         # [W, GROUP_PAD, D] fp32 / [W, GROUP_PAD] (split plans)
     visit_phys_ptr, visit_tokens_ptr,   # [nnz] int32: physical page and its token count, visit order
     work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr,
-    bound_log2w_ptr, bound_vrest_ptr, row_vscale_ptr,  # bound mode: [nnz, GROUP_PAD], [nnz], [R]
+    bound_log2w_ptr, bound_vrest_ptr, row_vscale_ptr,  # bound / mass modes: [nnz, GROUP_PAD], [nnz], [R]
     visited_pages_ptr, visited_tokens_ptr, stable_at_ptr,  # stats: [W], [W], [W, GROUP_PAD]
     page_lse_ptr,                       # PAGE_MASS: [nnz, GROUP_PAD] log2 softmax mass of each page read
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
@@ -160,12 +160,14 @@ def art_decode_kernel(
                 prev_o = o
                 prev_norm = o_norm
             else:
-                # Certified bound on |o_exact - o| from the unread rest of this chunk.
+                # Bound (MODE 2: certified) or estimate (MODE 3) of the unread rest of this chunk.
                 log2_rest_mass = tl.load(bound_log2w_ptr + pos * GROUP_PAD + g, mask=rest, other=float("-inf"))
-                v_rest = tl.load(bound_vrest_ptr + pos, mask=rest, other=0.0)
                 # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
                 rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(m_i - log2_rest_mass))
-                if VALUES_RELATIVE:
+                v_rest = tl.load(bound_vrest_ptr + pos, mask=rest, other=0.0)
+                if MODE == 3:
+                    head_ok = rest_fraction <= eps
+                elif VALUES_RELATIVE:
                     if SPLIT:
                         err = rest_fraction * (v_rest + vscale)
                     else:

@@ -5,11 +5,50 @@ of each touched page does work: it reads that page's new tokens (at most ``page_
 contiguous in the append buffer), reduces them, and merges with the stored summary, or
 overwrites it when the page starts fresh (slot 0). Pages of different requests are
 disjoint, so no two programs write the same page: no atomics, deterministic, and nothing
-of the cache is re-read.
+of the cache is re-read. Boxes are rounded outward onto the fp8 grid of a power-of-two scale
+per (page, head), exactly as ``art_runtime.page_metadata.quantize_key_box`` does (every step
+is exact in fp32, so the two agree bit for bit).
 """
 
 import triton
 import triton.language as tl
+
+BOX_TOP_EXPONENT = tl.constexpr(7)  # the largest |key| scales into [128, 256)
+E4M3_MIN_EXPONENT = tl.constexpr(-6)
+E4M3_MANTISSA_BITS = tl.constexpr(3)
+
+
+@triton.jit
+def _power_of_two(exponent):
+    """2^exponent as float32, exactly (exponent an int32 in -126..127)."""
+    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _floor_log2(x):
+    """floor(log2 |x|) for normal float32 x (-127 for zero)."""
+    return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def _box_scale(max_abs):
+    scale = _power_of_two(tl.maximum(_floor_log2(max_abs) - BOX_TOP_EXPONENT, -126))
+    return tl.where(max_abs > 0, scale, 0.0)
+
+
+@triton.jit
+def _round_outward_to_e4m3(x, UP: tl.constexpr):
+    """x rounded down (or up) to e4m3's grid: steps of 2^(floor(log2|x|) - 3), at least 2^-9.
+
+    Multiplications by powers of two only (a division may be approximate on the GPU).
+    """
+    exponent = tl.maximum(_floor_log2(x), E4M3_MIN_EXPONENT) - E4M3_MANTISSA_BITS
+    units = x * _power_of_two(-exponent)
+    if UP:
+        units = tl.ceil(units)
+    else:
+        units = tl.floor(units)
+    return units * _power_of_two(exponent)
 
 
 @triton.jit
@@ -18,7 +57,8 @@ def page_metadata_update_kernel(
     batch_indices_ptr, positions_ptr,  # [nnz] int32
     append_indptr_ptr,             # [B + 1] int32: first appended token of each request
     kv_indices_ptr, kv_indptr_ptr,  # page table (int32)
-    kmin_ptr, kmax_ptr, vnorm_ptr,  # [max_pages, H_kv, D], [max_pages, H_kv, D], [max_pages, H_kv]
+    kmin_ptr, kmax_ptr,            # [max_pages, H_kv, D] fp8 boxes
+    kscale_ptr, vnorm_ptr,         # [max_pages, H_kv] fp32 box scales and value norms
     nnz,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_mp, stride_mh, stride_np,
@@ -46,12 +86,20 @@ def page_metadata_update_kernel(
         new_min = tl.min(tl.where(mask, k, float("inf")), axis=0)
         new_max = tl.max(tl.where(mask, k, float("-inf")), axis=0)
         new_vnorm = tl.max(tl.where(row_mask, tl.sqrt(tl.sum(v * v, axis=1)), 0.0), axis=0)
+        scale = _box_scale(tl.max(tl.maximum(tl.abs(new_min), tl.abs(new_max)), axis=0))
         meta_offsets = page * stride_mp + head * stride_mh + dims
-        vnorm_offset = page * stride_np + head
+        scalar_offset = page * stride_np + head
         if slot != 0:  # the page already holds tokens: merge with its summary
-            new_min = tl.minimum(new_min, tl.load(kmin_ptr + meta_offsets).to(tl.float32))
-            new_max = tl.maximum(new_max, tl.load(kmax_ptr + meta_offsets).to(tl.float32))
-            new_vnorm = tl.maximum(new_vnorm, tl.load(vnorm_ptr + vnorm_offset))
-        tl.store(kmin_ptr + meta_offsets, new_min.to(kmin_ptr.dtype.element_ty))
-        tl.store(kmax_ptr + meta_offsets, new_max.to(kmax_ptr.dtype.element_ty))
-        tl.store(vnorm_ptr + vnorm_offset, new_vnorm)
+            old_scale = tl.load(kscale_ptr + scalar_offset)
+            new_min = tl.minimum(new_min, tl.load(kmin_ptr + meta_offsets).to(tl.float32) * old_scale)
+            new_max = tl.maximum(new_max, tl.load(kmax_ptr + meta_offsets).to(tl.float32) * old_scale)
+            new_vnorm = tl.maximum(new_vnorm, tl.load(vnorm_ptr + scalar_offset))
+            scale = tl.maximum(scale, old_scale)  # scales only grow: the old one covers the old keys
+        inv_scale = tl.where(scale > 0, _power_of_two(tl.minimum(-_floor_log2(scale), 127)), 0.0)
+        # Outward onto the grid: the values are then exact in e4m3, so the store does not round.
+        box_min = _round_outward_to_e4m3(new_min * inv_scale, UP=False)
+        box_max = _round_outward_to_e4m3(new_max * inv_scale, UP=True)
+        tl.store(kmin_ptr + meta_offsets, box_min.to(kmin_ptr.dtype.element_ty))
+        tl.store(kmax_ptr + meta_offsets, box_max.to(kmax_ptr.dtype.element_ty))
+        tl.store(kscale_ptr + scalar_offset, scale)
+        tl.store(vnorm_ptr + scalar_offset, new_vnorm)

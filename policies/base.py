@@ -15,11 +15,6 @@ from typing import ClassVar
 
 import torch
 
-# Scores that place the forced pages first: the sink, then the current page.
-SINK_SCORE = float("inf")
-CURRENT_SCORE = torch.finfo(torch.float32).max
-
-
 @dataclass
 class PolicyContext:
     """What a policy may know about the batch of one decode step.
@@ -31,6 +26,9 @@ class PolicyContext:
     num_qo_heads, num_kv_heads, page_size : int
     request_ids : list or None
         One hashable id per request, for policies that keep state per request.
+    sm_scale : float or None
+        The softmax scale of the attention (None: ``1 / sqrt(head_dim)``), for scores in
+        logit units.
     """
 
     kv_indptr: torch.Tensor
@@ -40,6 +38,7 @@ class PolicyContext:
     num_kv_heads: int
     page_size: int
     request_ids: list | None = None
+    sm_scale: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -138,31 +137,10 @@ class PagePolicy:
 
     def select(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int = 0, q=None, page_meta=None):
         """``[nnz]`` int32 logical pages in visit order, laid out as ``layout``. No host sync."""
+        from art_runtime.selection import order_pages
+
         scores = self.page_scores(ctx, layer_id, q, page_meta, layout.width).float()
-        positions = ctx.page_positions(layout.width)
-        last = (ctx.pages_per_row - 1)[:, None]
-        scores = torch.where(positions == last, CURRENT_SCORE, scores)
-        scores = torch.where(positions == 0, SINK_SCORE, scores)
-        scores = torch.where(positions < 0, float("-inf"), scores)
-        keys = _descending_keys(scores)
-        if layout.kept < layout.width:  # top-k of unique keys: fast, and the order is exact
-            order = torch.topk(keys, layout.kept, dim=1, sorted=True).indices
-        else:
-            order = torch.sort(keys, dim=1, descending=True).indices
-        return order[layout.row, layout.rank].to(torch.int32)
-
-
-def _descending_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered as the float32 scores, ties broken toward the lower position.
-
-    Unique keys make any sort or top-k deterministic on every device, without the stable
-    segmented sort (on a GPU it costs as much as the decode it feeds).
-    """
-    bits = scores.contiguous().view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # two's-complement order = float order
-    width = scores.shape[1]
-    tie_break = width - 1 - torch.arange(width, device=scores.device)
-    return (ordered.to(torch.int64) << 32) | tie_break
+        return order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout)
 
 
 def check_budget(name: str, value, minimum: int = 2) -> None:

@@ -9,7 +9,7 @@ import torch
 from .base import PagePolicy, PolicyContext
 from .registry import register
 
-ORDERS = ("recency", "quest")
+ORDERS = ("recency", "quest", "mass")
 
 
 @register
@@ -19,11 +19,14 @@ class DensePolicy(PagePolicy):
 
     Parameters
     ----------
-    order : {"quest", "recency"}
+    order : {"quest", "mass", "recency"}
         ``quest`` (default): sink, current page, then by the Quest upper bound of the page's
         logits (Tang et al. 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM
         Inference"), highest first, so that the pages most likely to hold attention mass are
-        read before ART decides. ``recency``: sink, current page, then newest to oldest.
+        read before ART decides. ``mass``: sink, current page, then by the estimated softmax
+        mass of the page summed over the GQA group (the estimate of termination mode
+        ``mass``, from the same key boxes). ``recency``: sink, current page, then newest to
+        oldest.
 
     Why ``quest`` is the default (``benchmarks/results/visit_order_2026-11-26.md``: the
     shared captures of Qwen2.5-0.5B at 16K and SmolLM2-135M at 8K, 16 queries per layer):
@@ -43,16 +46,19 @@ class DensePolicy(PagePolicy):
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
 
     @property
-    def per_layer(self) -> bool:  # the Quest order depends on the query
-        return self.order == "quest"
+    def per_layer(self) -> bool:  # the Quest and mass orders depend on the query
+        return self.order != "recency"
 
     @property
     def reads_key_boxes(self) -> bool:
-        return self.order == "quest"
+        return self.order != "recency"
 
     def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         if self.order == "recency":
             return ctx.page_positions(width).float()
-        from art_runtime.page_scores import quest_page_scores
+        from art_runtime.page_scores import estimated_page_log_mass, quest_page_scores
 
+        if self.order == "mass":
+            sm_scale = ctx.sm_scale if ctx.sm_scale is not None else q.shape[-1] ** -0.5
+            return estimated_page_log_mass(ctx, q, page_meta, width, sm_scale)
         return quest_page_scores(ctx, q, page_meta, width)

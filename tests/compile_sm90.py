@@ -18,6 +18,7 @@ from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  
 from art_runtime.kernels.page_bounds import page_bound_suffix_kernel  # noqa: E402
 from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
+from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale"}
@@ -50,11 +51,11 @@ def main():
     int_ptrs = {n: "i32" for n in ("visit_phys_ptr", "visit_tokens_ptr", "work_row_ptr", "work_start_ptr",
                                   "work_end_ptr", "row_start_ptr", "visited_pages_ptr", "visited_tokens_ptr",
                                   "stable_at_ptr", "row_work_indptr_ptr", "batch_indices_ptr", "positions_ptr",
-                                  "append_indptr_ptr", "kv_indices_ptr", "kv_indptr_ptr")}
+                                  "append_indptr_ptr", "kv_indices_ptr", "kv_indptr_ptr", "sel_indptr_ptr", "pages_ptr")}
     # Every value of every parameter appears with every mode; the full product takes ~9 min.
     shapes = [("bf16", 1, 64, 1, 64), ("fp16", 7, 64, 16, 4), ("fp32", 4, 128, 64, 1), ("bf16", 16, 256, 3, 21),
               ("bf16", 8, 128, 16, 4)]
-    variants = [(shape, mode, values, split) for shape in shapes for mode in (0, 1, 2)
+    variants = [(shape, mode, values, split) for shape in shapes for mode in (0, 1, 2, 3)
                 for values in ((False, True) if mode == 2 else (False,)) for split in (False, True)]
     for (dtype, group, dim, page, block_pages), mode, values, split in variants:
         group_pad = max(16, 1 << (group - 1).bit_length())
@@ -66,24 +67,31 @@ def main():
                           DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_MASS=page_mass)
         compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=4, num_stages=2)
         count += 1
-        if mode == 2:
+        if mode in (2, 3):
             compile_kernel(page_bound_suffix_kernel,
-                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, TILE=32),
-                           dict(int_ptrs, q_ptr=dtype, key_min_ptr=dtype, key_max_ptr=dtype))
-            count += 1
-            compile_kernel(quest_page_scores_kernel,
                            dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, TILE=32,
-                                REDUCE_MAX=not split, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
-                           dict(int_ptrs, q_ptr=dtype, key_min_ptr=dtype, key_max_ptr=dtype))
+                                ESTIMATE=mode == 3, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                           dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
+            count += 1
+        if mode == 2:
+            compile_kernel(quest_page_scores_kernel,
+                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=32,
+                                TILE=64, REDUCE_MAX=not split, ESTIMATE=values, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                           dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
             count += 1
         if split and mode == 0:
             compile_kernel(art_merge_kernel, dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim),
                            dict(int_ptrs, out_ptr=dtype))
             count += 1
     for dtype, page, dim in [("bf16", 1, 64), ("fp16", 3, 128), ("fp32", 16, 256), ("bf16", 64, 128)]:
-        ptrs = dict(int_ptrs, key_ptr=dtype, value_ptr=dtype, kmin_ptr=dtype, kmax_ptr=dtype)
+        ptrs = dict(int_ptrs, key_ptr=dtype, value_ptr=dtype, kmin_ptr="fp8e4nv", kmax_ptr="fp8e4nv")
         compile_kernel(page_metadata_update_kernel,
                        dict(PAGE_SIZE=page, PAGE_SIZE_POW2=1 << (page - 1).bit_length(), HEAD_DIM=dim), ptrs)
+        count += 1
+    for width_pow2 in (16, 2048, 8192):
+        compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=max(16, width_pow2),
+                                                    KEPT_POW2=max(16, width_pow2 // 16)), dict(int_ptrs, keys_ptr="i64"),
+                       num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
     print(f"compiled {count} kernel variants for sm_90")
 

@@ -1,22 +1,29 @@
-"""Page metadata stays equal to a from-scratch build while tokens are appended.
+"""Page metadata: outward-rounded fp8 key boxes, kept equal to a from-scratch build on append.
 
-Both update paths (torch scatter reductions, Triton kernel) are checked against
-``PageMetadata.from_cache``, including pages that are freed and handed to another request
-(their summary must restart, not merge with the previous owner's).
+Both update paths (torch reductions, Triton kernel) are checked against
+``PageMetadata.from_cache``, bit for bit, including pages that are freed and handed to another
+request (their summary must restart, not merge with the previous owner's); ``from_cache`` is
+checked against brute force: each box contains its page's keys and is the tightest such box
+on the fp8 grid.
 """
 
 import pytest
 import torch
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from art_runtime import PageMetadata
+from art_runtime.page_metadata import KEY_BOX_DTYPE, key_box_scale, quantize_key_box
 from art_runtime.backend import triton_runs_on
 from art_runtime.paged_cache import allocate_paged_kv_cache, append_paged_kv_cache, get_batch_indices_positions
 
 
 def assert_same_metadata(meta, expected, pages):
     pages = pages.long()
-    assert torch.equal(meta.key_min[pages], expected.key_min[pages])
-    assert torch.equal(meta.key_max[pages], expected.key_max[pages])
+    assert torch.equal(meta.key_scale[pages], expected.key_scale[pages])
+    assert torch.equal(meta.key_min[pages].view(torch.uint8), expected.key_min[pages].view(torch.uint8))
+    assert torch.equal(meta.key_max[pages].view(torch.uint8), expected.key_max[pages].view(torch.uint8))
     assert torch.allclose(meta.value_norm_max[pages], expected.value_norm_max[pages], rtol=1e-6)
 
 
@@ -30,7 +37,8 @@ class Growing:
         self.cache = allocate_paged_kv_cache(self.max_pages, page_size, self.heads, self.dim, dtype=dtype,
                                              device=device, kv_layout=kv_layout)
         self.cache.normal_()  # slots not yet written hold garbage, as in a real pool
-        self.meta = PageMetadata.allocate(self.max_pages, page_size, self.heads, self.dim, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.meta = PageMetadata.allocate(self.max_pages, page_size, self.heads, self.dim, device=device)
         self.use_triton = use_triton
         self.free = torch.randperm(self.max_pages, generator=self.gen).tolist()
         self.pages, self.lengths = [], []
@@ -63,7 +71,7 @@ class Growing:
         nnz = int(counts.sum())
         seq_lens = torch.tensor(self.lengths, dtype=torch.int32, device=self.device)
         batch, positions = get_batch_indices_positions(append_indptr, seq_lens, nnz)
-        dtype = self.meta.key_min.dtype
+        dtype = self.dtype
         keys = torch.randn(nnz, self.heads, self.dim, generator=self.gen).to(dtype).to(self.device)
         values = torch.randn(nnz, self.heads, self.dim, generator=self.gen).to(dtype).to(self.device)
         append_paged_kv_cache(keys, values, batch, positions, self.cache, indices, indptr, last, self.kv_layout)
@@ -109,11 +117,10 @@ def test_from_cache_matches_brute_force(device):
     meta = PageMetadata.from_cache(cache, indptr, indices, last)
     for page, tokens in [(4, 4), (1, 3), (5, 2)]:
         keys, values = cache[page, 0, :tokens], cache[page, 1, :tokens]  # [tokens, H, D]
-        assert torch.equal(meta.key_min[page], keys.amin(0))
-        assert torch.equal(meta.key_max[page], keys.amax(0))
+        assert_tightest_box(meta, page, keys)
         assert torch.allclose(meta.value_norm_max[page], values.norm(dim=-1).amax(0))
     untouched = torch.tensor([0, 2, 3])
-    assert torch.isinf(meta.key_min[untouched]).all() and (meta.value_norm_max[untouched] == 0).all()
+    assert (meta.key_scale[untouched] == 0).all() and (meta.value_norm_max[untouched] == 0).all()
 
 
 def test_a_page_shared_by_requests_is_summarized_over_its_longest_reader(device):
@@ -124,5 +131,43 @@ def test_a_page_shared_by_requests_is_summarized_over_its_longest_reader(device)
     indices = torch.tensor([1, 2, 0, 2], dtype=torch.int32, device=device)
     last = torch.tensor([8, 3], dtype=torch.int32, device=device)
     meta = PageMetadata.from_cache(cache, indptr, indices, last)
-    assert torch.equal(meta.key_max[2], cache[2, 0].amax(0))
-    assert torch.equal(meta.key_min[2], cache[2, 0].amin(0))
+    assert_tightest_box(meta, 2, cache[2, 0])
+
+
+def e4m3_values() -> torch.Tensor:
+    """Every finite e4m3 value, sorted."""
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(KEY_BOX_DTYPE).float()
+    return values[values.isfinite()].unique()
+
+
+def assert_tightest_box(meta, page, keys):
+    """The stored box of ``page`` contains ``keys`` (``[tokens, H, D]``) and is the tightest on its grid."""
+    heads = keys.shape[1]
+    lo, hi = meta.key_bounds(torch.full((heads,), page), torch.arange(heads))  # [H, D]
+    lo, hi, keys = lo.double(), hi.double(), keys.double()
+    assert (lo <= keys.amin(0)).all() and (hi >= keys.amax(0)).all()
+    scale = meta.key_scale[page].double()[:, None]
+    grid = e4m3_values().double().to(lo.device)
+    # No grid value strictly between the stored bound and the true extreme.
+    true_lo, true_hi = keys.amin(0) / scale, keys.amax(0) / scale
+    next_above_lo = grid[torch.searchsorted(grid, (lo / scale).flatten(), right=True)].view_as(lo)
+    next_below_hi = grid[torch.searchsorted(grid, (hi / scale).flatten()) - 1].view_as(hi)
+    assert (next_above_lo > true_lo).all() and (next_below_hi < true_hi).all()
+    # The scale puts the largest |key| in [128, 256): 4 significant bits everywhere above 2^-9.
+    top = keys.abs().amax(0).amax(-1) / scale[:, 0]
+    assert ((top >= 128) & (top < 256)).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(1e-6, 1e6), st.integers(1, 16))
+def test_quantized_boxes_contain_keys_and_are_tightest(seed, magnitude, tokens):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(tokens, 2, 32, generator=gen, dtype=torch.float64) * magnitude
+    keys[:, :, :4] *= 1e-4  # small dimensions next to large ones share a page's scale
+    keys = keys.float()
+    lo, hi = keys.amin(0), keys.amax(0)
+    scale = key_box_scale(torch.maximum(lo.abs(), hi.abs()).amax(-1))
+    lo8, hi8 = quantize_key_box(lo, hi, scale)
+    meta = PageMetadata.allocate(1, 16, 2, 32, device="cpu")
+    meta.key_min[0], meta.key_max[0], meta.key_scale[0] = lo8, hi8, scale
+    assert_tightest_box(meta, 0, keys)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from art_runtime import BatchARTDecodeWrapper, PageSelection, TerminationConfig
+from art_runtime.termination import MODES
+from art_runtime.page_metadata import key_box_scale, quantize_key_box
 from art_runtime.paged_cache import gather_request_kv
 from art_runtime.policies import REGISTRY, DensePolicy, H2OPolicy, PolicyContext, QuestPolicy, StreamingLLMPolicy, get
 from attention_cases import exact_attention, make_case, relative_error
@@ -33,12 +35,15 @@ def forced_then(rest_in_order, n):
 
 
 def quest_bound(case, b, h, p):
-    """float64 max over the group of sum_d max(q kmax, q kmin) over page p's real keys."""
+    """float64 max over the group of sum_d max(q kmax, q kmin), the box of page p's real keys
+    rounded outward to fp8 as ``PageMetadata`` stores it (brute-force checked there)."""
     k, _ = gather_request_kv(case.cache, case.kv_indptr, case.kv_indices, case.kv_last_page_len, b)
     keys = k[p * case.page_size:(p + 1) * case.page_size, h].double()
     group = case.num_qo_heads // case.num_kv_heads
     q = case.q[b, h * group:(h + 1) * group].double()
-    kmin, kmax = keys.amin(0), keys.amax(0)
+    lo, hi = keys.amin(0).float(), keys.amax(0).float()
+    scale = key_box_scale(torch.maximum(lo.abs(), hi.abs()).amax())
+    kmin, kmax = (box.double() * scale.double() for box in quantize_key_box(lo, hi, scale))
     return float(torch.maximum(q * kmax, q * kmin).sum(-1).max())
 
 
@@ -66,14 +71,54 @@ def test_quest_scoring_reference(policy, case):
             assert got[b * 2 + h] == order[:min(budget, n)]
 
 
-def test_quest_kernel_scores_equal_torch_scores(case):
-    from art_runtime.page_scores import _quest_page_scores_torch, quest_page_scores
+@pytest.mark.parametrize("budget", [2, 7, 1000])
+def test_selection_kernel_equals_torch_ordering(budget, device, monkeypatch):
+    """The Triton radix select + sort and the torch sort give the same visit order, ties included."""
+    from art_runtime import selection
+
+    case = make_case([300, 5, 161, 33], 8, 2, 64, 16, device=device, seed=5)  # 19, 1, 11 and 3 pages
+    ctx = context(case)
+    policy = QuestPolicy(budget=budget)
+    layout = policy.layout(ctx)
+    gen = torch.Generator().manual_seed(budget)
+    scores = torch.randint(-3, 4, (ctx.num_rows, layout.width), generator=gen).float().to(case.q.device)  # many ties
+    scores[0, 3] = float("inf")  # a score equal to the sink's still comes after the sink and the current page
+    kernel = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout)
+    monkeypatch.setattr(selection, "triton_runs_on", lambda device: False)
+    reference = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout)
+    assert torch.equal(kernel, reference)
+    for r in range(ctx.num_rows):  # and both are what the order means, by brute force
+        n = case.pages_per_request()[r // 2]
+        rest = sorted(range(n), key=lambda p: (-min(float(scores[r, p]), 3e38), p))
+        row = kernel[layout.indptr[r]:layout.indptr[r + 1]].tolist()
+        assert row == forced_then(rest, n)[:min(budget, n)]
+
+
+def test_key_box_kernel_scores_equal_torch_scores(case):
+    from art_runtime.page_scores import _page_scores_torch, estimated_page_log_mass, quest_page_scores
 
     ctx, meta = context(case), case.page_meta()
     for reduce in ("max", "mean"):
         kernel = quest_page_scores(ctx, case.q, meta, 19, reduce)
-        reference = _quest_page_scores_torch(ctx, case.q, meta, 19, 4, reduce)
+        reference = _page_scores_torch(ctx, case.q, meta, 19, 4, reduce)
         assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-4)
+    kernel = estimated_page_log_mass(ctx, case.q, meta, 19, 0.125)
+    reference = _page_scores_torch(ctx, case.q, meta, 19, 4, "logsumexp", 0.125)
+    assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_mass_order_reference(case):
+    """Dense mass order: sink, current, then by the group's estimated log-mass, brute force in float64."""
+    got = select(DensePolicy(order="mass"), case)
+    meta = case.page_meta()
+    for b, n in enumerate(case.pages_per_request()):
+        phys = case.kv_indices[case.kv_indptr[b]:case.kv_indptr[b + 1]].long()
+        for h in range(2):
+            lo, hi = (x.double() for x in meta.key_bounds(phys, h))  # [n, D]
+            q = case.q[b, h * 4:(h + 1) * 4].double()
+            log_mass = (q @ ((lo + hi) / 2).T) / 8 + (q.square() @ ((hi - lo) / 4).square().T) / 128  # s = 1/8
+            score = torch.logsumexp(log_mass, 0)
+            assert got[b * 2 + h] == forced_then(sorted(range(n), key=lambda p: -float(score[p])), n)
 
 
 def test_streaming_llm_reference(case):
@@ -150,7 +195,7 @@ def test_every_registered_policy_is_tested():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", sorted(POLICY_KWARGS))
-@pytest.mark.parametrize("mode", ["off", "stability", "bound"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_every_policy_through_the_kernel(backend, name, mode, device):
     case = make_case([300, 9, 161], 8, 2, 64, 16, device=device, seed=4)
     policy = get(name, **POLICY_KWARGS[name])
@@ -172,6 +217,8 @@ def test_every_policy_through_the_kernel(backend, name, mode, device):
         from test_termination import assert_bound_holds
 
         assert_bound_holds(case, out, termination, stats.selection)
+    read, _ = exact_attention(case, stats.selection, visited=stats.visited_pages.cpu())
+    assert relative_error(out, read).max() <= 1e-5  # every mode returns attention over the pages it read
     first_pages = stats.selection.pages[stats.selection.indptr[:-1].long()]
     assert (first_pages == 0).all()  # the sink leads every row
 
@@ -196,7 +243,7 @@ def test_key_box_scoring_counts_its_metadata_bytes(case):
     wrapper.run(case.q, case.cache)
     stats = wrapper.last_stats
     kv = int(stats.visited_tokens.sum()) * 2 * 64 * 4
-    boxes = sum(case.pages_per_request()) * 2 * (2 * 64 * 4)  # every page of both KV heads
+    boxes = sum(case.pages_per_request()) * 2 * (2 * 64 + 4)  # fp8 box + scale, every page of both KV heads
     assert int(stats.kv_bytes_read) == kv + boxes
 
 

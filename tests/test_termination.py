@@ -1,4 +1,4 @@
-"""Termination semantics: the paper's stability rule and the certified bound.
+"""Termination semantics: the paper's stability rule, the certified bound and the mass estimate.
 
 * stability: the Triton kernel and the torch backend stop at the same page; both agree with
   an independent float64 simulation of the rule; the output is exact attention over the
@@ -6,6 +6,8 @@
 * bound: never exceeds its eps (hypothesis-generated and adversarial inputs: huge logit
   ranges, near-ties, a dominating token late in the visit order, value outliers), on split
   rows too, and does stop when the unread mass is provably small.
+* mass: both backends stop where an independent float64 simulation of the estimate says,
+  and return exact attention over the pages read; with eps 0 it reads everything.
 """
 
 import math
@@ -255,3 +257,86 @@ def test_bound_suffix_terms_agree_between_backends(device):
     assert torch.allclose(wrapper._log2w[:, :7], log2w, rtol=1e-5, atol=1e-3)
     assert torch.allclose(wrapper._vrest, vrest, rtol=1e-6)
     assert math.isfinite(float(log2w.max()))
+
+
+def simulate_mass(case, termination):
+    """Float64: the mass estimate of ``art_runtime.termination`` from the stored key boxes."""
+    block = termination.pages_per_block(case.page_size)
+    selection = dense_selection(case.kv_indptr.cpu(), case.num_kv_heads)
+    group = case.num_qo_heads // case.num_kv_heads
+    meta = case.page_meta()
+    scale = 1 / math.sqrt(case.head_dim)
+    visited = torch.zeros(case.batch_size, case.num_kv_heads, dtype=torch.int64)
+    for b in range(case.batch_size):
+        first, n = int(case.kv_indptr[b]), case.pages_per_request()[b]
+        last_len = int(case.kv_last_page_len[b])
+        for h in range(case.num_kv_heads):
+            row = b * case.num_kv_heads + h
+            order = selection.pages[selection.indptr[row]:selection.indptr[row + 1]].cpu().long()
+            phys = case.kv_indices.cpu()[first + order].long()
+            lo, hi = (x.cpu().double() for x in meta.key_bounds(phys.to(meta.key_scale.device), h))
+            q = case.q[b, h * group:(h + 1) * group].cpu().double()  # [G, D]
+            tokens = torch.where(order == n - 1, last_len, case.page_size).double()
+            est = (q @ ((lo + hi) / 2).T) * scale + (q.square() @ ((hi - lo) / 4).square().T) * scale**2 / 2 + tokens.log()
+            count = len(order)
+            for start in range(0, len(order), block):
+                count_here = min(start + block, len(order))
+                if count_here >= len(order):
+                    count = len(order)
+                    break
+                _, lse = exact_attention(case, selection, visited=_only(case, b, h, count_here))
+                read = lse[b, h * group:(h + 1) * group] * math.log(2)  # natural log of the read mass
+                rest = torch.logsumexp(est[:, count_here:], -1)
+                fraction = torch.sigmoid(rest - read)  # West / (L + West)
+                if bool((fraction <= termination.eps).all()) and count_here >= termination.min_pages:
+                    count = count_here
+                    break
+            visited[b, h] = count
+    return visited
+
+
+MASS = TerminationConfig(mode="mass", eps=0.05, min_pages=2, block_pages=1)
+
+
+def structured_case(device, seed):
+    """Attention with structure (a few pages aligned with the queries), so the estimate can stop."""
+    case = make_case([1500, 700, 1100, 64], 8, 2, 64, 16, device="cpu", seed=seed)
+    k_cache, _ = unpack_paged_kv_cache(case.cache, case.kv_layout)
+    gen = torch.Generator().manual_seed(seed)
+    for b in range(case.batch_size):
+        pages = case.kv_indices[case.kv_indptr[b]:case.kv_indptr[b + 1]]
+        for page in pages[torch.randperm(len(pages), generator=gen)[:2]]:
+            k_cache[page] += case.q[b].view(2, 4, 64).mean(1) * 0.6
+    case.cache = case.cache.to(device)
+    case.q, case.kv_indptr, case.kv_indices, case.kv_last_page_len = (
+        t.to(device) for t in (case.q, case.kv_indptr, case.kv_indices, case.kv_last_page_len))
+    return case
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mass_stops_where_the_estimate_says_and_returns_attention_over_read_pages(backend, device):
+    case = structured_case(device, seed=21)
+    out, stats = run(case, backend, MASS)
+    expected = simulate_mass(case, MASS)
+    assert torch.equal(stats.visited_pages.cpu().long(), expected)
+    assert (stats.visited_pages < stats.selected_pages).any()  # the estimate did stop somewhere
+    selection = dense_selection(case.kv_indptr, case.num_kv_heads)
+    ref, _ = exact_attention(case, selection, visited=stats.visited_pages.cpu())
+    assert relative_error(out, ref).max() <= 1e-5
+
+
+def test_mass_kernel_and_torch_backend_agree_on_split_rows(device):
+    case = structured_case(device, seed=22)
+    _, reference = run(case, "torch", MASS, chunk_pages=24)
+    _, stats = run(case, "triton", MASS, chunk_pages=24)
+    assert torch.equal(stats.visited_pages, reference.visited_pages)
+    assert torch.equal(stats.stable_at, reference.stable_at)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mass_with_eps_zero_reads_everything(backend, device):
+    case = structured_case(device, seed=23)
+    out, stats = run(case, backend, TerminationConfig(mode="mass", eps=0.0, block_pages=1))
+    assert torch.equal(stats.visited_pages, stats.selected_pages)
+    ref, _ = exact_attention(case, dense_selection(case.kv_indptr, case.num_kv_heads))
+    assert relative_error(out, ref).max() <= 1e-5

@@ -93,7 +93,6 @@ def test_run_before_plan_and_stats_before_run():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(mode="mass"), "mode"),
     (dict(mode="fast"), "mode"),
     (dict(relative_to="logits"), "relative_to"),
     (dict(eps=-0.1), "eps"),
