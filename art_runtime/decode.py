@@ -36,6 +36,9 @@ NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipel
 PROGRAMS_PER_SM = None
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256: 64 tokens)
+# Blocks per pipelined pass of the termination loop: the compiler pipelines a pass's `for`
+# loop; a group that stops mid-pass runs the rest of the pass masked (no memory read).
+PASS_BLOCKS = 8
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight per program (H100/H200: 227 KiB)
 
 
@@ -414,7 +417,7 @@ class BatchARTDecodeWrapper:
             NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
-            DOT_IN_INPUT_DTYPE=dot_in_input_dtype, PAGE_MASS=self._record_page_mass,
+            DOT_IN_INPUT_DTYPE=dot_in_input_dtype, PAGE_MASS=self._record_page_mass, PASS_BLOCKS=PASS_BLOCKS,
             num_warps=NUM_WARPS, num_stages=self._num_stages(plan, block_n, k_cache.element_size()),
         )
         if plan.split:

@@ -27,12 +27,11 @@ def _block_pages(visit_phys_ptr, visit_tokens_ptr, pos, end,
 
 
 @triton.jit
-def _attend_block(
-    q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
-    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+def _load_block(
+    k_ptr, v_ptr, phys, tokens, head, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Fold one block (its pages' ``phys`` ids and ``tokens`` counts per slot) into the state."""
+    """K and V of one block (its pages' ``phys`` ids and ``tokens`` counts per slot)."""
     slot = tl.arange(0, BLOCK_N) % PAGE_SIZE
     token_ok = slot < tokens
     dims = tl.arange(0, HEAD_DIM)
@@ -40,6 +39,12 @@ def _attend_block(
                 mask=token_ok[:, None], other=0.0)
     v = tl.load(v_ptr + phys[:, None] * stride_vp + slot[:, None] * stride_vt + head * stride_vh + dims[None, :],
                 mask=token_ok[:, None], other=0.0)
+    return k, v, token_ok
+
+
+@triton.jit
+def _attend_block(q, m_i, l_i, acc, k, v, token_ok, qk_scale, DOT_IN_INPUT_DTYPE: tl.constexpr):
+    """Fold one loaded block into the online-softmax state."""
     if DOT_IN_INPUT_DTYPE:
         s = tl.dot(q, tl.trans(k))
     else:
@@ -86,7 +91,7 @@ def art_decode_kernel(
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, VALUES_RELATIVE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_IN_INPUT_DTYPE: tl.constexpr, PAGE_MASS: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr, PAGE_MASS: tl.constexpr, PASS_BLOCKS: tl.constexpr,
 ):
     work = tl.program_id(0)
     row = tl.load(work_row_ptr + work)
@@ -110,17 +115,17 @@ def art_decode_kernel(
     tokens_read = start * 0
     stable_at = tl.full([GROUP_PAD], -1, tl.int32)
 
-    # The page ids of block t+1 are loaded during block t, so that the K/V loads of a block
-    # never wait on the page-table load in front of them.
-    phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, start, end, PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
     if MODE == 0:
+        # The page ids of block t+1 are loaded during block t, so that the K/V loads of a block
+        # never wait on the page-table load in front of them.
+        phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, start, end, PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
         for pos in range(start, end, BLOCK_PAGES):
             next_phys, next_tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, pos + BLOCK_PAGES, end,
                                                   PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
-            m_i, l_i, acc, block_tokens, s = _attend_block(
-                q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
-                stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
-                PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+            k, v, token_ok = _load_block(k_ptr, v_ptr, phys, tokens, head, stride_kp, stride_kt, stride_kh,
+                                         stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, HEAD_DIM)
+            m_i, l_i, acc, block_tokens, s = _attend_block(q, m_i, l_i, acc, k, v, token_ok, qk_scale,
+                                                           DOT_IN_INPUT_DTYPE)
             if PAGE_MASS:
                 _store_page_lse(page_lse_ptr, s, pos, end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
             phys, tokens = next_phys, next_tokens
@@ -135,52 +140,60 @@ def art_decode_kernel(
         streak = tl.zeros([GROUP_PAD], tl.int32)
         if VALUES_RELATIVE:
             vscale = tl.load(row_vscale_ptr + row)
-        go = pos < end
+        live = pos < end
+        go = live
         while go:
-            next_phys, next_tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, pos + BLOCK_PAGES, end,
-                                                  PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
-            m_i, l_i, acc, block_tokens, s = _attend_block(
-                q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
-                stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
-                PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
-            if PAGE_MASS:
-                _store_page_lse(page_lse_ptr, s, pos, end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
-            phys, tokens = next_phys, next_tokens
-            tokens_read += block_tokens
-            pos += BLOCK_PAGES
-            rest = pos < end  # the criterion only means something while pages remain
-            o = acc / l_i[:, None]
-            o_norm = tl.sqrt(tl.sum(o * o, 1))
-            if MODE == 1:
-                mag_change = tl.abs(o_norm - prev_norm) / tl.maximum(o_norm, 1e-30)
-                dir_change = 1.0 - tl.sum(o * prev_o, 1) / tl.maximum(o_norm * prev_norm, 1e-30)
-                calm = (mag_change < tau_mag) & (dir_change < tau_dir) & (block > first_block)
-                streak = tl.where(calm, streak + 1, 0)
-                head_ok = streak >= patience
-                prev_o = o
-                prev_norm = o_norm
-            else:
-                # Bound (MODE 2: certified) or estimate (MODE 3) of the unread rest of this chunk.
-                log2_rest_mass = tl.load(bound_log2w_ptr + pos * GROUP_PAD + g, mask=rest, other=float("-inf"))
-                # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
-                rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(m_i - log2_rest_mass))
-                v_rest = tl.load(bound_vrest_ptr + pos, mask=rest, other=0.0)
-                if MODE == 3:
-                    head_ok = rest_fraction <= eps
-                elif VALUES_RELATIVE:
-                    if SPLIT:
-                        err = rest_fraction * (v_rest + vscale)
-                    else:
-                        err = rest_fraction * (v_rest + o_norm)
-                    head_ok = err <= eps * vscale
+            # PASS_BLOCKS blocks per pass through a `for` loop, which the compiler software-
+            # pipelines (a `while` loop it does not): once the group stops, the rest of the
+            # pass is masked off (no memory is read) and changes nothing.
+            for block_pos in range(pos, tl.minimum(pos + PASS_BLOCKS * BLOCK_PAGES, end), BLOCK_PAGES):
+                live_end = tl.where(live, end, block_pos)
+                phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, block_pos, live_end,
+                                            PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
+                k, v, token_ok = _load_block(k_ptr, v_ptr, phys, tokens, head, stride_kp, stride_kt, stride_kh,
+                                             stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, HEAD_DIM)
+                m_i, l_i, acc, block_tokens, s = _attend_block(q, m_i, l_i, acc, k, v, token_ok, qk_scale,
+                                                               DOT_IN_INPUT_DTYPE)
+                if PAGE_MASS:
+                    _store_page_lse(page_lse_ptr, s, block_pos, live_end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
+                tokens_read += block_tokens
+                next_pos = block_pos + BLOCK_PAGES
+                rest = next_pos < end  # the criterion only means something while pages remain
+                o = acc / l_i[:, None]
+                o_norm = tl.sqrt(tl.sum(o * o, 1))
+                if MODE == 1:
+                    mag_change = tl.abs(o_norm - prev_norm) / tl.maximum(o_norm, 1e-30)
+                    dir_change = 1.0 - tl.sum(o * prev_o, 1) / tl.maximum(o_norm * prev_norm, 1e-30)
+                    calm = (mag_change < tau_mag) & (dir_change < tau_dir) & (block > first_block)
+                    streak = tl.where(live, tl.where(calm, streak + 1, 0), streak)
+                    head_ok = streak >= patience
+                    prev_o = tl.where(live, o, prev_o)
+                    prev_norm = tl.where(live, o_norm, prev_norm)
                 else:
-                    head_ok = rest_fraction * (v_rest + o_norm) <= eps * o_norm
-            head_ok = head_ok & rest
-            stable_at = tl.where(head_ok & (stable_at < 0), block, stable_at)
-            group_ok = tl.min(tl.where(g_ok, head_ok, True).to(tl.int32), 0) == 1
-            stop = group_ok & (pos - row_start >= min_pages)
-            block += 1
-            go = rest & ~stop
+                    # Bound (MODE 2: certified) or estimate (MODE 3) of the unread rest of this chunk.
+                    log2_rest_mass = tl.load(bound_log2w_ptr + next_pos * GROUP_PAD + g, mask=rest & live,
+                                             other=float("-inf"))
+                    # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
+                    rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(m_i - log2_rest_mass))
+                    v_rest = tl.load(bound_vrest_ptr + next_pos, mask=rest & live, other=0.0)
+                    if MODE == 3:
+                        head_ok = rest_fraction <= eps
+                    elif VALUES_RELATIVE:
+                        if SPLIT:
+                            err = rest_fraction * (v_rest + vscale)
+                        else:
+                            err = rest_fraction * (v_rest + o_norm)
+                        head_ok = err <= eps * vscale
+                    else:
+                        head_ok = rest_fraction * (v_rest + o_norm) <= eps * o_norm
+                head_ok = head_ok & rest & live
+                stable_at = tl.where(head_ok & (stable_at < 0), block, stable_at)
+                group_ok = tl.min(tl.where(g_ok, head_ok, True).to(tl.int32), 0) == 1
+                stop = group_ok & (next_pos - row_start >= min_pages)
+                pos = tl.where(live, next_pos, pos)
+                block = tl.where(live, block + 1, block)
+                live = live & rest & ~stop
+            go = live
 
     tl.store(visited_pages_ptr + work, tl.minimum(pos, end) - start)
     tl.store(visited_tokens_ptr + work, tokens_read)

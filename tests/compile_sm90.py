@@ -64,7 +64,7 @@ def main():
         page_mass = block_n == page * block_pages and split  # H2O's page mass (power-of-two blocks only)
         constexprs = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, PAGE_SIZE=page,
                           BLOCK_PAGES=block_pages, BLOCK_N=block_n, MODE=mode, VALUES_RELATIVE=values, SPLIT=split,
-                          DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_MASS=page_mass)
+                          DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_MASS=page_mass, PASS_BLOCKS=8)
         compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=4, num_stages=2)
         count += 1
         if mode in (2, 3):
