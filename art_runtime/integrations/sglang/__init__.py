@@ -1,0 +1,96 @@
+"""ART in SGLang: the attention backend ``art``, loaded as an SGLang plugin.
+
+``pip install "art-runtime[sglang]"`` registers :func:`register` under SGLang's entry-point
+group ``sglang.srt.plugins``; SGLang's ``load_plugins()`` calls it in the launcher and in
+every scheduler process it spawns, so ``--attention-backend art`` and
+``--prefill-attention-backend X --decode-attention-backend art`` work everywhere. Options:
+:mod:`~art_runtime.integrations.sglang.options`; launcher:
+``python -m art_runtime.integrations.sglang.launch_server`` (``art-sglang``).
+
+This module imports nothing of SGLang at import time; :func:`register` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+BACKEND_NAME = "art"
+
+
+def uses_art(server_args) -> bool:
+    """Whether a parsed ``ServerArgs`` selects the ART backend for any phase."""
+    return BACKEND_NAME in (getattr(server_args, "attention_backend", None),
+                            getattr(server_args, "decode_attention_backend", None),
+                            getattr(server_args, "prefill_attention_backend", None))
+
+
+def validate_server_args(server_args) -> None:
+    """Launch-time checks of a server that uses ART: the options and the page size.
+
+    Raises
+    ------
+    ValueError
+        Naming the flag to change, before any model is loaded.
+    """
+    from .options import resolve_options
+
+    if not uses_art(server_args):
+        return
+    resolve_options()
+    page_size = getattr(server_args, "page_size", None)
+    if page_size is None or page_size <= 1:
+        raise ValueError(f"--attention-backend art reads whole KV pages; --page-size is {page_size or 1}: "
+                         "pass --page-size 16 (or another page size > 1)")
+    if getattr(server_args, "speculative_algorithm", None):
+        raise ValueError("--attention-backend art does not support speculative decoding (--speculative-algorithm)")
+
+
+def _validate_after_parse(result, *args, **kwargs):
+    """AFTER hook of ``ServerArgs.from_cli_args``: refuse a bad ART setup while parsing."""
+    validate_server_args(result)
+    return result
+
+
+def _record_prefill_writes(result, backend, *args, **kwargs):
+    """AFTER hook of ``HybridAttnBackend.forward``: the prefill backend wrote K/V; update ART's metadata."""
+    from .backend import ARTAttnBackend
+
+    decode = getattr(backend, "decode_backend", None)
+    if isinstance(decode, ARTAttnBackend) and backend.prefill_backend is not decode:
+        bound = _HYBRID_FORWARD_SIGNATURE.bind(backend, *args, **kwargs)
+        forward_batch = bound.arguments["forward_batch"]
+        if not forward_batch.forward_mode.is_decode() and bound.arguments.get("save_kv_cache", True):
+            decode.record_kv_write(bound.arguments["layer"], forward_batch)
+    return result
+
+
+_HYBRID_FORWARD_SIGNATURE = None
+
+
+def create_art_backend(model_runner):
+    """Factory registered as SGLang attention backend ``art`` (imports the backend on first use)."""
+    from .backend import ARTAttnBackend
+
+    return ARTAttnBackend(model_runner)
+
+
+def register() -> None:
+    """Entry point of group ``sglang.srt.plugins``: backend ``art``, its CLI choice, the hooks.
+
+    Idempotent; runs in every SGLang process.
+    """
+    global _HYBRID_FORWARD_SIGNATURE
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+    from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    if BACKEND_NAME in ATTENTION_BACKENDS:
+        return
+    register_attention_backend(BACKEND_NAME)(create_art_backend)
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    _HYBRID_FORWARD_SIGNATURE = inspect.signature(HybridAttnBackend.forward)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _validate_after_parse, HookType.AFTER)
+    HookRegistry.register("sglang.srt.layers.attention.hybrid_attn_backend.HybridAttnBackend.forward",
+                          _record_prefill_writes, HookType.AFTER)

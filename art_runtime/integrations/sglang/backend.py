@@ -1,0 +1,231 @@
+"""``ARTAttnBackend``: SGLang's Triton attention backend with ART decode.
+
+Prefill (extend) is SGLang's own Triton path. Decode writes K/V into SGLang's pool as the
+Triton backend does, keeps the per-page metadata (``art_runtime.PageMetadata``, one per
+layer, over the pool's pages) current, and runs ``BatchARTDecodeWrapper`` on the pool viewed
+as FlashInfer NHD pages. Page metadata follows every KV write: decode here, extend here or,
+under ``--prefill-attention-backend X --decode-attention-backend art``, in the prefill
+backend (the plugin's hook on ``HybridAttnBackend.forward`` calls :meth:`record_kv_write`).
+
+Eager decode plans once per step (``init_forward_metadata``; this may synchronize) and may
+use any policy of :mod:`~art_runtime.integrations.sglang.options`. CUDA-graph decode uses a
+dense recency-ordered plan in fixed buffers, refilled before each replay
+(``init_forward_metadata_out_graph``), so nothing inside the graph synchronizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from art_runtime.backend import triton_runs_on
+from art_runtime.decode import BatchARTDecodeWrapper
+from art_runtime.page_metadata import PageMetadata
+
+from .graph_decode import StaticPlanDecodeWrapper
+from .options import ARTOptions, flag, resolve_options
+from .paging import StaticPlanBuffers, appended_page_table, page_table, paged_view
+from .telemetry import DecodeTelemetry
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"--attention-backend art: {message}")
+
+
+class ARTAttnBackend(TritonAttnBackend):
+    """SGLang attention backend ``art``: Triton prefill, ART decode.
+
+    Parameters
+    ----------
+    model_runner : sglang.srt.model_executor.model_runner.ModelRunner
+    options : ARTOptions, optional
+        Default: :func:`~art_runtime.integrations.sglang.options.resolve_options` (the
+        environment and ``ART_CONFIG``).
+
+    Raises
+    ------
+    ValueError
+        On a setup ART cannot serve (page size 1, MLA, sliding windows, decode context
+        parallelism, speculative decoding, a policy with CUDA graphs on), naming the flag.
+    """
+
+    def __init__(self, model_runner, options: ARTOptions | None = None):
+        super().__init__(model_runner)
+        self.options = resolve_options() if options is None else options
+        _check(self.page_size > 1, "ART reads whole KV pages and SGLang's page size is 1 (token slots); "
+               "pass --page-size 16 (or another page size > 1)")
+        _check(not self.use_mla, "MLA models are not supported (ART decode needs K and V heads)")
+        _check(self.sliding_window_size is None and not self.use_sliding_window_kv_pool,
+               "sliding-window attention is not supported")
+        _check(self.dcp_size == 1, "decode context parallelism is not supported")
+        _check(self.speculative_num_steps in (None, 0), "speculative decoding is not supported")
+        pool = self.token_to_kv_pool
+        keys = pool.get_key_buffer(pool.start_layer)
+        self.head_dim = keys.shape[-1]
+        _check(self.v_head_dim == self.head_dim, "K and V head dims must be equal")
+        _check(model_runner.kv_cache_dtype in (torch.float16, torch.bfloat16, torch.float32),
+               f"KV cache dtype {model_runner.kv_cache_dtype} is not supported (use --kv-cache-dtype auto)")
+        self.num_pages = keys.shape[0] // self.page_size
+        self.layer_offset = pool.start_layer
+        self.num_layers = pool.layer_num
+        self.termination = self.options.termination()
+        self.policy = self.options.build_policy()
+        self.sm_scale = 1.0 / math.sqrt(self.head_dim)
+        self.kernel_backend = "triton" if triton_runs_on(keys.device) else "torch"
+        needs_metadata = self.termination.mode == "bound" or (self.policy is not None and self.policy.per_layer)
+        self.page_meta = [
+            PageMetadata.allocate(self.num_pages, self.page_size, self.num_kv_head, self.head_dim,
+                                  dtype=keys.dtype, device=keys.device)
+            for _ in range(self.num_layers)
+        ] if needs_metadata else None
+        self.eager_decode = BatchARTDecodeWrapper(kv_layout="NHD", backend=self.kernel_backend)
+        self.graph_decode: StaticPlanDecodeWrapper | None = None
+        self.decode = self.eager_decode  # the wrapper the current decode step runs
+        self.decode_seq_lens = None  # [B] of the current decode step
+        metadata_bytes = self.page_meta[0].nbytes_per_page() if self.termination.mode == "bound" else 0
+        self.telemetry = DecodeTelemetry(
+            self.num_layers, self.num_kv_head, self.num_head, self.head_dim, keys.element_size(), metadata_bytes,
+            keys.device, rank=getattr(model_runner, "tp_rank", 0) or 0,
+            stats_address=self.options.stats_address, stats_interval=self.options.stats_interval,
+            allow_remote=self.options.stats_allow_remote, enable_metrics=_metrics_enabled(),
+            layer_offset=self.layer_offset)
+
+    # -- metadata of a step -------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch) -> None:
+        """Eager step: SGLang's Triton metadata, then (decode) the ART plan of the batch."""
+        super().init_forward_metadata(forward_batch)
+        if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
+            return
+        batch = forward_batch.batch_size
+        seq_lens = forward_batch.seq_lens[:batch]
+        pages = int(((seq_lens.long() + self.page_size - 1) // self.page_size).sum())
+        kv_indptr, kv_indices, last = page_table(
+            seq_lens, self.forward_metadata.kv_indptr, self.forward_metadata.kv_indices, self.page_size, pages)
+        self.eager_decode.plan(kv_indptr, kv_indices, last, self.num_head, self.num_kv_head, self.head_dim,
+                               self.page_size, termination=self.termination, sm_scale=self.sm_scale,
+                               policy=self.policy)
+        self.decode = self.eager_decode
+        self.decode_seq_lens = seq_lens
+        self.telemetry.set_batch(batch, batch)
+        self.telemetry.step()
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None,
+                              cuda_graph_num_kv_splits_buf=None) -> None:
+        """SGLang's graph buffers plus ART's fixed page table and plan (dense order only)."""
+        _check(self.policy is None, f"{flag('policy')} {self.options.policy} re-plans every step with host "
+               f"synchronization and cannot run in CUDA graphs; pass --disable-cuda-graph or {flag('policy')} none")
+        super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf, cuda_graph_num_kv_splits_buf)
+        pages_per_request = math.ceil(self.max_context_len / self.page_size)
+        device = self.kv_indptr.device
+        self.graph_page_indices = torch.zeros(max_bs * pages_per_request, dtype=torch.int32, device=device)
+        self.graph_page_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=device)
+        self.graph_last_page_len = torch.ones(max_bs, dtype=torch.int32, device=device)
+        self.graph_plan = StaticPlanBuffers.allocate(max_bs, self.num_kv_head, self.graph_page_indices.numel()
+                                                     * self.num_kv_head, device)
+        self.graph_decode = StaticPlanDecodeWrapper(
+            self.graph_plan, max_bs, self.num_head, self.head_dim, self.page_size, self.termination, self.sm_scale,
+            self.num_pages)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """Capture and replay, outside the graph: refill ART's fixed page table and plan."""
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        if not forward_batch.forward_mode.is_decode():
+            return
+        batch = forward_batch.batch_size
+        seq_lens = forward_batch.seq_lens[:batch]
+        kv_indptr, kv_indices, last = page_table(
+            seq_lens, self.kv_indptr[: batch + 1], self.cuda_graph_kv_indices, self.page_size,
+            self.graph_page_indices.numel())
+        self.graph_page_indptr[: batch + 1].copy_(kv_indptr)
+        self.graph_page_indices.copy_(kv_indices)
+        self.graph_last_page_len[:batch].copy_(last)
+        self.graph_plan.fill(self.graph_page_indptr[: batch + 1], self.graph_page_indices,
+                             self.graph_last_page_len[:batch], self.page_size)
+        self.graph_decode.bind(batch)
+        self.decode = self.graph_decode
+        self.decode_seq_lens = seq_lens
+        self.telemetry.set_batch(batch, batch - getattr(forward_batch, "num_padding", 0))
+        if not in_capture:
+            self.telemetry.step()
+
+    # -- forward ------------------------------------------------------------------------------
+    def record_kv_write(self, layer, forward_batch) -> None:
+        """Fold the tokens just written for ``layer`` (at ``out_cache_loc``) into its page metadata."""
+        if self.page_meta is None or forward_batch.out_cache_loc is None:
+            return
+        mode = forward_batch.forward_mode
+        loc = forward_batch.out_cache_loc
+        if mode.is_decode():
+            batch = forward_batch.batch_size
+            first = forward_batch.seq_lens[:batch].long() - 1
+            new = torch.ones_like(first)
+        elif mode.is_extend():
+            first, new = forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens
+        else:
+            return
+        pool = self.token_to_kv_pool
+        keys = pool.get_key_buffer(layer.layer_id)[loc]
+        values = pool.get_value_buffer(layer.layer_id)[loc]
+        batch_indices, positions, kv_indices, kv_indptr = appended_page_table(loc, first, new, self.page_size)
+        self.page_meta[layer.layer_id - self.layer_offset].update(
+            keys, values, batch_indices, positions, kv_indices, kv_indptr)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        """SGLang's Triton prefill; then the page metadata of the written tokens."""
+        out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if save_kv_cache:
+            self.record_kv_write(layer, forward_batch)
+        return out
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None,
+                       aux_tensors=None):
+        """Write this step's K/V, update the page metadata, run ART decode, record stats.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[B, H_qo * D]`` (or any shape holding that), this rank's query heads.
+        k, v : torch.Tensor
+            ``[B, H_kv, D]`` new keys / values (written when ``save_kv_cache``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, H_qo * D]`` attention output in q's dtype.
+        """
+        unsupported = {"sinks": sinks is not None, "score_mod": score_mod is not None,
+                       "aux_tensors": aux_tensors is not None, "logit soft-capping": layer.logit_cap > 0,
+                       "sliding window": (layer.sliding_window_size or -1) > -1,
+                       "scaled (fp8) KV cache": layer.k_scale is not None}
+        _check(not any(unsupported.values()), f"layer {layer.layer_id} uses " +
+               ", ".join(name for name, used in unsupported.items() if used) + ", which ART decode does not support")
+        if save_kv_cache:
+            self._set_kv_buffer(forward_batch, layer, KVWriteLoc.for_batch(forward_batch), k, v)
+            self.record_kv_write(layer, forward_batch)
+        q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        out = torch.empty_like(q)
+        if q.shape[0] == 0:
+            return out.view(0, -1)
+        if layer.scaling != self.sm_scale:  # the plan's scale is shared by every layer; fold the rest into q
+            q = q * (layer.scaling / self.sm_scale)
+        pool = self.token_to_kv_pool
+        cache = (paged_view(pool.get_key_buffer(layer.layer_id), self.page_size),
+                 paged_view(pool.get_value_buffer(layer.layer_id), self.page_size))
+        meta = None if self.page_meta is None else self.page_meta[layer.layer_id - self.layer_offset]
+        self.decode.run(q, cache, page_meta=meta, out=out, layer_id=layer.layer_id)
+        stats = self.decode.last_stats
+        self.telemetry.record(layer.layer_id, stats.visited_pages, stats.selected_pages, stats.visited_tokens,
+                              self.decode_seq_lens)
+        return out.view(q.shape[0], -1)
+
+
+def _metrics_enabled() -> bool:
+    """SGLang's ``--enable-metrics`` of this server."""
+    from sglang.srt.runtime_context import get_server_args
+
+    return bool(getattr(get_server_args(), "enable_metrics", False))

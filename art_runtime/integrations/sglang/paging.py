@@ -1,0 +1,182 @@
+"""SGLang's token-level KV bookkeeping turned into ART's page tables, on the device.
+
+SGLang (``--page-size P > 1``) keeps one K and one V buffer per layer, ``[num_slots, H_kv, D]``,
+and allocates whole pages: the token at position ``p`` of a request lives in slot
+``page * P + p % P``. Viewed as ``[num_slots // P, P, H_kv, D]`` the buffers are FlashInfer's
+NHD page format with no copy, and a request's page ``j`` is the page of its token ``j * P``.
+Nothing here synchronizes with the host given the sizes, so it can run while SGLang captures
+CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from art_runtime.decode import OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS
+from art_runtime.plan import DecodePlan
+from art_runtime.termination import TerminationConfig
+
+
+def paged_view(buffer: torch.Tensor, page_size: int) -> torch.Tensor:
+    """``[num_slots, H, D]`` -> ``[num_slots // P, P, H, D]`` view (a trailing partial page is left out)."""
+    num_pages = buffer.shape[0] // page_size
+    return buffer[: num_pages * page_size].view(num_pages, page_size, *buffer.shape[1:])
+
+
+def page_table(seq_lens, token_indptr, token_indices, page_size: int, capacity: int):
+    """FlashInfer page table of a decode batch from SGLang's token-level CSR.
+
+    Parameters
+    ----------
+    seq_lens : torch.Tensor
+        ``[B]`` tokens per request (>= 1).
+    token_indptr, token_indices : torch.Tensor
+        ``[B + 1]`` and ``[>= sum(seq_lens)]``: slots of every request's tokens in order
+        (``TritonAttnBackend.forward_metadata.kv_indptr / kv_indices``).
+    page_size : int
+    capacity : int
+        Entries of ``kv_indices`` to produce, ``>= sum(ceil(seq_lens / P))``; the ones past
+        the table hold page 0.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``kv_indptr [B + 1]``, ``kv_indices [capacity]``, ``kv_last_page_len [B]``, all int32.
+    """
+    seq_lens = seq_lens.long()
+    pages = (seq_lens + page_size - 1) // page_size
+    kv_indptr = torch.zeros(pages.numel() + 1, dtype=torch.long, device=seq_lens.device)
+    torch.cumsum(pages, 0, out=kv_indptr[1:])
+    entry = torch.arange(capacity, device=seq_lens.device)
+    request = torch.searchsorted(kv_indptr[1:], entry, right=True).clamp_max(max(pages.numel() - 1, 0))
+    valid = entry < kv_indptr[-1]
+    token = token_indptr.long()[request] + (entry - kv_indptr[request]) * page_size
+    slot = token_indices[torch.where(valid, token, 0)].long()
+    kv_indices = torch.where(valid, slot // page_size, 0)
+    last = seq_lens - (pages - 1) * page_size
+    return kv_indptr.to(torch.int32), kv_indices.to(torch.int32), last.to(torch.int32)
+
+
+def appended_page_table(out_cache_loc, first_position, num_new, page_size: int):
+    """The arguments of ``PageMetadata.update`` for tokens SGLang just wrote.
+
+    Parameters
+    ----------
+    out_cache_loc : torch.Tensor
+        ``[n]`` physical slots of the new tokens, request by request, in position order.
+    first_position : torch.Tensor
+        ``[B]`` position of each request's first new token (its cached prefix length).
+    num_new : torch.Tensor
+        ``[B]`` new tokens per request (``sum = n``).
+    page_size : int
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``batch_indices [n]``, ``positions [n]`` (int32), and a page table over the touched
+        pages only: ``kv_indices [n]`` (int32; entries past the touched pages unused) and
+        ``kv_indptr [B + 1]`` (int32, shifted so that ``kv_indptr[b] + position // P`` lands
+        on request ``b``'s page of ``position``; it may be negative).
+    """
+    n = out_cache_loc.numel()
+    device = out_cache_loc.device
+    num_new, first = num_new.long(), first_position.long()
+    batch = num_new.numel()
+    request = torch.repeat_interleave(torch.arange(batch, device=device), num_new, output_size=n)
+    start = torch.cumsum(num_new, 0) - num_new
+    positions = first[request] + torch.arange(n, device=device) - start[request]
+    first_page = first // page_size
+    touched = torch.where(num_new > 0, (first + num_new - 1) // page_size - first_page + 1, 0)
+    base = torch.cumsum(touched, 0) - touched
+    kv_indices = torch.zeros(n, dtype=torch.long, device=device)
+    kv_indices[base[request] + positions // page_size - first_page[request]] = out_cache_loc.long() // page_size
+    kv_indptr = torch.zeros(batch + 1, dtype=torch.long, device=device)
+    kv_indptr[:batch] = base - first_page
+    return request.to(torch.int32), positions.to(torch.int32), kv_indices.to(torch.int32), kv_indptr.to(torch.int32)
+
+
+def block_pages(termination: TerminationConfig, page_size: int, head_dim: int) -> int:
+    """Pages per kernel block, as ``BatchARTDecodeWrapper.plan`` picks them."""
+    if termination.mode == "off":
+        return termination.pages_per_block(page_size, min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim))
+    return termination.pages_per_block(page_size)
+
+
+@dataclass
+class StaticPlanBuffers:
+    """Fixed buffers of a dense (recency-order), unsplit decode plan for CUDA graphs.
+
+    Row ``r = b * H_kv + h`` is one work item covering visit positions
+    ``row_start[r] .. row_start[r + 1]``; the positions of all rows live in ``capacity``
+    entries. Refilled in place for every batch by :meth:`fill`, so a captured kernel reads
+    the new batch at replay.
+    """
+
+    row_start: torch.Tensor      # [R_max + 1] int32
+    visit_phys: torch.Tensor     # [capacity] int32
+    visit_tokens: torch.Tensor   # [capacity] int32
+    work_row: torch.Tensor       # [R_max] int32: arange
+    selected: torch.Tensor       # [R_max] int32: pages per row
+    num_kv_heads: int
+
+    @classmethod
+    def allocate(cls, max_batch: int, num_kv_heads: int, capacity: int, device) -> "StaticPlanBuffers":
+        rows = max_batch * num_kv_heads
+        return cls(
+            row_start=torch.zeros(rows + 1, dtype=torch.int32, device=device),
+            visit_phys=torch.zeros(capacity, dtype=torch.int32, device=device),
+            visit_tokens=torch.zeros(capacity, dtype=torch.int32, device=device),
+            work_row=torch.arange(rows, dtype=torch.int32, device=device),
+            selected=torch.ones(rows, dtype=torch.int32, device=device),
+            num_kv_heads=num_kv_heads,
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.visit_phys.numel()
+
+    def fill(self, kv_indptr, kv_indices, kv_last_page_len, page_size: int) -> None:
+        """Lay out batch ``kv_*`` (``B`` requests): sink, current page, newest to oldest, per row."""
+        hkv = self.num_kv_heads
+        batch = kv_last_page_len.numel()
+        rows = batch * hkv
+        pages = (kv_indptr[1:] - kv_indptr[:-1]).long()
+        row_pages = pages[:, None].expand(batch, hkv).reshape(rows)
+        self.selected[:rows].copy_(row_pages)
+        row_start = torch.zeros(rows + 1, dtype=torch.long, device=pages.device)
+        torch.cumsum(row_pages, 0, out=row_start[1:])
+        self.row_start[: rows + 1].copy_(row_start)
+        entry = torch.arange(self.capacity, device=pages.device)
+        row = torch.searchsorted(row_start[1:], entry, right=True).clamp_max(rows - 1)
+        rank = entry - row_start[row]
+        count = row_pages[row]
+        logical = torch.where(rank == 0, 0, count - rank)
+        valid = entry < row_start[-1]
+        request = row // hkv
+        phys = kv_indices[torch.where(valid, kv_indptr[request].long() + logical, 0)]
+        tokens = torch.where(logical == count - 1, kv_last_page_len[request].long(), page_size)
+        self.visit_phys.copy_(torch.where(valid, phys, 0))
+        self.visit_tokens.copy_(torch.where(valid, tokens, 0))
+
+    def plan(self, batch: int, num_qo_heads: int, head_dim: int, page_size: int, termination: TerminationConfig,
+             sm_scale: float, num_pages: int) -> DecodePlan:
+        """The ``DecodePlan`` of a ``batch``-request graph: views of these buffers."""
+        rows = batch * self.num_kv_heads
+        pages_per_block = block_pages(termination, page_size, head_dim)
+        longest = math.ceil(self.capacity / max(rows, 1))
+        return DecodePlan(
+            batch_size=batch, num_qo_heads=num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=head_dim,
+            page_size=page_size, block_pages=pages_per_block, termination=termination, sm_scale=sm_scale,
+            max_page_index=num_pages - 1,
+            row_start=self.row_start[: rows + 1],
+            visit_phys=self.visit_phys, visit_tokens=self.visit_tokens,
+            visit_row=self.work_row[:0].long(),  # read only by page-mass recording and policies: neither runs here
+            work_row=self.work_row[:rows],
+            work_start=self.row_start[:rows], work_end=self.row_start[1: rows + 1],
+            row_work_indptr=torch.arange(rows + 1, dtype=torch.int32, device=self.row_start.device),
+            selected_pages=self.selected[:rows].view(batch, self.num_kv_heads),
+            max_work_blocks=math.ceil(longest / pages_per_block),
+        )

@@ -1,0 +1,298 @@
+"""``ARTAttnBackend`` built by SGLang's own registry on SGLang's test kit's mock model runner.
+
+On the CPU both SGLang's Triton backend and ART run their Triton kernels under the Triton
+interpreter (float32), on the same KV pool and batch: page size 16, GQA 8 query / 2 KV heads,
+head_dim 64, requests of different lengths with partial last pages, pages shuffled.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sglang_support import import_sglang
+
+registry = import_sglang()
+
+from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend  # noqa: E402
+from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+from sglang.srt.plugins import load_plugins  # noqa: E402
+from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit  # noqa: E402
+
+from art_runtime import PageMetadata  # noqa: E402
+from art_runtime.integrations.sglang.backend import ARTAttnBackend  # noqa: E402
+from art_runtime.integrations.sglang.options import ARTOptions  # noqa: E402
+from art_runtime.integrations.sglang.paging import page_table  # noqa: E402
+from art_runtime.integrations.sglang.telemetry import DecodeTelemetry, prometheus_counters  # noqa: E402
+
+load_plugins()
+
+PAGE, HQ, HKV, DIM, MAX_CONTEXT = 16, 8, 2, 64, 512
+DTYPE, DEVICE = torch.float32, "cpu"
+PREFIX_LENS = (300, 37, 177)  # 19, 3 and 12 pages, partial last pages after the decode token
+SEED = 7
+
+
+@pytest.fixture(autouse=True)
+def clean_art_env(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("ART_"):
+            monkeypatch.delenv(key)
+
+
+class Scenario:
+    """A mock runner (its KV pool), one attention layer, and forward batches over fixed slots."""
+
+    def __init__(self, prefix_lens=PREFIX_LENS, page_size=PAGE):
+        self.prefix_lens, self.page_size = prefix_lens, page_size
+        case = self.case(ForwardMode.DECODE)
+        self.runner = kit.MockModelRunner(
+            case=case, model_config=kit.TinyModelConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=DIM, hidden_size=DIM,
+                                                        context_len=MAX_CONTEXT),
+            dtype=DTYPE, device=DEVICE, max_context_len=MAX_CONTEXT, head_dim=DIM)
+        self.layer = RadixAttention(num_heads=HQ, head_dim=DIM, scaling=DIM ** -0.5, num_kv_heads=HKV, layer_id=0)
+        self.loc_fn = kit.make_loc_fn("shuffled_pages", batch_size=case.batch_size, seq_lens=case.seq_lens,
+                                      prefix_lens=case.prefix_lens, page_size=page_size,
+                                      max_context_len=MAX_CONTEXT, seed=SEED)
+
+    def case(self, mode, prefix_lens=None, extend_lens=()):
+        return kit.DenseAttentionCase(name="art", backend="art", forward_mode=mode, num_heads=HQ, num_kv_heads=HKV,
+                                      page_size=self.page_size, prefix_lens=prefix_lens or self.prefix_lens,
+                                      extend_lens=extend_lens)
+
+    def batch(self, mode=ForwardMode.DECODE, prefix_lens=None, extend_lens=()):
+        return kit._make_forward_batch(self.case(mode, prefix_lens, extend_lens), self.runner,
+                                       max_context_len=MAX_CONTEXT, device=DEVICE, loc_fn=self.loc_fn)
+
+    def backend(self, name, **options):
+        """A backend built by SGLang's registry (ART options through the environment, as in a server)."""
+        import os
+
+        for key, value in options.items():
+            os.environ[f"ART_{key.upper()}"] = str(value)
+        return registry.ATTENTION_BACKENDS[name](self.runner)
+
+    def write_prefix(self, keys, values):
+        """Store ``[sum(prefix), H_kv, D]`` keys/values of every request's prefix in the pool."""
+        locs = [self.loc_fn(r, p) for r, n in enumerate(self.prefix_lens) for p in range(n)]
+        self.runner.token_to_kv_pool.set_kv_buffer(self.layer, torch.tensor(locs), keys, values)
+
+    def decode(self, backend, q, k, v, graph=False):
+        """One decode step of ``backend``; ``graph``: through the CUDA-graph metadata path."""
+        batch = self.batch()
+        with torch.no_grad():
+            if graph:
+                backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+                backend.init_forward_metadata_out_graph(batch)
+            else:
+                backend.init_forward_metadata(batch)
+            return backend.forward_decode(q.reshape(len(self.prefix_lens), -1), k, v, self.layer, batch).view_as(q)
+
+    def page_table(self, seq_lens):
+        """Page table of requests ``0..B-1`` with ``seq_lens`` tokens, from the slot mapping."""
+        pages = [self.loc_fn(r, j * self.page_size) // self.page_size
+                 for r, n in enumerate(seq_lens) for j in range(-(-n // self.page_size))]
+        indptr = torch.tensor([0] + list(torch.tensor([-(-n // self.page_size) for n in seq_lens]).cumsum(0)))
+        last = torch.tensor([n - (-(-n // self.page_size) - 1) * self.page_size for n in seq_lens])
+        return indptr.int(), torch.tensor(pages).int(), last.int()
+
+
+def structured_inputs(prefix_lens=PREFIX_LENS):
+    """Attention that concentrates on each request's sink page, so that the bound can stop early.
+
+    Returns ``keys, values [sum(prefix), H_kv, D]`` and the decode step's ``q [B, H_qo, D]``,
+    ``k, v [B, H_kv, D]``.
+    """
+    gen = torch.Generator().manual_seed(SEED)
+    direction = torch.randn(HKV, DIM, generator=gen)
+    direction = direction / direction.norm(dim=-1, keepdim=True) * DIM ** 0.5  # logit 8 against itself
+    keys, values = [], []
+    for n in prefix_lens:
+        k = 0.1 * torch.randn(n, HKV, DIM, generator=gen)
+        k[:PAGE] += direction
+        keys.append(k)
+        values.append(torch.randn(n, HKV, DIM, generator=gen))
+    batch = len(prefix_lens)
+    q = direction.repeat_interleave(HQ // HKV, 0)[None] + 0.1 * torch.randn(batch, HQ, DIM, generator=gen)
+    k_new = 0.1 * torch.randn(batch, HKV, DIM, generator=gen)
+    v_new = torch.randn(batch, HKV, DIM, generator=gen)
+    return torch.cat(keys), torch.cat(values), q, k_new, v_new
+
+
+def random_inputs(prefix_lens=PREFIX_LENS):
+    gen = torch.Generator().manual_seed(SEED + 1)
+    n, batch = sum(prefix_lens), len(prefix_lens)
+    return (torch.randn(n, HKV, DIM, generator=gen), torch.randn(n, HKV, DIM, generator=gen),
+            torch.randn(batch, HQ, DIM, generator=gen), torch.randn(batch, HKV, DIM, generator=gen),
+            torch.randn(batch, HKV, DIM, generator=gen))
+
+
+def reference(scenario, inputs):
+    """SGLang's own Triton backend on the same pool and batch."""
+    keys, values, q, k, v = inputs
+    scenario.write_prefix(keys, values)
+    return scenario.decode(scenario.backend("triton"), q, k, v)
+
+
+def test_registry_builds_art_and_refuses_page_size_one():
+    scenario = Scenario()
+    backend = scenario.backend("art")
+    assert isinstance(backend, ARTAttnBackend)
+    assert backend.options == ARTOptions()
+    with pytest.raises(ValueError, match="pass --page-size 16"):
+        Scenario(page_size=1).backend("art")
+
+
+@pytest.mark.parametrize("inputs", [random_inputs, structured_inputs])
+def test_mode_off_matches_sglang_triton(inputs):
+    scenario = Scenario()
+    data = inputs()
+    expected = reference(scenario, data)
+    scenario.write_prefix(*data[:2])
+    backend = scenario.backend("art", mode="off")
+    actual = scenario.decode(backend, *data[2:])
+    torch.testing.assert_close(actual, expected, atol=2e-6, rtol=1e-5)
+    stats = backend.decode.last_stats
+    pages = torch.tensor([-(-(n + 1) // PAGE) for n in PREFIX_LENS])
+    assert torch.equal(stats.visited_pages, pages[:, None].expand(-1, HKV).int())  # every page read
+
+
+@pytest.mark.parametrize("relative_to", ["values", "output"])
+def test_bound_mode_stays_within_eps_and_stops_early(relative_to):
+    eps = 0.1
+    scenario = Scenario()
+    data = structured_inputs()
+    expected = reference(scenario, data)
+    scenario.write_prefix(*data[:2])
+    backend = scenario.backend("art", mode="bound", eps=eps, relative_to=relative_to)
+    # The prefix was stored around the backend; let it see the pool as a server's prefill would.
+    backend.page_meta[0] = PageMetadata.from_cache(
+        (backend.token_to_kv_pool.get_key_buffer(0).view(-1, PAGE, HKV, DIM),
+         backend.token_to_kv_pool.get_value_buffer(0).view(-1, PAGE, HKV, DIM)),
+        *scenario.page_table(PREFIX_LENS))
+    actual = scenario.decode(backend, *data[2:])
+    stats = backend.decode.last_stats
+    longer_than_a_block = stats.selected_pages > 64 // PAGE  # the first check comes after one block
+    assert bool((stats.visited_pages < stats.selected_pages)[longer_than_a_block].all()), "never stopped early"
+    error = (actual - expected).norm(dim=-1)  # [B, H_qo]
+    if relative_to == "values":
+        keys, values, q, k, v = data
+        scale = torch.stack([torch.cat([part, v[b:b + 1]]).norm(dim=-1).amax(0)
+                             for b, part in enumerate(values.split(PREFIX_LENS))])  # [B, H_kv]: max |v|
+        allowed = eps * scale.repeat_interleave(HQ // HKV, 1)
+    else:
+        allowed = eps * actual.norm(dim=-1)
+    assert bool((error <= allowed + 1e-5).all()), (error / allowed).max()
+    assert float(error.max()) > 0  # it did skip attention mass
+
+
+def test_cuda_graph_path_matches_eager():
+    """The fixed-buffer plan (what a captured graph replays) gives the eager plan's results."""
+    scenario = Scenario()
+    data = structured_inputs()
+    scenario.write_prefix(*data[:2])
+    results = []
+    for graph in (False, True):
+        backend = scenario.backend("art", mode="bound", eps=0.1, relative_to="values")
+        backend.page_meta[0] = PageMetadata.from_cache(
+            (backend.token_to_kv_pool.get_key_buffer(0).view(-1, PAGE, HKV, DIM),
+             backend.token_to_kv_pool.get_value_buffer(0).view(-1, PAGE, HKV, DIM)),
+            *scenario.page_table(PREFIX_LENS))
+        out = scenario.decode(backend, *data[2:], graph=graph)
+        results.append((out, backend.decode.last_stats.visited_pages, backend.telemetry.accumulator.clone()))
+    (eager, eager_visited, eager_acc), (graph, graph_visited, graph_acc) = results
+    torch.testing.assert_close(graph, eager, atol=1e-6, rtol=1e-6)
+    assert torch.equal(graph_visited, eager_visited)
+    assert torch.equal(graph_acc, eager_acc)
+    assert int(graph_acc[0, 0].sum()) == int(graph_visited.sum())  # visited pages reached the accumulator
+
+
+def test_policy_refuses_cuda_graphs():
+    backend = Scenario().backend("art", policy="quest", budget=4)
+    with pytest.raises(ValueError, match="--disable-cuda-graph"):
+        backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+
+
+def check_metadata_current(scenario, meta, seq_lens):
+    pool = scenario.runner.token_to_kv_pool
+    cache = (pool.get_key_buffer(0).view(-1, PAGE, HKV, DIM), pool.get_value_buffer(0).view(-1, PAGE, HKV, DIM))
+    kv_indptr, kv_indices, last = scenario.page_table(seq_lens)
+    expected = PageMetadata.from_cache(cache, kv_indptr, kv_indices, last)
+    pages = kv_indices.long()
+    assert torch.equal(meta.key_min[pages], expected.key_min[pages])
+    assert torch.equal(meta.key_max[pages], expected.key_max[pages])
+    torch.testing.assert_close(meta.value_norm_max[pages], expected.value_norm_max[pages])
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_metadata_current_after_extend_and_decode(hybrid):
+    extend_lens = (37, 16, 50)  # a partial page, an exact page, a partial page
+    scenario = Scenario(prefix_lens=extend_lens)
+    art = scenario.backend("art", mode="bound")
+    backend = HybridAttnBackend(scenario.runner, scenario.backend("triton"), art) if hybrid else art
+    batch = scenario.batch(ForwardMode.EXTEND, prefix_lens=(0,) * 3, extend_lens=extend_lens)
+    gen = torch.Generator().manual_seed(SEED + 2)
+    n = sum(extend_lens)
+    q, k, v = torch.randn(n, HQ * DIM, generator=gen), *torch.randn(2, n, HKV, DIM, generator=gen)
+    with torch.no_grad():
+        backend.init_forward_metadata(batch)
+        backend.forward(q, k, v, scenario.layer, batch)
+    check_metadata_current(scenario, art.page_meta[0], extend_lens)
+    decode = scenario.batch()  # positions 37, 16 (a fresh page), 50
+    q, k, v = torch.randn(3, HQ * DIM, generator=gen), *torch.randn(2, 3, HKV, DIM, generator=gen)
+    with torch.no_grad():
+        backend.init_forward_metadata(decode)
+        backend.forward(q, k, v, scenario.layer, decode)
+    check_metadata_current(scenario, art.page_meta[0], [n + 1 for n in extend_lens])
+
+
+def test_page_table_from_sglang_metadata():
+    scenario = Scenario()
+    backend = scenario.backend("art")
+    batch = scenario.batch()
+    backend.init_forward_metadata(batch)
+    seq_lens = [n + 1 for n in PREFIX_LENS]
+    expected = scenario.page_table(seq_lens)
+    kv_indptr, kv_indices, last = page_table(batch.seq_lens, backend.forward_metadata.kv_indptr,
+                                             backend.forward_metadata.kv_indices, PAGE, int(expected[0][-1]) + 5)
+    assert torch.equal(kv_indptr, expected[0]) and torch.equal(last, expected[2])
+    assert torch.equal(kv_indices[: int(expected[0][-1])], expected[1])
+    assert bool((kv_indices[int(expected[0][-1]):] == 0).all())
+
+
+def test_telemetry_publishes_and_counts(tmp_path):
+    zmq = pytest.importorskip("zmq")
+    from art_runtime.stats import StatsSubscriber, StepStats
+
+    address = f"ipc://{tmp_path}/art-stats"
+    telemetry = DecodeTelemetry(num_layers=2, num_kv_heads=HKV, num_qo_heads=HQ, head_dim=DIM, element_size=4,
+                                metadata_bytes_per_page=0, device="cpu", stats_address=address, stats_interval=1,
+                                enable_metrics=True)
+    counters = prometheus_counters()
+    before = counters["visited"].labels(tp_rank="0")._value.get()
+    with StatsSubscriber(address) as sub:
+        deadline = time.monotonic() + 5
+        while sub.recv(0.05) is None:  # beat the PUB/SUB slow joiner
+            assert time.monotonic() < deadline
+            telemetry.publisher.publish(StepStats(-1, 0, [], [], [], [], [], 0))
+        telemetry.set_batch(3, 2)  # the third row is graph padding
+        visited = torch.tensor([[2, 3], [4, 5], [100, 100]])
+        selected = torch.tensor([[6, 6], [7, 7], [1, 1]])
+        telemetry.record(1, visited, selected, visited * PAGE, torch.tensor([90, 100, 1]))
+        telemetry.step()  # snapshot
+        telemetry.step()  # publish the snapshot
+        messages = {}
+        while len(messages) < 2:
+            msg = sub.recv(5)
+            assert msg is not None
+            if msg.step >= 0:
+                messages[msg.layer] = msg
+    telemetry.close()
+    assert messages[1].visited_pages == [[6, 8]] and messages[1].selected_pages == [[13, 13]]
+    assert messages[1].kv_bytes_read == 14 * PAGE * 2 * DIM * 4
+    assert messages[1].dense_kv_bytes == 190 * HKV * 2 * DIM * 4
+    assert messages[0].visited_pages == [[0, 0]]
+    assert counters["visited"].labels(tp_rank="0")._value.get() - before == 14
