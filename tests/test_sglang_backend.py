@@ -222,8 +222,9 @@ def check_metadata_current(scenario, meta, seq_lens):
     kv_indptr, kv_indices, last = scenario.page_table(seq_lens)
     expected = PageMetadata.from_cache(cache, kv_indptr, kv_indices, last)
     pages = kv_indices.long()
-    assert torch.equal(meta.key_min[pages], expected.key_min[pages])
-    assert torch.equal(meta.key_max[pages], expected.key_max[pages])
+    assert torch.equal(meta.key_scale[pages], expected.key_scale[pages])
+    assert torch.equal(meta.key_min[pages].float(), expected.key_min[pages].float())
+    assert torch.equal(meta.key_max[pages].float(), expected.key_max[pages].float())
     torch.testing.assert_close(meta.value_norm_max[pages], expected.value_norm_max[pages])
 
 

@@ -77,17 +77,16 @@ class ARTAttnBackend(TritonAttnBackend):
         self.policy = self.options.build_policy()
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
         self.kernel_backend = "triton" if triton_runs_on(keys.device) else "torch"
-        needs_metadata = self.termination.mode == "bound" or (self.policy is not None and self.policy.per_layer)
+        needs_metadata = self.termination.reads_page_metadata or (self.policy is not None and self.policy.per_layer)
         self.page_meta = [
-            PageMetadata.allocate(self.num_pages, self.page_size, self.num_kv_head, self.head_dim,
-                                  dtype=keys.dtype, device=keys.device)
+            PageMetadata.allocate(self.num_pages, self.page_size, self.num_kv_head, self.head_dim, device=keys.device)
             for _ in range(self.num_layers)
         ] if needs_metadata else None
         self.eager_decode = BatchARTDecodeWrapper(kv_layout="NHD", backend=self.kernel_backend)
         self.graph_decode: StaticPlanDecodeWrapper | None = None
         self.decode = self.eager_decode  # the wrapper the current decode step runs
         self.decode_seq_lens = None  # [B] of the current decode step
-        metadata_bytes = self.page_meta[0].nbytes_per_page() if self.termination.mode == "bound" else 0
+        metadata_bytes = self.page_meta[0].nbytes_per_page() if self.termination.reads_page_metadata else 0
         self.telemetry = DecodeTelemetry(
             self.num_layers, self.num_kv_head, self.num_head, self.head_dim, keys.element_size(), metadata_bytes,
             keys.device, rank=getattr(model_runner, "tp_rank", 0) or 0,
