@@ -1,0 +1,211 @@
+"""The live dashboard: ipywidgets + plotly ``FigureWidget``s fed by a stats stream.
+
+A background thread owns a :class:`~art_runtime.stats.StatsSubscriber` (ZMQ sockets belong
+to one thread), feeds every message to a :class:`~art_runtime.dashboards.state.LiveState`
+and re-renders the figures at most every ``refresh_s`` seconds when something changed, so a
+fast stream (a message per layer per step) costs the browser a few updates a second, not
+thousands. Controls re-render at once from the state, paused or not.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+
+from art_runtime.stats import DEFAULT_ADDRESS, StatsSubscriber
+
+from .state import LiveState, Snapshot
+
+ALL = "all requests"
+DEPTH_COLORSCALE = "Viridis"
+_MIB = 1 << 20
+
+
+def _fig(title: str, xtitle: str, ytitle: str, **layout) -> go.FigureWidget:
+    return go.FigureWidget(layout=go.Layout(title=title, xaxis_title=xtitle, yaxis_title=ytitle, height=340,
+                                            margin=dict(l=60, r=20, t=50, b=50), **layout))
+
+
+def heatmap_figure(title: str) -> go.FigureWidget:
+    """An empty layer x KV head depth heatmap (shared by the live and the explore dashboards)."""
+    fig = _fig(title, "KV head", "layer", yaxis=dict(autorange="reversed", type="category"),
+               xaxis=dict(type="category"))
+    fig.add_heatmap(z=[], zmin=0, zmax=1, colorscale=DEPTH_COLORSCALE, colorbar=dict(title="depth"))
+    return fig
+
+
+def _none_to_nan(rows):
+    return [[math.nan if v is None else v for v in row] for row in rows]
+
+
+class LiveDashboard:
+    """Live ART termination statistics from a stream address.
+
+    Parameters
+    ----------
+    address : str
+        A :class:`~art_runtime.stats.StatsPublisher` endpoint (e.g. ``DecodeStatsStreamer.address``).
+    refresh_s : float
+        Shortest time between two figure updates from the stream.
+    history : int
+        Steps kept in the time series.
+    start : bool
+        Connect and start receiving now (else call :meth:`start`).
+
+    Attributes
+    ----------
+    state : LiveState
+        Everything received (testable without a UI).
+    heatmap, histogram, bytes_figure, request_figure : plotly.graph_objects.FigureWidget
+    pause, request, layers, heads : ipywidgets controls
+    widget : ipywidgets.VBox
+        The whole dashboard; displaying the object displays it.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, refresh_s: float = 0.5, history: int = 500,
+                 start: bool = True):
+        if not isinstance(address, str):
+            raise ValueError(f"address must be a str, got {address!r}")
+        if not isinstance(refresh_s, (int, float)) or not refresh_s > 0:
+            raise ValueError(f"refresh_s must be a number > 0, got {refresh_s!r}")
+        self.address, self.refresh_s = address, float(refresh_s)
+        self.state = LiveState(history)
+        self._render_lock = threading.Lock()  # the receiver thread and control callbacks both render
+        self._rendered_version = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+        self.heatmap = heatmap_figure("termination depth (pages visited / selected), latest step")
+        self.heatmap.data[0].hovertemplate = (
+            "layer %{y}, KV head %{x}<br>depth %{z:.3f}<br>pages visited %{customdata[0]} / selected "
+            "%{customdata[1]}<br>%{customdata[2]}, step %{customdata[3]}<extra></extra>")
+        self.histogram = _fig("depth of every (request, layer, KV head)", "depth", "count", bargap=0.05)
+        self.histogram.add_histogram(x=[], xbins=dict(start=0, end=1.0001, size=0.05), marker_color="#440154",
+                                     hovertemplate="depth %{x}<br>%{y} (request, layer, head)<extra></extra>")
+        self.histogram.update_xaxes(range=[0, 1.02])
+        self.bytes_figure = _fig("KV bytes per step (all layers received)", "step", "MiB")
+        self.bytes_figure.add_scatter(x=[], y=[], name="saved", mode="lines+markers", line_color="#21918c")
+        self.bytes_figure.add_scatter(x=[], y=[], name="read", mode="lines", line_color="#bbbbbb")
+        self.request_figure = _fig("mean depth per request (shown layers and heads)", "step", "depth")
+        self.request_figure.update_yaxes(range=[0, 1.02])
+
+        self.pause = widgets.ToggleButton(value=False, description="pause", icon="pause",
+                                          tooltip="freeze the figures; messages keep being received")
+        self.request = widgets.Dropdown(options=[ALL], value=ALL, description="request")
+        self.layers = widgets.SelectMultiple(options=[], description="layers", rows=4,
+                                             tooltip="none selected: all layers")
+        self.heads = widgets.SelectMultiple(options=[], description="KV heads", rows=4,
+                                            tooltip="none selected: all heads")
+        self.status = widgets.HTML()
+        for control in (self.request, self.layers, self.heads):
+            control.observe(lambda _: self.refresh(), names="value")
+        self.pause.observe(self._on_pause, names="value")
+        controls = widgets.HBox([widgets.VBox([self.pause, self.request, self.status]), self.layers, self.heads])
+        self.widget = widgets.VBox([
+            controls,
+            widgets.HBox([self.heatmap, self.histogram]),
+            widgets.HBox([self.bytes_figure, self.request_figure]),
+        ])
+        if start:
+            self.start()
+
+    # -- receiving ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect to the stream and receive in a background thread."""
+        if self._thread is not None:
+            raise ValueError("start: the dashboard is already receiving")
+        self._thread = threading.Thread(target=self._receive, name="art-dashboard", daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        try:
+            with StatsSubscriber(self.address) as sub:
+                last_render = 0.0
+                while not self._stop.is_set():
+                    msg = sub.recv(timeout_s=self.refresh_s / 2)
+                    if msg is not None:
+                        self.state.add(msg)
+                    now = time.monotonic()
+                    if now - last_render >= self.refresh_s and not self.pause.value:
+                        last_render = now
+                        self.refresh(force=False)
+        except BaseException as exc:  # shown in the status line: a thread cannot raise to the user
+            self._error = exc
+            self.status.value = f"<b>stream error:</b> {exc!r}"
+
+    def wait(self, messages: int = 1, timeout_s: float = 60.0) -> int:
+        """Block until ``messages`` messages arrived in all (or ``timeout_s``); the count received."""
+        deadline = time.monotonic() + timeout_s
+        while self.state.messages < messages and time.monotonic() < deadline and self._error is None:
+            time.sleep(0.02)
+        return self.state.messages
+
+    def close(self) -> None:
+        """Stop receiving (the figures stay as they are)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2 * self.refresh_s + 1.0)
+
+    # -- rendering ------------------------------------------------------------------------
+    def _on_pause(self, change) -> None:
+        self.pause.icon = "play" if change["new"] else "pause"
+        self.pause.description = "resume" if change["new"] else "pause"
+        if not change["new"]:
+            self.refresh()
+
+    def _sync_options(self) -> None:
+        """New request ids, layers and heads appear in the controls as they arrive."""
+        requests = [ALL, *self.state.request_ids]
+        if list(self.request.options) != requests:
+            self.request.options = requests  # keeps the value: it stays among the options
+        layers = self.state.layers
+        if list(self.layers.options) != layers:
+            self.layers.options = layers
+        heads = list(range(self.state.num_heads))
+        if list(self.heads.options) != heads:
+            self.heads.options = heads
+
+    def snapshot(self) -> Snapshot:
+        """The state as the controls select it."""
+        request = None if self.request.value == ALL else self.request.value
+        return self.state.snapshot(request, self.layers.value, self.heads.value)
+
+    def refresh(self, force: bool = True) -> None:
+        """Re-render the figures from the state now (``force=False``: only if it changed)."""
+        with self._render_lock:
+            version = self.state.version
+            if not force and version == self._rendered_version:
+                return
+            self._rendered_version = version
+            self._sync_options()
+            self._render(self.snapshot())
+
+    def _render(self, snap: Snapshot) -> None:
+        who = "all requests" if snap.request is None else f"request {snap.request}"
+        custom = [[[v, s, who, step] for v, s in zip(vr, sr)]
+                  for vr, sr, step in zip(snap.visited, snap.selected, snap.layer_steps)]
+        with self.heatmap.batch_update():
+            hm = self.heatmap.data[0]
+            hm.z, hm.customdata = snap.depth, custom
+            hm.x = [f"kv{h}" for h in snap.heads]
+            hm.y = [f"L{layer}" for layer in snap.layers]
+        self.histogram.data[0].x = snap.histogram
+        with self.bytes_figure.batch_update():
+            saved, read = self.bytes_figure.data
+            saved.x = read.x = snap.steps
+            saved.y = [math.nan if b is None else b / _MIB for b in snap.bytes_saved]
+            read.y = [b / _MIB for b in snap.bytes_read]
+        with self.request_figure.batch_update():
+            self.request_figure.data = []
+            for rid, (xs, ys) in snap.request_depth.items():
+                self.request_figure.add_scatter(x=xs, y=ys, mode="lines", name=str(rid))
+        self.status.value = (f"{snap.messages} messages from <code>{self.address}</code>; "
+                             f"layers {snap.layers}, {len(snap.heads)} KV heads")
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
