@@ -36,7 +36,7 @@ from art_runtime.policies import REGISTRY, get
 from art_runtime.termination import MODES, RELATIVE_TO, TerminationConfig
 
 from .captures import capture_path
-from .live import _fig, heatmap_figure
+from .live import _fig, heatmap_figure, sync_late_views
 
 PAGE_SIZE = 16
 DEFAULT_QUERIES = 8
@@ -329,6 +329,7 @@ class ExploreDashboard:
             current.x = [100 * result.pages_fraction] * 2
             current.y = [max(float(errors.max()), floor), max(float(errors.mean()), floor)]
             self.curve.layout.yaxis.title = f"error / {'|o_exact|' if relative_to == 'output' else 'max|v|'}"
+        sync_late_views(self.heatmap, self.curve)
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)

@@ -9,6 +9,7 @@ thousands. Controls re-render at once from the state, paused or not.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -38,8 +39,17 @@ def heatmap_figure(title: str) -> go.FigureWidget:
     return fig
 
 
-def _none_to_nan(rows):
-    return [[math.nan if v is None else v for v in row] for row in rows]
+def sync_late_views(*figs: go.FigureWidget) -> None:
+    """Make views created from now on (a Voila page, a re-opened notebook) start from the
+    figures' current data.
+
+    A ``FigureWidget`` sends each change as a message to the views that exist; a view created
+    later starts from ``_widget_data``/``_widget_layout``, which plotly sets only when the
+    figure is created or displayed, so it would show the empty figure of the start.
+    """
+    for fig in figs:
+        fig._widget_data = copy.deepcopy(fig._data)
+        fig._widget_layout = copy.deepcopy(fig._layout_obj._props)
 
 
 class LiveDashboard:
@@ -204,6 +214,7 @@ class LiveDashboard:
             self.request_figure.data = []
             for rid, (xs, ys) in snap.request_depth.items():
                 self.request_figure.add_scatter(x=xs, y=ys, mode="lines", name=str(rid))
+        sync_late_views(self.heatmap, self.histogram, self.bytes_figure, self.request_figure)
         self.status.value = (f"{snap.messages} messages from <code>{self.address}</code>; "
                              f"layers {snap.layers}, {len(snap.heads)} KV heads")
 
