@@ -154,11 +154,10 @@ class CaptureReplay:
     def __init__(self, capture=None, *, num_requests: int = 4, stagger: int | None = None,
                  termination: TerminationConfig | None = None, policy: PagePolicy | None = None,
                  layers: Sequence[int] | None = None, page_size: int = PAGE_SIZE):
-        self.path = capture_path(capture)
-        info = capture_info(self.path)
-        self.info = info
         if not isinstance(num_requests, int) or num_requests < 1:
             raise ValueError(f"num_requests must be an int >= 1, got {num_requests!r}")
+        if stagger is not None and (not isinstance(stagger, int) or stagger < 1):
+            raise ValueError(f"stagger must be an int >= 1 or None, got {stagger!r}")
         termination = TerminationConfig() if termination is None else termination
         if not isinstance(termination, TerminationConfig):
             raise ValueError(f"termination must be a TerminationConfig, got {type(termination).__name__}")
@@ -167,9 +166,10 @@ class CaptureReplay:
             raise ValueError(f"policy must be an art_runtime.policies.PagePolicy, got {type(policy).__name__}")
         if policy.stateful:
             raise ValueError(f"policy: {policy.name} keeps per-request state, which a replay cannot provide")
+        self.path = capture_path(capture)
+        self.info = capture_info(self.path)
         self.termination, self.policy, self.page_size = termination, policy, page_size
-        self.layers_data = [
-            self._prepare(data) for data in load_capture_layers(self.path, layers)]
+        self.layers_data = [self._prepare(data) for data in load_capture_layers(self.path, layers)]
         first = self.layers_data[0].batch
         self.num_captured = first.q.shape[0]
         self.num_qo_heads = first.q.shape[1]
@@ -177,12 +177,10 @@ class CaptureReplay:
         self.element_size = first.cache.element_size()  # bytes counted as the wrapper reads them (fp32)
         if stagger is None:
             stagger = max(1, self.num_captured // (2 * num_requests))
-        if not isinstance(stagger, int) or stagger < 1:
-            raise ValueError(f"stagger must be an int >= 1, got {stagger!r}")
         self.num_steps = self.num_captured - (num_requests - 1) * stagger
         if self.num_steps < 1:
-            raise ValueError(f"num_requests * stagger: {num_requests} requests {stagger} positions apart do not fit "
-                             f"the {self.num_captured} captured queries")
+            raise ValueError(f"num_requests: {num_requests} requests {stagger} positions apart do not fit the "
+                             f"{self.num_captured} captured queries")
         self.num_requests, self.stagger = num_requests, stagger
         self.request_ids = [f"req-{r}" for r in range(num_requests)]
 
