@@ -36,7 +36,7 @@ from art_runtime.policies import REGISTRY, get
 from art_runtime.termination import MODES, RELATIVE_TO, TerminationConfig
 
 from .captures import capture_path
-from .live import _fig, heatmap_figure, sync_late_views
+from .figures import figure, heatmap_figure, sync_late_views
 
 PAGE_SIZE = 16
 DEFAULT_QUERIES = 8
@@ -254,11 +254,11 @@ class ExploreDashboard:
         }
         self._block_pages = config.block_pages
         self.status = widgets.HTML()
-        self.heatmap = heatmap_figure("termination depth (pages visited / selected), pooled over queries")
-        self.heatmap.data[0].hovertemplate = (
+        self.heatmap = heatmap_figure(
+            "termination depth (pages visited / selected), pooled over queries",
             "layer %{y}, KV head %{x}<br>depth %{z:.3f}<br>pages visited %{customdata[0]} / selected "
             "%{customdata[1]}<br>worst error in the group %{customdata[2]:.2e}<extra></extra>")
-        self.curve = _fig("error vs pages read (sweep of the thresholds)", "pages read, % of all pages", "error",
+        self.curve = figure("error vs pages read (sweep of the thresholds)", "pages read, % of all pages", "error",
                           yaxis_type="log")
         self.curve.update_xaxes(range=[0, 102])
         for name, dash in (("max over heads", "solid"), ("mean", "dot")):

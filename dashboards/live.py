@@ -9,47 +9,19 @@ thousands. Controls re-render at once from the state, paused or not.
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import time
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 
 from art_runtime.stats import DEFAULT_ADDRESS, StatsSubscriber
 
+from .figures import figure, heatmap_figure, sync_late_views
 from .state import LiveState, Snapshot
 
 ALL = "all requests"
-DEPTH_COLORSCALE = "Viridis"
 _MIB = 1 << 20
-
-
-def _fig(title: str, xtitle: str, ytitle: str, **layout) -> go.FigureWidget:
-    return go.FigureWidget(layout=go.Layout(title=title, xaxis_title=xtitle, yaxis_title=ytitle, height=340,
-                                            margin=dict(l=60, r=20, t=50, b=50), **layout))
-
-
-def heatmap_figure(title: str) -> go.FigureWidget:
-    """An empty layer x KV head depth heatmap (shared by the live and the explore dashboards)."""
-    fig = _fig(title, "KV head", "layer", yaxis=dict(autorange="reversed", type="category"),
-               xaxis=dict(type="category"))
-    fig.add_heatmap(z=[], zmin=0, zmax=1, colorscale=DEPTH_COLORSCALE, colorbar=dict(title="depth"))
-    return fig
-
-
-def sync_late_views(*figs: go.FigureWidget) -> None:
-    """Make views created from now on (a Voila page, a re-opened notebook) start from the
-    figures' current data.
-
-    A ``FigureWidget`` sends each change as a message to the views that exist; a view created
-    later starts from ``_widget_data``/``_widget_layout``, which plotly sets only when the
-    figure is created or displayed, so it would show the empty figure of the start.
-    """
-    for fig in figs:
-        fig._widget_data = copy.deepcopy(fig._data)
-        fig._widget_layout = copy.deepcopy(fig._layout_obj._props)
 
 
 class LiveDashboard:
@@ -90,18 +62,18 @@ class LiveDashboard:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-        self.heatmap = heatmap_figure("termination depth (pages visited / selected), latest step")
-        self.heatmap.data[0].hovertemplate = (
+        self.heatmap = heatmap_figure(
+            "termination depth (pages visited / selected), latest step",
             "layer %{y}, KV head %{x}<br>depth %{z:.3f}<br>pages visited %{customdata[0]} / selected "
             "%{customdata[1]}<br>%{customdata[2]}, step %{customdata[3]}<extra></extra>")
-        self.histogram = _fig("depth of every (request, layer, KV head)", "depth", "count", bargap=0.05)
+        self.histogram = figure("depth of every (request, layer, KV head)", "depth", "count", bargap=0.05)
         self.histogram.add_histogram(x=[], xbins=dict(start=0, end=1.0001, size=0.05), marker_color="#440154",
                                      hovertemplate="depth %{x}<br>%{y} (request, layer, head)<extra></extra>")
         self.histogram.update_xaxes(range=[0, 1.02])
-        self.bytes_figure = _fig("KV bytes per step (all layers received)", "step", "MiB")
+        self.bytes_figure = figure("KV bytes per step (all layers received)", "step", "MiB")
         self.bytes_figure.add_scatter(x=[], y=[], name="saved", mode="lines+markers", line_color="#21918c")
         self.bytes_figure.add_scatter(x=[], y=[], name="read", mode="lines", line_color="#bbbbbb")
-        self.request_figure = _fig("mean depth per request (shown layers and heads)", "step", "depth")
+        self.request_figure = figure("mean depth per request (shown layers and heads)", "step", "depth")
         self.request_figure.update_yaxes(range=[0, 1.02])
 
         self.pause = widgets.ToggleButton(value=False, description="pause", icon="pause",
@@ -210,10 +182,14 @@ class LiveDashboard:
             saved.x = read.x = snap.steps
             saved.y = [math.nan if b is None else b / _MIB for b in snap.bytes_saved]
             read.y = [b / _MIB for b in snap.bytes_read]
-        with self.request_figure.batch_update():
+        names = [str(rid) for rid in snap.request_depth]
+        if [trace.name for trace in self.request_figure.data] != names:  # new requests: one line each
             self.request_figure.data = []
-            for rid, (xs, ys) in snap.request_depth.items():
-                self.request_figure.add_scatter(x=xs, y=ys, mode="lines", name=str(rid))
+            for name in names:
+                self.request_figure.add_scatter(x=[], y=[], mode="lines", name=name)
+        with self.request_figure.batch_update():
+            for trace, (xs, ys) in zip(self.request_figure.data, snap.request_depth.values()):
+                trace.x, trace.y = xs, ys
         sync_late_views(self.heatmap, self.histogram, self.bytes_figure, self.request_figure)
         self.status.value = (f"{snap.messages} messages from <code>{self.address}</code>; "
                              f"layers {snap.layers}, {len(snap.heads)} KV heads")

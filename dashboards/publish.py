@@ -15,6 +15,7 @@ live notebook shows real values with no server running.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -225,13 +226,14 @@ class ReplayThread:
     Made by :func:`start_replay`. ``records`` maps ``(step, layer)`` to the
     :class:`~art_runtime.stats.StepStats` of what was published (host copies taken here, not
     read back from the stream), so that a check can compare what a subscriber shows with
-    what was sent. ``error`` holds the exception that stopped the thread, if any.
+    what was sent; it keeps the last pass over the capture (``num_steps`` steps). ``error``
+    holds the exception that stopped the thread, if any.
     """
 
     def __init__(self, replay: CaptureReplay, streamer: DecodeStatsStreamer, *, interval_s: float, repeat: bool):
         self.replay, self.streamer = replay, streamer
         self.interval_s, self.repeat = interval_s, repeat
-        self.records: dict[tuple[int, int], StepStats] = {}
+        self.records: OrderedDict[tuple[int, int], StepStats] = OrderedDict()
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="art-replay", daemon=True)
@@ -256,6 +258,8 @@ class ReplayThread:
                     self.streamer.publish_layer(item.layer, item.stats)
                     self.records[(step, item.layer)] = StepStats.from_decode_stats(
                         item.stats, step, item.layer, replay.request_ids, dense_kv_bytes=self.streamer.dense_kv_bytes)
+                    if len(self.records) > replay.num_steps * len(replay.layers):
+                        self.records.popitem(last=False)
                 step += 1
                 if step == self.replay.num_steps and not self.repeat:
                     break

@@ -14,7 +14,7 @@ from art_runtime.dashboards import (
     start_replay,
 )
 from art_runtime.dashboards.explore import budget_applies, explore_policies, make_policy
-from art_runtime.policies import REGISTRY, H2OPolicy
+from art_runtime.policies import REGISTRY, DensePolicy, H2OPolicy
 from art_runtime.stats import StatsPublisher, StatsSubscriber, StepStats
 from art_runtime.termination import TerminationConfig
 
@@ -67,8 +67,8 @@ def test_state_rejects_bad_history(history):
 
 # -- LiveDashboard on a real stream -------------------------------------------------------------
 
-def wait_until(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
+def wait_until(predicate, what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
@@ -187,6 +187,24 @@ def test_capture_replay_steps_are_staggered_growing_requests():
         replay.rows(54)
     with pytest.raises(ValueError, match="interval_s"):
         start_replay(interval_s=-1)
+
+
+def test_repeating_replay_keeps_counting_steps_and_records_the_last_pass():
+    replay = start_replay(layers=[25], num_requests=2, stagger=31, interval_s=0.0, repeat=True,
+                          termination=TerminationConfig(mode="off"), policy=DensePolicy(order="recency"))
+    try:
+        steps = replay.replay.num_steps
+        wait_until(lambda: (steps + 3, 25) in replay.records or replay.error, "a second pass", timeout_s=120)
+    finally:
+        replay.stop()
+    assert replay.error is None and steps == 64 - 31
+    keys = list(replay.records)
+    assert len(keys) == steps and keys[-1][0] - keys[0][0] == steps - 1 and keys[-1][0] >= steps + 3
+    first_pass = CaptureReplay(layers=[25], num_requests=2, stagger=31, termination=TerminationConfig(mode="off"),
+                               policy=DensePolicy(order="recency"))
+    step = keys[-1][0]
+    (item,) = first_pass.run_step(step % steps)  # the second pass replays the first
+    assert replay.records[(step, 25)].visited_pages == item.stats.visited_pages.tolist()
 
 
 @pytest.fixture(scope="module")
