@@ -1,14 +1,25 @@
 """The live dashboard: ipywidgets + plotly ``FigureWidget``s fed by a stats stream.
 
 A background thread owns a :class:`~art_runtime.stats.StatsSubscriber` (ZMQ sockets belong
-to one thread), feeds every message to a :class:`~art_runtime.dashboards.state.LiveState`
-and re-renders the figures at most every ``refresh_s`` seconds when something changed, so a
+to one thread) and feeds every message to a :class:`~art_runtime.dashboards.state.LiveState`;
+at most every ``refresh_s`` seconds, when something changed, it asks for a re-render, so a
 fast stream (a message per layer per step) costs the browser a few updates a second, not
-thousands. Controls re-render at once from the state, paused or not.
+thousands. In a Jupyter kernel the re-render runs on the kernel's event loop, the thread
+that also handles the browser's replies to figure updates (plotly's ``FigureWidget`` is not
+thread-safe); outside an event loop (a script, a test) the receiver thread renders. Controls
+re-render at once from the state, paused or not.
+
+Known limitation (Voila, plotly 7 with anywidget): when the page loads while the stream is
+busy (a re-render every 0.2-1 s), a figure's browser view was seen, in about half of the page
+loads, to stay at the data it started with while the other figures followed the stream; a
+reload fixes it. Not seen when the stream was quiet while the page loaded (a step every 3-4 s
+during the load, then every 0.3 s: the browser test, 6 runs), nor when the page loaded after
+the stream ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -22,6 +33,11 @@ from .state import LiveState, Snapshot
 
 ALL = "all requests"
 _MIB = 1 << 20
+
+
+def _gaps(rows):
+    """NaN as None: plotly draws a gap, and NaN is not JSON, which carries the figure to the browser."""
+    return [[None if math.isnan(v) else v for v in row] for row in rows]
 
 
 class LiveDashboard:
@@ -48,7 +64,7 @@ class LiveDashboard:
         The whole dashboard; displaying the object displays it.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, refresh_s: float = 0.5, history: int = 500,
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, refresh_s: float = 1.0, history: int = 500,
                  start: bool = True):
         if not isinstance(address, str):
             raise ValueError(f"address must be a str, got {address!r}")
@@ -61,6 +77,11 @@ class LiveDashboard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        try:  # the kernel's loop when made in a notebook cell
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._run_on_ui = (lambda fn: loop.call_soon_threadsafe(fn)) if loop is not None else (lambda fn: fn())
 
         self.heatmap = heatmap_figure(
             "termination depth (pages visited / selected), latest step",
@@ -70,11 +91,14 @@ class LiveDashboard:
         self.histogram.add_histogram(x=[], xbins=dict(start=0, end=1.0001, size=0.05), marker_color="#440154",
                                      hovertemplate="depth %{x}<br>%{y} (request, layer, head)<extra></extra>")
         self.histogram.update_xaxes(range=[0, 1.02])
-        self.bytes_figure = figure("KV bytes per step (all layers received)", "step", "MiB")
+        self.bytes_figure = figure("KV bytes per step (sum over the layers received)", "step", "MiB")
         self.bytes_figure.add_scatter(x=[], y=[], name="saved", mode="lines+markers", line_color="#21918c")
         self.bytes_figure.add_scatter(x=[], y=[], name="read", mode="lines", line_color="#bbbbbb")
-        self.request_figure = figure("mean depth per request (shown layers and heads)", "step", "depth")
-        self.request_figure.update_yaxes(range=[0, 1.02])
+        # One heatmap trace, rows of requests: no traces added and removed as requests come and go.
+        self.request_figure = heatmap_figure(
+            "mean depth per request and step",
+            "request %{y}, step %{x}<br>mean depth %{z:.3f}<extra></extra>", xtitle="step", ytitle="request")
+        sync_late_views(self.heatmap, self.histogram, self.bytes_figure, self.request_figure)
 
         self.pause = widgets.ToggleButton(value=False, description="pause", icon="pause",
                                           tooltip="freeze the figures; messages keep being received")
@@ -113,9 +137,10 @@ class LiveDashboard:
                     if msg is not None:
                         self.state.add(msg)
                     now = time.monotonic()
-                    if now - last_render >= self.refresh_s and not self.pause.value:
+                    if now - last_render >= self.refresh_s and not self.pause.value \
+                            and self.state.version != self._rendered_version:
                         last_render = now
-                        self.refresh(force=False)
+                        self._run_on_ui(lambda: self.refresh(force=False))
         except BaseException as exc:  # shown in the status line: a thread cannot raise to the user
             self._error = exc
             self.status.value = f"<b>stream error:</b> {exc!r}"
@@ -173,23 +198,26 @@ class LiveDashboard:
                   for vr, sr, step in zip(snap.visited, snap.selected, snap.layer_steps)]
         with self.heatmap.batch_update():
             hm = self.heatmap.data[0]
-            hm.z, hm.customdata = snap.depth, custom
+            hm.z, hm.customdata = _gaps(snap.depth), custom
             hm.x = [f"kv{h}" for h in snap.heads]
             hm.y = [f"L{layer}" for layer in snap.layers]
         self.histogram.data[0].x = snap.histogram
         with self.bytes_figure.batch_update():
             saved, read = self.bytes_figure.data
             saved.x = read.x = snap.steps
-            saved.y = [math.nan if b is None else b / _MIB for b in snap.bytes_saved]
+            saved.y = [None if b is None else b / _MIB for b in snap.bytes_saved]
             read.y = [b / _MIB for b in snap.bytes_read]
-        names = [str(rid) for rid in snap.request_depth]
-        if [trace.name for trace in self.request_figure.data] != names:  # new requests: one line each
-            self.request_figure.data = []
-            for name in names:
-                self.request_figure.add_scatter(x=[], y=[], mode="lines", name=name)
+        steps = sorted({step for xs, _ in snap.request_depth.values() for step in xs})
+        column = {step: j for j, step in enumerate(steps)}
+        rows = []
+        for xs, ys in snap.request_depth.values():
+            row = [None] * len(steps)  # None: no message of that request at that step
+            for step, depth in zip(xs, ys):
+                row[column[step]] = depth
+            rows.append(row)
         with self.request_figure.batch_update():
-            for trace, (xs, ys) in zip(self.request_figure.data, snap.request_depth.values()):
-                trace.x, trace.y = xs, ys
+            requests = self.request_figure.data[0]
+            requests.x, requests.y, requests.z = steps, [str(rid) for rid in snap.request_depth], rows
         sync_late_views(self.heatmap, self.histogram, self.bytes_figure, self.request_figure)
         self.status.value = (f"{snap.messages} messages from <code>{self.address}</code>; "
                              f"layers {snap.layers}, {len(snap.heads)} KV heads")

@@ -10,7 +10,7 @@ choice of request, layers and KV heads. Definitions (as in :mod:`art_runtime.sta
 * the histogram holds the depth of every shown (request, layer, KV head) of those latest
   messages;
 * bytes saved per step = ``sum over layers (dense_kv_bytes - kv_bytes_read)`` of the
-  messages received for that step (batch-wide: a message does not split bytes by request);
+  messages received for that step (a repeated (step, layer) message replaces the earlier one) (batch-wide: a message does not split bytes by request);
 * per request: mean depth over the shown layers and heads, per step.
 """
 
@@ -60,7 +60,7 @@ class LiveState:
         self.history = history
         self._lock = threading.Lock()
         self._latest: dict[int, StepStats] = {}  # layer -> its newest message
-        self._bytes: OrderedDict[int, list] = OrderedDict()  # step -> [read, dense or None]
+        self._bytes: OrderedDict[int, dict] = OrderedDict()  # step -> layer -> (read, dense or None)
         # step -> layer -> {request id: [H_kv] depths}: what per-request series are made of
         self._depths: OrderedDict[int, dict[int, dict]] = OrderedDict()
         self._requests: dict = {}  # insertion-ordered set of the request ids seen
@@ -78,12 +78,7 @@ class LiveState:
             self.num_heads = max(self.num_heads, max((len(row) for row in depths), default=0))
             for rid in msg.request_ids:
                 self._requests.setdefault(rid, None)
-            counts = self._bytes.setdefault(msg.step, [0, 0])
-            counts[0] += msg.kv_bytes_read
-            if msg.dense_kv_bytes is None or counts[1] is None:
-                counts[1] = None
-            else:
-                counts[1] += msg.dense_kv_bytes
+            self._bytes.setdefault(msg.step, {})[msg.layer] = (msg.kv_bytes_read, msg.dense_kv_bytes)
             self._depths.setdefault(msg.step, {})[msg.layer] = dict(zip(msg.request_ids, depths))
             for series in (self._bytes, self._depths):
                 while len(series) > self.history:
@@ -122,8 +117,10 @@ class LiveState:
                 msg_depth = msg.depth()
                 histogram += [msg_depth[b][h] for b in rows for h in heads]
             steps = list(self._bytes)
-            bytes_read = [self._bytes[s][0] for s in steps]
-            bytes_saved = [None if self._bytes[s][1] is None else self._bytes[s][1] - self._bytes[s][0] for s in steps]
+            per_step = [list(self._bytes[s].values()) for s in steps]
+            bytes_read = [sum(read for read, _ in layers) for layers in per_step]
+            bytes_saved = [None if any(dense is None for _, dense in layers) else sum(d - r for r, d in layers)
+                           for layers in per_step]
             request_depth = {}
             for rid in self._requests if request is None else [request]:
                 xs, ys = [], []

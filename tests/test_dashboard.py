@@ -35,6 +35,7 @@ def test_state_pools_latest_step_per_layer_and_filters():
     state.add(message(1, 3, [[2, 2], [1, 8]], [[4, 4], [4, 8]]))
     state.add(message(1, 7, [[4, 1], [4, 1]], [[4, 4], [4, 4]], dense=None))
     state.add(message(0, 7, [[0, 0], [0, 0]], [[4, 4], [4, 4]]))  # late, older: the heatmap keeps step 1
+    state.add(message(0, 7, [[0, 0], [0, 0]], [[4, 4], [4, 4]]))  # a repeat replaces, never double counts
 
     snap = state.snapshot()
     assert snap.layers == [3, 7] and snap.heads == [0, 1] and snap.layer_steps == [1, 1]
@@ -43,7 +44,7 @@ def test_state_pools_latest_step_per_layer_and_filters():
     assert sorted(snap.histogram) == sorted([0.5, 0.5, 0.25, 1.0, 1.0, 0.25, 1.0, 0.25])
     # Bytes: summed over the layers of a step; a step with a message without a dense count has no "saved".
     assert snap.steps == [0, 1] and snap.bytes_read == [200, 200] and snap.bytes_saved == [600, None]
-    assert snap.messages == 4 and state.request_ids == ["a", "b"]
+    assert snap.messages == 5 and state.request_ids == ["a", "b"]
 
     one = state.snapshot(request="b", layers=[7], heads=[1])
     assert one.layers == [7] and one.heads == [1] and one.depth == [[1 / 4]] and one.histogram == [0.25]

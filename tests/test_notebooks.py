@@ -62,7 +62,7 @@ hm = dash.heatmap.data[0]
 print(json.dumps({
     "z": hm.z, "x": hm.x, "y": hm.y, "customdata": hm.customdata, "histogram": list(dash.histogram.data[0].x),
     "bytes_steps": list(dash.bytes_figure.data[0].x), "bytes_saved_mib": list(dash.bytes_figure.data[0].y),
-    "request_traces": [t.name for t in dash.request_figure.data],
+    "requests": {axis: list(getattr(dash.request_figure.data[0], axis)) for axis in ("x", "y", "z")},
     "received": dash.state.messages, "sent": replay.streamer.publisher.sent, "stagger": replay.replay.stagger,
     "n_tokens": int(replay.replay.info["n_tokens"]), "captured": replay.replay.num_captured,
     "records": [r.to_dict() for r in replay.records.values()],
@@ -108,7 +108,14 @@ def test_live_notebook_shows_the_replayed_stream():
         expected = sum(records[(step, layer)]["dense_kv_bytes"] - records[(step, layer)]["kv_bytes_read"]
                        for layer in layers if (step, layer) in records)
         assert saved == pytest.approx(expected / 2**20) and saved > 0
-    assert got["request_traces"] == [f"req-{r}" for r in range(4)]
+    # Per request: mean depth over layers and KV heads at each step, as published.
+    requests = got["requests"]
+    assert requests["y"] == [f"req-{r}" for r in range(4)] and requests["x"] == got["bytes_steps"]
+    for r, row in enumerate(requests["z"]):
+        for step, depth in zip(requests["x"], row):
+            expected = [v / s for layer in layers for v, s in zip(records[(step, layer)]["visited_pages"][r],
+                                                                   records[(step, layer)]["selected_pages"][r])]
+            assert depth == pytest.approx(sum(expected) / len(expected))
 
 
 EXPLORE_PROBE = """
