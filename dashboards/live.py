@@ -9,12 +9,14 @@ that also handles the browser's replies to figure updates (plotly's ``FigureWidg
 thread-safe); outside an event loop (a script, a test) the receiver thread renders. Controls
 re-render at once from the state, paused or not.
 
-Known limitation (Voila, plotly 7 with anywidget): when the page loads while the stream is
-busy (a re-render every 0.2-1 s), a figure's browser view was seen, in about half of the page
-loads, to stay at the data it started with while the other figures followed the stream; a
-reload fixes it. Not seen when the stream was quiet while the page loaded (a step every 3-4 s
-during the load, then every 0.3 s: the browser test, 6 runs), nor when the page loaded after
-the stream ended.
+Known limitation (Voila 0.5, plotly 7 with anywidget 0.9): when Voila's page loads while the
+stream goes on, the browser view of a figure at times stays at the data it started with
+while the others follow the stream (in about half of the page loads while a step came every
+0.2-1 s, less often when the stream was quiet during the load). The view then gets no edit at
+all although the kernel sends them and plotly applies them when called by hand in the page;
+a reload fixes it. The layer x head heatmap always followed in these runs (about 20); the
+bytes and per-request figures were the ones left behind. Not seen when the page loaded after
+the stream ended (the live notebook's own replay, the committed screenshot).
 """
 
 from __future__ import annotations
