@@ -33,10 +33,12 @@ that share a KV head share one traversal, so the group stops only when all of th
     the softmax mass not yet read. It reads no byte more than ``bound`` (the key boxes).
     Measured on real attention (``../shared/data/captures``, page size 16, 8 queries a
     layer): the estimate of a page's log-mass has median error -0.2..+0.3 nats and
-    p10..p90 within about -1.5..+1.9 nats, where the bound's overshoot is 9-14 nats; the
-    resulting per-head output error relative to ``|o|`` averaged 0.5-2 ``eps`` with maxima of
-    1-4 ``eps`` (``benchmarks/results/termination_*``). When a row is split into chunks,
-    each chunk estimates its own share.
+    p10..p90 within about -1.5..+1.9 nats, where the bound's overshoot is 11-15 nats; at eps
+    0.05 in the ``mass`` visit order the per-head output error relative to ``|o|`` averaged
+    0.2-0.8 ``eps`` with maxima of 1.1-4 ``eps``
+    (``benchmarks/results/termination_2026-11-26/README.md``). No guarantee: a page whose keys
+    form far-apart clusters can hold much more mass than the estimate says. When a row is
+    split into chunks, each chunk estimates its own share.
 
 ``off``
     Visit every selected page: exact attention over the selection.
