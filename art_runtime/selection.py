@@ -58,7 +58,8 @@ def dense_selection(kv_indptr: torch.Tensor, num_kv_heads: int) -> PageSelection
     return PageSelection(indptr=indptr.to(torch.int32), pages=pages.to(torch.int32))
 
 
-def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int, layout) -> torch.Tensor:
+def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int, layout, *,
+                kernel: bool | None = None) -> torch.Tensor:
     """Turn page scores into the selection's visit order; no host synchronization.
 
     Each row keeps the sink page (0) first and the current page (the request's last) second,
@@ -74,6 +75,9 @@ def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int
     num_kv_heads : int
     layout : art_runtime.policies.base.SelectionLayout
         Kept pages per row (``indptr``), with each entry's ``row`` and ``rank``.
+    kernel : bool or None
+        Use the Triton kernel (default: on CUDA). On the CPU the torch path runs unless
+        ``kernel=True`` (the Triton interpreter, for tests: its sort is slow there).
 
     Returns
     -------
@@ -81,7 +85,11 @@ def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int
         ``[nnz]`` int32 logical pages, row by row in visit order.
     """
     nnz = layout.row.numel()
-    if triton_runs_on(scores.device):
+    if kernel is None:
+        kernel = scores.is_cuda
+    if kernel and not triton_runs_on(scores.device):
+        raise ValueError("kernel=True needs CUDA or TRITON_INTERPRET=1")
+    if kernel:
         from .kernels.page_selection import select_top_pages_kernel
 
         pages = torch.empty(nnz, dtype=torch.int32, device=scores.device)

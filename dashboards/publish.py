@@ -226,14 +226,17 @@ class ReplayThread:
     Made by :func:`start_replay`. ``records`` maps ``(step, layer)`` to the
     :class:`~art_runtime.stats.StepStats` of what was published (host copies taken here, not
     read back from the stream), so that a check can compare what a subscriber shows with
-    what was sent; it keeps the last pass over the capture (``num_steps`` steps). ``error``
-    holds the exception that stopped the thread, if any.
+    what was sent; it keeps the last pass over the capture (``num_steps`` steps).
+    ``steps_published`` counts the steps published so far (safe to read from another thread,
+    unlike iterating ``records`` while the thread runs). ``error`` holds the exception that
+    stopped the thread, if any.
     """
 
     def __init__(self, replay: CaptureReplay, streamer: DecodeStatsStreamer, *, interval_s: float, repeat: bool):
         self.replay, self.streamer = replay, streamer
         self.interval_s, self.repeat = interval_s, repeat
         self.records: OrderedDict[tuple[int, int], StepStats] = OrderedDict()
+        self.steps_published = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="art-replay", daemon=True)
@@ -261,6 +264,7 @@ class ReplayThread:
                     if len(self.records) > replay.num_steps * len(replay.layers):
                         self.records.popitem(last=False)
                 step += 1
+                self.steps_published = step
                 if step == self.replay.num_steps and not self.repeat:
                     break
                 self._stop.wait(self.interval_s)

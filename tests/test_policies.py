@@ -72,7 +72,7 @@ def test_quest_scoring_reference(policy, case):
 
 
 @pytest.mark.parametrize("budget", [2, 7, 1000])
-def test_selection_kernel_equals_torch_ordering(budget, device, monkeypatch):
+def test_selection_kernel_equals_torch_ordering(budget, device):
     """The Triton radix select + sort and the torch sort give the same visit order, ties included."""
     from art_runtime import selection
 
@@ -83,9 +83,8 @@ def test_selection_kernel_equals_torch_ordering(budget, device, monkeypatch):
     gen = torch.Generator().manual_seed(budget)
     scores = torch.randint(-3, 4, (ctx.num_rows, layout.width), generator=gen).float().to(case.q.device)  # many ties
     scores[0, 3] = float("inf")  # a score equal to the sink's still comes after the sink and the current page
-    kernel = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout)
-    monkeypatch.setattr(selection, "triton_runs_on", lambda device: False)
-    reference = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout)
+    kernel = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=True)
+    reference = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=False)
     assert torch.equal(kernel, reference)
     for r in range(ctx.num_rows):  # and both are what the order means, by brute force
         n = case.pages_per_request()[r // 2]
