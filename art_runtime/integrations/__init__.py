@@ -1,0 +1,1 @@
+"""Integrations of ART decode into model runtimes (transformers, SGLang)."""
