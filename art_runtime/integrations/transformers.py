@@ -453,6 +453,58 @@ class ARTPagedCache(Cache):
         value_scale = values.norm(dim=-1).amax(-1).repeat_interleave(group, dim=1)
         return distance / exact.norm(dim=-1), distance / value_scale
 
+    # -- copies (one prefill, many settings) --------------------------------------------
+
+    def clone(self, termination: TerminationConfig | None = None, policy: PagePolicy | None = None,
+              measure_error: bool | None = None, stats_address: str | None = None) -> "ARTPagedCache":
+        """A copy of this prefilled cache (pages and metadata copied) that decodes with other
+        settings; the arguments left out keep this cache's (the termination, policy,
+        measure_error; no stats stream unless given).
+
+        Only before the first decode step, and not for policies that score the prompt at
+        prefill (SnapKV: run its prefill through the model instead).
+        """
+        if self._records:
+            raise ValueError("clone: this cache has decoded already; clone it right after the prefill")
+        policy = self.policy if policy is None else policy
+        if getattr(policy, "prefill", None) is not None:
+            raise ValueError(f"policy: {policy.name} scores the prompt at prefill; prefill a new cache for it")
+        copy = ARTPagedCache.__new__(ARTPagedCache)
+        copy.__dict__.update(self.__dict__)
+        copy.layers = []
+        for layer in self.layers:
+            twin = ARTPagedLayer(layer.page_size)
+            twin.__dict__.update(layer.__dict__)
+            if layer.pool is not None:
+                twin.pool = layer.pool.clone()
+                twin.meta = PageMetadata(key_min=layer.meta.key_min.clone(), key_max=layer.meta.key_max.clone(),
+                                         value_norm_max=layer.meta.value_norm_max.clone(), page_size=layer.page_size)
+            copy.layers.append(twin)
+        copy.termination = self.termination if termination is None else termination
+        copy.policy = policy
+        copy.measure_error = self.measure_error if measure_error is None else measure_error
+        copy.wrapper = BatchARTDecodeWrapper(kv_layout="NHD", backend=self.wrapper.backend)
+        copy._id_prefix = f"art-{next(_request_counter)}"
+        copy.request_ids = None if self.request_ids is None else [
+            f"{copy._id_prefix}-{b}" for b in range(len(self.request_ids))]
+        copy._planned, copy._step, copy._step_lens, copy._records = None, -1, [], []
+        copy._publisher = None
+        if stats_address is not None:
+            from ..stats import StatsPublisher
+
+            copy._publisher = StatsPublisher(stats_address)
+        return copy
+
+    def dense_cache(self):
+        """A ``transformers.DynamicCache`` holding the same tokens (for an exact reference run)."""
+        from transformers import DynamicCache
+
+        dense = DynamicCache(config=self.config)
+        for layer_idx, layer in enumerate(self.layers):
+            if layer.seq_len:
+                dense.update(*layer.gather(self._table), layer_idx)
+        return dense
+
     # -- results and lifetime -----------------------------------------------------------
 
     def decode_record(self) -> DecodeRecord:
