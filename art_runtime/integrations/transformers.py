@@ -17,7 +17,7 @@ on a CPU and on Triton on a GPU (``backend="auto"``). Each decode layer's statis
 (pages visited and selected per request and KV head, bytes read, and optionally the
 attention output's error against exact dense attention on the same query and cache) are
 recorded (:meth:`ARTPagedCache.decode_record`) and optionally published on the project's
-stats stream (``stats_address``, schema ``art-runtime.stats/1``).
+stats stream (``stats_publisher``, schema ``art-runtime.stats/1``).
 
 Example
 -------
@@ -46,7 +46,7 @@ import torch
 
 from ..decode import BatchARTDecodeWrapper
 from ..page_metadata import PageMetadata
-from ..policies import PagePolicy
+from ..policies import DensePolicy, PagePolicy
 from ..termination import TerminationConfig
 
 try:
@@ -324,7 +324,9 @@ class ARTPagedCache(Cache):
         ART's criterion and thresholds (default ``TerminationConfig()``); any mode
         ``TerminationConfig`` accepts, ``off`` for exact attention over the selected pages.
     policy : art_runtime.policies.PagePolicy, optional
-        Page selection and visit order (``None``: dense, the wrapper's default order).
+        Page selection and visit order. ``None``: ``DensePolicy()``, every page in Quest order
+        (the measured better dense order; in recency order the stability rule at its
+        defaults loses the passkey of a 1.5K-token prompt that Quest order keeps).
         Stateful policies (SnapKV, H2O) get this cache's request ids; SnapKV's prompt votes
         are taken at prefill. Call :meth:`release` (or use the cache as a context manager)
         to drop their state.
@@ -336,21 +338,23 @@ class ARTPagedCache(Cache):
         Also compute, at every decode layer, exact float64 attention over every cached token
         for the same query and record the output's error (``DecodeRecord.output_error``).
         Costs a dense pass per layer: for evaluation and tests.
-    stats_address : str, optional
-        Publish every decode layer's ``DecodeStats`` on the stats stream at this ZMQ address
-        (``art_runtime.stats.StatsPublisher``, loopback only; needs pyzmq).
+    stats_publisher : art_runtime.stats.StatsPublisher, optional
+        Publish every decode layer's ``DecodeStats`` on the stats stream (step = this
+        cache's decode step, layer = the layer index, the cache's request ids). The caller
+        owns the publisher and closes it.
     """
 
     def __init__(self, model, termination: TerminationConfig | None = None, policy: PagePolicy | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE, backend: str = "auto", measure_error: bool = False,
-                 stats_address: str | None = None):
+                 stats_publisher=None):
         config = model.config
         if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
         termination = TerminationConfig() if termination is None else termination
         if not isinstance(termination, TerminationConfig):
             raise ValueError(f"termination must be a TerminationConfig, got {type(termination).__name__}")
-        if policy is not None and not isinstance(policy, PagePolicy):
+        policy = DensePolicy() if policy is None else policy
+        if not isinstance(policy, PagePolicy):
             raise ValueError(f"policy must be an art_runtime.policies.PagePolicy or None, got {type(policy).__name__}")
         types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         if any(kind != "full_attention" for kind in types):
@@ -370,11 +374,7 @@ class ARTPagedCache(Cache):
         self._step = -1
         self._step_lens: list[int] = []  # tokens (the decoded one included) at each decode step
         self._records: list[list[dict]] = []  # per decode step, per layer
-        self._publisher = None
-        if stats_address is not None:
-            from ..stats import StatsPublisher
-
-            self._publisher = StatsPublisher(stats_address)
+        self._publisher = stats_publisher
 
     # -- transformers' Cache interface --------------------------------------------------
 
@@ -456,10 +456,9 @@ class ARTPagedCache(Cache):
     # -- copies (one prefill, many settings) --------------------------------------------
 
     def clone(self, termination: TerminationConfig | None = None, policy: PagePolicy | None = None,
-              measure_error: bool | None = None, stats_address: str | None = None) -> "ARTPagedCache":
+              measure_error: bool | None = None) -> "ARTPagedCache":
         """A copy of this prefilled cache (pages and metadata copied) that decodes with other
-        settings; the arguments left out keep this cache's (the termination, policy,
-        measure_error; no stats stream unless given).
+        settings; the arguments left out keep this cache's (the stats publisher is shared).
 
         Only before the first decode step, and not for policies that score the prompt at
         prefill (SnapKV: run its prefill through the model instead).
@@ -467,6 +466,8 @@ class ARTPagedCache(Cache):
         if self._records:
             raise ValueError("clone: this cache has decoded already; clone it right after the prefill")
         policy = self.policy if policy is None else policy
+        if not isinstance(policy, PagePolicy):
+            raise ValueError(f"policy must be an art_runtime.policies.PagePolicy or None, got {type(policy).__name__}")
         if getattr(policy, "prefill", None) is not None:
             raise ValueError(f"policy: {policy.name} scores the prompt at prefill; prefill a new cache for it")
         copy = ARTPagedCache.__new__(ARTPagedCache)
@@ -488,11 +489,6 @@ class ARTPagedCache(Cache):
         copy.request_ids = None if self.request_ids is None else [
             f"{copy._id_prefix}-{b}" for b in range(len(self.request_ids))]
         copy._planned, copy._step, copy._step_lens, copy._records = None, -1, [], []
-        copy._publisher = None
-        if stats_address is not None:
-            from ..stats import StatsPublisher
-
-            copy._publisher = StatsPublisher(stats_address)
         return copy
 
     def dense_cache(self):
@@ -524,14 +520,11 @@ class ARTPagedCache(Cache):
                             stack("bytes", torch.int64), stack("dense_bytes", torch.int64), *errors)
 
     def release(self) -> None:
-        """Drop the policy's per-request state and close the stats publisher."""
+        """Drop the policy's per-request state (stateful policies: SnapKV, H2O)."""
         release = getattr(self.policy, "release", None)
         if release is not None and self.request_ids is not None:
             for request_id in self.request_ids:
                 release(request_id)
-        if self._publisher is not None:
-            self._publisher.close()
-            self._publisher = None
 
     def __enter__(self) -> "ARTPagedCache":
         return self
