@@ -624,9 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="art-runtime", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="ART (Attention Run-time Termination): paged decode attention that stops reading\n"
                     "a head's KV pages once more pages can no longer change its output.\n\n"
-                    "Run 'art-runtime demo --help' for the demo's options and\n"
-                    "'art-runtime analyze --help' for the termination analysis on captures and\n"
-                    "'art-runtime fetch --help' to download the real models and texts.",
+                    "Run 'art-runtime demo --help' for the demo's options (a passkey answered by a real\n"
+                    "model with ART on; --synthetic: the kernel-level demo),\n"
+                    "'art-runtime analyze --help' for the termination analysis on captures,\n"
+                    "'art-runtime fetch --help' to download the real models and texts,\n"
+                    "'art-runtime eval --help' for the quality evaluation on a real model and\n"
+                    "'art-runtime capture --help' to capture real Q/K/V.",
     )
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     add_demo_parser(commands)

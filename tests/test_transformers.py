@@ -76,6 +76,22 @@ def test_paged_cache_with_art_off_matches_transformers_cache(smollm2, austen):
     assert torch.equal(record.kv_bytes_read - record.dense_kv_bytes, key_boxes.expand(15, 30))
 
 
+def test_a_batch_of_requests_interleaves_pages_and_stays_exact(smollm2, austen):
+    model, tokenizer = smollm2
+    ids = torch.cat([prompt_ids(tokenizer, austen, 150, start=s) for s in (3000, 4000, 6000)])
+    model.set_attn_implementation("sdpa")
+    try:
+        ref_tokens, ref_logits = greedy_decode(model, ids, DynamicCache(config=model.config), 4)
+    finally:
+        enable_art(model)
+    cache = ARTPagedCache(model, TerminationConfig(mode="off"))
+    tokens, logits = greedy_decode(model, ids, cache, 4)
+    assert torch.equal(tokens, ref_tokens) and (logits - ref_logits).abs().max() < LOGIT_TOLERANCE
+    # request b's logical page i is physical page i * B + b: the requests' pages interleave
+    assert cache._table.kv_indices[:3].tolist() == [0, 3, 6] and cache._table.kv_indptr.tolist() == [0, 10, 20, 30]
+    assert cache.decode_record().visited_pages.shape == (3, 30, 3, 3)
+
+
 def test_clone_and_dense_cache_continue_the_same_prefill(smollm2, austen):
     model, tokenizer = smollm2
     ids = prompt_ids(tokenizer, austen, 200, start=5000)
