@@ -153,6 +153,9 @@ def test_wrong_use_raises_naming_the_argument(smollm2):
         ARTPagedCache(model, termination="bound")
     with pytest.raises(ValueError, match="policy"):
         ARTPagedCache(model, policy="quest")
+    padded = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="attention_mask"), torch.no_grad():
+        model(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=padded, cache=ARTPagedCache(model))
     model.set_attn_implementation("sdpa")
     try:
         with pytest.raises(ValueError, match="enable_art"):

@@ -139,6 +139,10 @@ def art_attention_forward(module, query, key, value, attention_mask, dropout: fl
     cache, layer_idx, _ = pending
     if kwargs.get("sliding_window") is not None:
         raise ValueError(f"layer {layer_idx} uses sliding-window attention, which ARTPagedCache does not support")
+    # the last query of every request sees every cached token unless some are padding
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool \
+            and not bool(attention_mask[..., -1, :].all()):
+        raise ValueError("attention_mask: ARTPagedCache needs requests of equal length, without padding")
     scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     if query.shape[2] > 1:
         cache._prefill_hook(layer_idx, query, key, scaling)
