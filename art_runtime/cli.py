@@ -421,7 +421,9 @@ accuracy, KL and perplexity change) and OUT_DIR/accuracy.png (accuracy per lengt
 
 EVAL_EPILOG = """\
 cost: each decode step runs every layer through the torch backend (about 0.1-0.4 s a layer at
-2K tokens on a 2-core CPU); the defaults take roughly 30-60 minutes there.
+2K tokens on a 2-core CPU), and a multivalue answer is 10 steps a needle: the defaults take
+over an hour there; trim with --kinds, --lengths, --policies, --modes. The committed run
+(benchmarks/results/eval_smollm2_2026-11-26) took about 20 minutes on a shared 2-core CPU.
 examples:
   art-runtime eval --out-dir benchmarks/results/eval_smollm2
   art-runtime eval --lengths 1024 2048 4096 --kinds passkey single --samples 3 --policies dense quest h2o
