@@ -287,10 +287,12 @@ def _answer_tokens(kind: str, num_needles: int) -> int:
 def _check_settings(settings: EvalSettings) -> None:
     from .tasks import KINDS
 
-    for name in ("samples", "ppl_tokens", "page_size", "capture_queries"):
+    for name in ("samples", "page_size", "capture_queries"):
         value = getattr(settings, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not isinstance(settings.ppl_tokens, int) or settings.ppl_tokens < 0:
+        raise ValueError(f"ppl_tokens must be an int >= 0 (0: no perplexity), got {settings.ppl_tokens!r}")
     if not settings.lengths or any(not isinstance(n, int) or n < 256 for n in settings.lengths):
         raise ValueError(f"lengths must be ints >= 256, got {list(settings.lengths)}")
     unknown = [kind for kind in settings.kinds if kind not in KINDS]
@@ -513,10 +515,10 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     measures = [("accuracy_all", "task accuracy"), ("kl_mean", "mean KL to dense (nats)"),
                 ("perplexity_change", "perplexity change vs dense")]
     for ax, (key, label) in zip(axes, measures):
-        for name in names:
+        for index, name in enumerate(names):  # one colour per configuration in every panel
             value = summary[name].get(key)
             if value is not None:
-                ax.scatter(summary[name]["pages_fraction"], value, label=name)
+                ax.scatter(summary[name]["pages_fraction"], value, label=name, color=f"C{index % 10}")
         ax.set_xlabel("fraction of context pages read")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -527,9 +529,9 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     fig.savefig(tradeoff, dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
+    for index, name in enumerate(names):
         by_length = summary[name]["accuracy_by_length"]
-        ax.plot([int(n) for n in by_length], list(by_length.values()), marker="o", label=name)
+        ax.plot([int(n) for n in by_length], list(by_length.values()), marker="o", label=name, color=f"C{index % 10}")
     ax.set_xlabel("context tokens")
     ax.set_ylabel("task accuracy")
     ax.set_ylim(-0.05, 1.05)

@@ -81,3 +81,13 @@ def test_eval_command_on_smollm2(tmp_path, monkeypatch, capsys):
     assert row["perplexity"] > 1
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000 and (tmp_path / "accuracy.png").exists()
     assert "| config | pages read |" in capsys.readouterr().out
+
+
+def test_settings_are_checked():
+    from art_runtime.evaluation import EvalSettings, _check_settings
+
+    _check_settings(EvalSettings(ppl_tokens=0))  # 0: no perplexity
+    for bad, name in ((dict(ppl_tokens=-1), "ppl_tokens"), (dict(samples=0), "samples"),
+                      (dict(lengths=(100,)), "lengths"), (dict(kinds=("haystack",)), "kinds")):
+        with pytest.raises(ValueError, match=name):
+            _check_settings(EvalSettings(**bad))
