@@ -486,7 +486,8 @@ def write_report(report: dict, out_dir, plots: bool = True) -> list[Path]:
         f"* date: {report['date']}, duration {report['seconds'] / 60:.1f} min",
         f"* tasks: {', '.join(settings['kinds'])} at {', '.join(map(str, settings['lengths']))} tokens, "
         f"{settings['samples']} sample(s) each (depths spread), filler {settings['filler']}; "
-        f"perplexity: {settings['ppl_tokens']} tokens of {settings['ppl_text']} after {settings['ppl_context']}",
+        + (f"perplexity: {settings['ppl_tokens']} tokens of {settings['ppl_text']} after {settings['ppl_context']}"
+           if settings["ppl_tokens"] else "no perplexity"),
         "* pages read: pages read / pages in the context, over every decode step, layer and KV head; "
         "KV bytes: read (K+V and page metadata) / a dense read",
         "* top-1 agree, KL: at every decode step (tasks and perplexity), against dense on the same prefix",
