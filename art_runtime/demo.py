@@ -500,7 +500,7 @@ class DecodeSession:
         self.workload, self.layout, self.termination, self.device = workload, layout, termination, device
         self.cache = prefill_cache(workload, layout, dtype, device)
         self.meta = None
-        if termination.mode == "bound":
+        if termination.reads_page_metadata:
             table, _, _, _ = segment_table(layout, workload.context_lens, device)
             self.meta = PageMetadata.from_cache(self.cache, *table.as_args())
         positions = workload.context_lens[None, :] + torch.arange(workload.steps)[:, None]  # [steps, B]

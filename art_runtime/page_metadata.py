@@ -97,6 +97,20 @@ class PageMetadata:
             value_norm_max=torch.zeros(max_pages, num_kv_heads, dtype=torch.float32, device=device),
         )
 
+    def clone(self) -> "PageMetadata":
+        """A copy, with the same layout."""
+        copy = PageMetadata.allocate(*self.key_scale.shape[:1], self.page_size, *self.key_min.shape[1:],
+                                     device=self.key_scale.device)
+        copy.copy_pages_from(self)
+        return copy
+
+    def copy_pages_from(self, other: "PageMetadata") -> None:
+        """Copy ``other``'s summaries into this metadata's first pages (e.g. after growing a pool)."""
+        count = other.key_scale.shape[0]
+        for mine, theirs in ((self.key_min, other.key_min), (self.key_max, other.key_max),
+                             (self.key_scale, other.key_scale), (self.value_norm_max, other.value_norm_max)):
+            mine[:count] = theirs
+
     def key_bounds(self, pages: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
         """The boxes of ``(pages, heads)`` (broadcast together) as float32 ``(lo, hi)``, ``[..., D]``."""
         scale = self.key_scale[pages, heads][..., None]

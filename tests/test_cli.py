@@ -8,9 +8,9 @@ import pytest
 from art_runtime.cli import main
 
 CAPTURE = Path(__file__).resolve().parents[2] / "shared/data/captures/smollm2-135m_pride-prejudice_8k.safetensors"
-SMALL = ["--batch", "2", "--kv-len", "1024", "--steps", "2", "--device", "cpu", "--backend", "torch",
+SMALL = ["--synthetic", "--batch", "2", "--kv-len", "1024", "--steps", "2", "--device", "cpu", "--backend", "torch",
          "--dtype", "float32"]
-OPTIONS = ["--batch", "--kv-len", "--page-size", "--num-qo-heads", "--num-kv-heads", "--head-dim", "--dtype",
+OPTIONS = ["--synthetic", "--model", "--tokens", "--depth", "--policy", "--plot", "--batch", "--kv-len", "--page-size", "--num-qo-heads", "--num-kv-heads", "--head-dim", "--dtype",
            "--device", "--backend", "--steps", "--modes", "--tau-mag", "--tau-dir", "--patience", "--eps",
            "--relative-to", "--min-pages", "--seed", "--capture", "--layer", "--json"]
 # Float32 storage, float32 accumulation and output: mode off is exact up to rounding.
@@ -60,6 +60,7 @@ def test_help_explains_every_option(capsys):
 
 
 @pytest.mark.parametrize("args", [["--kv-len", "64", "--capture", "x.safetensors"], ["--layer", "3"],
+                                  ["--batch", "2"], ["--synthetic", "--layer", "3"],
                                   ["--device", "cpu", "--capture", "/nonexistent.safetensors"]])
 def test_unusable_arguments_exit_with_2(args, capsys):
     assert main(["demo", *args]) == 2
@@ -82,3 +83,20 @@ def test_capture(tmp_path, capsys):
     assert bound["error"]["value_relative_max"] <= bound["termination"]["eps"] + OFF_TOLERANCE
     assert bound["metadata_matches_rebuild"] is True
     assert "SmolLM2-135M-Instruct" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_default_demo_answers_a_passkey_with_art(tmp_path, capsys, monkeypatch):
+    """The default demo: SmolLM2 answers a passkey with ART (stability, Quest order) as dense does."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU user's paths: torch backend and metadata update
+    report_path, plot = tmp_path / "passkey.json", tmp_path / "pages.png"
+    assert main(["demo", "--json", str(report_path), "--plot", str(plot)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["dense"]["correct"] and report["passkey"] in report["dense"]["answer"]
+    art = report["art"]["stability"]
+    assert art["same_as_dense"] and art["correct"]
+    assert 0 < art["pages_fraction"] < 1
+    assert len(art["pages_per_layer_head"]) == 30 and all(len(row) == 3 for row in art["pages_per_layer_head"])
+    assert plot.stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "ART stability" in out and report["passkey"] in out and out.count("%") > 90

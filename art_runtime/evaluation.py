@@ -1,0 +1,545 @@
+"""``art-runtime eval``: quality of ART on a real model, against exact dense attention.
+
+For every configuration (a page-selection policy, with or without an ART termination
+setting) and against the exact dense model on the same prompts:
+
+* **tasks**: passkey and RULER-style needles (``art_runtime.tasks``) at several context
+  lengths with depths spread over the context; the answer is generated greedily and scored
+  as RULER does (the expected numbers present in the output);
+* **next-token agreement and KL**: at every decode step of every task the configuration's
+  logits are compared with dense logits *on the same prefix* (a dense cache is fed the
+  configuration's own tokens in lockstep): top-1 agreement and ``KL(p_dense || p_config)``;
+* **perplexity**: teacher-forced over ``ppl_tokens`` tokens of held-out real text after a
+  ``ppl_context``-token prefix, from a third of the way into the text (past front matter);
+  every scored token is a decode step through ART;
+* **pages and bytes**: pages read per (layer, request, KV head) over pages in the context,
+  and K+V (+ metadata) bytes over a dense read, from the decode records;
+* **captured attention** (optional): per-head attention-output error and pages read on
+  captured Q/K/V (``art_runtime.analysis``, the same torch backend) for each termination
+  setting, in Quest order.
+
+Per-head output error alone is not the quality measure (real attention is diffuse; pruners
+with good task scores still show large per-head errors): judge by the task and logit
+measures. Prefill is exact and shared: one prefill per prompt, cloned for each
+configuration (SnapKV, which scores the prompt at prefill, prefills its own).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .termination import TerminationConfig
+
+DEFAULT_KINDS = ("passkey", "single", "multikey", "multivalue")
+# greedy tokens generated per answer: a space and one token per digit (SmolLM2, Qwen2.5), and a
+# separator between the numbers of a multi-value answer
+ANSWER_TOKENS = {"passkey": 6, "single": 8, "multikey": 8}
+MULTIVALUE_TOKENS_PER_NEEDLE = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluated configuration: a policy (registry name and arguments) and a termination.
+
+    ``policy`` ``"dense"`` is ``DensePolicy()`` (every page, Quest order); with termination
+    ``off`` it is exact attention (the reference itself, not evaluated as a row).
+    """
+
+    policy: str
+    policy_kwargs: tuple = ()
+    termination: TerminationConfig = TerminationConfig(mode="off")
+
+    @property
+    def name(self) -> str:
+        from .analysis import setting_label
+
+        policy = self.policy + (f"({', '.join(f'{k}={v}' for k, v in self.policy_kwargs)})"
+                                if self.policy_kwargs else "")
+        return policy if self.termination.mode == "off" else f"{policy} + {setting_label(self.termination)}"
+
+    def make_policy(self):
+        from .policies import get
+
+        return get(self.policy, **dict(self.policy_kwargs))
+
+
+def build_configs(policies, modes, *, tau_mags=(1e-3,), patience: int = 2, epss=(0.05,),
+                  relative_to: str = "output", budget_fraction: float = 0.25, min_pages: int | None = None,
+                  block_pages: int | None = None, context_tokens: int = 2048, page_size: int = 16) -> list[EvalConfig]:
+    """Every policy alone (except dense) and with every ART setting.
+
+    Parameters
+    ----------
+    policies : sequence of str
+        Registered policy names (``dense``, ``quest``, ``streaming_llm``, ``snapkv``, ``h2o``).
+    modes : sequence of str
+        Termination modes to add on top of each policy. ``stability`` gets one setting per
+        ``tau_mags`` value (``tau_dir = tau_mag**2``, the paper's choice); every other mode
+        (``bound``, and any mode ``TerminationConfig`` accepts) one per ``epss`` value.
+    budget_fraction : float
+        Budgeted policies keep this fraction of the pages of a ``context_tokens`` context.
+    """
+    if not 0 < budget_fraction <= 1:
+        raise ValueError(f"budget_fraction must be in (0, 1], got {budget_fraction!r}")
+    pages = max(4, math.ceil(budget_fraction * context_tokens / page_size))
+    kwargs = {"dense": (), "quest": (("budget", pages),), "h2o": (("budget", pages), ("recent_pages", 4)),
+              "snapkv": (("budget", pages), ("window", 32)),
+              "streaming_llm": (("sink_pages", 1), ("window_pages", pages - 1))}
+    common = {k: v for k, v in (("min_pages", min_pages), ("block_pages", block_pages)) if v is not None}
+    settings = []
+    for mode in modes:
+        if mode == "stability":
+            settings += [TerminationConfig(mode=mode, tau_mag=t, tau_dir=t * t, patience=patience, **common)
+                         for t in tau_mags]
+        elif mode != "off":
+            settings += [TerminationConfig(mode=mode, eps=e, relative_to=relative_to, **common) for e in epss]
+    configs = []
+    for policy in policies:
+        if policy not in kwargs:
+            raise ValueError(f"policies: unknown policy {policy!r}; known: {sorted(kwargs)}")
+        if policy != "dense":
+            configs.append(EvalConfig(policy, kwargs[policy]))
+        configs += [EvalConfig(policy, kwargs[policy], setting) for setting in settings]
+    return configs
+
+
+@dataclass
+class RunStats:
+    """What one configuration did on one prompt."""
+
+    score: float | None = None
+    answer: str | None = None
+    top1: list = field(default_factory=list)  # per step: 1.0 / 0.0
+    kl: list = field(default_factory=list)  # per step, nats
+    nll: list = field(default_factory=list)  # per scored token (perplexity runs)
+    pages_read: int = 0
+    pages_context: int = 0
+    bytes_read: int = 0
+    bytes_dense: int = 0
+
+
+def _kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(dense) || softmax(logits))`` per row, nats (float64)."""
+    p = torch.log_softmax(dense_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+class Evaluator:
+    """Runs the configurations on a loaded model (see the module docstring).
+
+    Parameters
+    ----------
+    model, tokenizer
+        From ``art_runtime.integrations.transformers.load_model`` (switched to ART here).
+    configs : list of EvalConfig
+    page_size : int
+    progress : bool
+        tqdm bars on stderr.
+    """
+
+    def __init__(self, model, tokenizer, configs, page_size: int = 16, progress: bool = True):
+        from .integrations.transformers import enable_art
+
+        self.model = enable_art(model)
+        self.tokenizer = tokenizer
+        self.configs = list(configs)
+        self.page_size = page_size
+        self.progress = progress
+
+    def _bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.progress, file=sys.stderr, leave=False)
+
+    def _prefill(self, ids: torch.Tensor, termination: TerminationConfig = TerminationConfig(mode="off"),
+                 policy=None):
+        """A cache holding ``ids`` (exact prefill), ready to clone or to decode with these settings."""
+        from .integrations.transformers import ARTPagedCache, model_forward
+
+        cache = ARTPagedCache(self.model, termination, policy=policy, page_size=self.page_size)
+        with torch.no_grad():
+            model_forward(self.model, ids, cache)
+        return cache
+
+    def _config_cache(self, prefilled, ids, config: EvalConfig):
+        policy = config.make_policy()
+        if getattr(policy, "prefill", None) is not None:  # SnapKV votes on the prompt's queries
+            return self._prefill(ids, config.termination, policy)
+        return prefilled.clone(config.termination, policy=policy)
+
+    def _account(self, stats: RunStats, cache) -> None:
+        record = cache.decode_record()
+        per_step = record.visited_pages.shape[1] * record.visited_pages[0, 0].numel()
+        stats.pages_read += int(record.visited_pages.sum())
+        stats.pages_context += int(record.context_pages.sum()) * per_step
+        stats.bytes_read += int(record.kv_bytes_read.sum())
+        stats.bytes_dense += int(record.dense_kv_bytes.sum())
+
+    def run_task(self, sample, answer_tokens: int) -> dict:
+        """Dense and every configuration on one task sample: ``{config name | "dense": RunStats}``."""
+        from .integrations.transformers import greedy_decode, model_forward
+
+        ids = torch.tensor([sample.input_ids])
+        prefilled = self._prefill(ids[:, :-1])
+        last = ids[:, -1:]
+        tokens, _ = greedy_decode(self.model, last, prefilled.dense_cache(), answer_tokens)
+        dense_answer = self.tokenizer.decode(tokens[0])
+        out = {"dense": RunStats(score=sample.score(dense_answer), answer=dense_answer)}
+        for config in self.configs:
+            cache = self._config_cache(prefilled, ids[:, :-1], config)
+            dense = prefilled.dense_cache()
+            stats, token, generated = RunStats(), last, []
+            with torch.no_grad():
+                for _ in range(answer_tokens):
+                    logits = model_forward(self.model, token, cache)[:, -1]
+                    reference = model_forward(self.model, token, dense)[:, -1]
+                    stats.top1.append(float((logits.argmax(-1) == reference.argmax(-1)).float().mean()))
+                    stats.kl.append(float(_kl(reference, logits).mean()))
+                    token = logits.argmax(-1, keepdim=True)
+                    generated.append(token)
+            stats.answer = self.tokenizer.decode(torch.cat(generated, 1)[0])
+            stats.score = sample.score(stats.answer)
+            self._account(stats, cache)
+            cache.release()
+            out[config.name] = stats
+        return out
+
+    def run_perplexity(self, ids: torch.Tensor, context: int) -> dict:
+        """Teacher-forced NLL of ``ids[0, context:]``, every token predicted by a decode step.
+
+        The first ``context - 1`` tokens are prefilled; step ``s`` feeds token
+        ``context - 1 + s`` and scores token ``context + s``. Each configuration's logits
+        are also compared with dense's at every step (the same prefix by construction).
+        Returns ``{"dense" | config name: RunStats}``.
+        """
+        from .integrations.transformers import model_forward
+
+        prefilled = self._prefill(ids[:, :context - 1])
+        steps = ids.shape[1] - context
+        targets = ids[0, context:]
+
+        def run(cache):
+            with torch.no_grad():
+                return torch.cat([model_forward(self.model, ids[:, context - 1 + s:context + s], cache)[:, -1]
+                                  for s in range(steps)])  # [steps, vocab]
+
+        dense_logits = run(prefilled.dense_cache())
+        nll = lambda logits: torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")  # noqa: E731
+        out = {"dense": RunStats(nll=nll(dense_logits).tolist())}
+        for config in self.configs:
+            cache = self._config_cache(prefilled, ids[:, :context - 1], config)
+            logits = run(cache)
+            stats = RunStats(nll=nll(logits).tolist(), kl=_kl(dense_logits, logits).tolist(),
+                             top1=(logits.argmax(-1) == dense_logits.argmax(-1)).double().tolist())
+            self._account(stats, cache)
+            cache.release()
+            out[config.name] = stats
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# the whole evaluation
+
+
+@dataclass
+class EvalSettings:
+    """What ``art-runtime eval`` runs (the command's options; see ``art-runtime eval --help``)."""
+
+    model: str = "smollm2"
+    lengths: tuple = (1024, 2048)
+    kinds: tuple = DEFAULT_KINDS
+    samples: int = 2
+    num_needles: int = 4
+    filler: str = "austen"
+    ppl_text: str = "jargon"
+    ppl_context: int = 1024
+    ppl_tokens: int = 32
+    policies: tuple = ("dense", "quest")
+    modes: tuple = ("stability", "bound")
+    tau_mags: tuple = (1e-3,)
+    patience: int = 2
+    epss: tuple = (0.05,)
+    relative_to: str = "output"
+    budget_fraction: float = 0.25
+    min_pages: int | None = None
+    block_pages: int | None = None
+    page_size: int = 16
+    capture: str | None = None
+    capture_queries: int = 8
+    seed: int = 0
+    threads: int | None = None
+
+
+def _answer_tokens(kind: str, num_needles: int) -> int:
+    return MULTIVALUE_TOKENS_PER_NEEDLE * num_needles if kind == "multivalue" else ANSWER_TOKENS[kind]
+
+
+def _check_settings(settings: EvalSettings) -> None:
+    from .tasks import KINDS
+
+    for name in ("samples", "page_size", "capture_queries"):
+        value = getattr(settings, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not isinstance(settings.ppl_tokens, int) or settings.ppl_tokens < 0:
+        raise ValueError(f"ppl_tokens must be an int >= 0 (0: no perplexity), got {settings.ppl_tokens!r}")
+    if not settings.lengths or any(not isinstance(n, int) or n < 256 for n in settings.lengths):
+        raise ValueError(f"lengths must be ints >= 256, got {list(settings.lengths)}")
+    unknown = [kind for kind in settings.kinds if kind not in KINDS]
+    if unknown:
+        raise ValueError(f"kinds: unknown {unknown}; known: {list(KINDS)}")
+    if settings.ppl_context < 2 and settings.ppl_tokens:
+        raise ValueError(f"ppl_context must be >= 2, got {settings.ppl_context}")
+
+
+def run_eval(settings: EvalSettings, argv: list | None = None) -> dict:
+    """Run the evaluation; return the report (``write_report`` writes it)."""
+    from .integrations.transformers import load_model
+    from .tasks import TaskBuilder, load_filler, spread_depths
+
+    _check_settings(settings)
+    started = time.time()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    configs = build_configs(settings.policies, settings.modes, tau_mags=settings.tau_mags,
+                            patience=settings.patience, epss=settings.epss, relative_to=settings.relative_to,
+                            budget_fraction=settings.budget_fraction, min_pages=settings.min_pages,
+                            block_pages=settings.block_pages, context_tokens=max(settings.lengths),
+                            page_size=settings.page_size)
+    model, tokenizer = load_model(settings.model, progress=False)
+    evaluator = Evaluator(model, tokenizer, configs, settings.page_size)
+    builder = TaskBuilder(tokenizer, load_filler(settings.filler), num_needles=settings.num_needles)
+    jobs = [(kind, length, depth) for length in settings.lengths for kind in settings.kinds
+            for depth in spread_depths(settings.samples)]
+    tasks = []
+    from tqdm.auto import tqdm
+
+    with tqdm(jobs, desc="tasks", file=sys.stderr, unit="prompt") as bar:
+        for index, (kind, length, depth) in enumerate(bar):
+            bar.set_postfix(kind=kind, length=length, depth=f"{depth:.2f}")
+            sample = builder.build(kind, length, depth, seed=settings.seed + index)
+            runs = evaluator.run_task(sample, _answer_tokens(kind, settings.num_needles))
+            tasks.append({"kind": kind, "length": length, "depth": depth, "answers": sample.answers,
+                          "runs": {name: asdict(stats) for name, stats in runs.items()}})
+    perplexity = None
+    if settings.ppl_tokens:
+        print(f"art-runtime eval: perplexity on {settings.ppl_text}, {settings.ppl_tokens} tokens after "
+              f"{settings.ppl_context}", file=sys.stderr, flush=True)
+        from .fetch import fetch_text
+
+        text = Path(settings.ppl_text) if Path(settings.ppl_text).is_file() else fetch_text(settings.ppl_text,
+                                                                                                progress=False)
+        ids = tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False)
+        start = len(ids) // 3  # past the front matter (title pages, tables of contents)
+        ids = torch.tensor([ids[start:start + settings.ppl_context + settings.ppl_tokens]])
+        runs = evaluator.run_perplexity(ids, settings.ppl_context)
+        perplexity = {name: asdict(stats) for name, stats in runs.items()}
+    capture = _capture_errors(settings, configs) if settings.capture else None
+    report = {
+        "command": "art-runtime " + " ".join(argv) if argv is not None else None,
+        "settings": asdict(settings),
+        "configs": [{"name": c.name, "policy": c.policy, "policy_kwargs": dict(c.policy_kwargs),
+                     "termination": asdict(c.termination)} for c in configs],
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__, "transformers": _version("transformers"),
+                    "device": "cpu"},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tasks": tasks,
+        "perplexity": perplexity,
+        "capture": capture,
+    }
+    report["summary"] = summarize(report)
+    report["seconds"] = time.time() - started
+    return report
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _capture_errors(settings: EvalSettings, configs) -> dict:
+    """Per termination setting: pages read and per-head output error on the capture (Quest order)."""
+    from .analysis import analyze_capture, setting_label
+
+    terminations = []
+    for config in configs:
+        if config.termination not in terminations:
+            terminations.append(config.termination)
+    report = analyze_capture(settings.capture, queries=settings.capture_queries, page_size=settings.page_size,
+                             orders=["quest"], settings=[TerminationConfig(mode="off"), *terminations])
+    out = {}
+    for name in report.settings:
+        rows = [r for r in report.criteria if r.setting == name]
+        out[name] = {
+            "pages_fraction": sum(r.pages_read for r in rows) / sum(r.pages_selected for r in rows),
+            "bytes_fraction": sum(r.kv_bytes + r.metadata_bytes for r in rows) / sum(r.dense_bytes for r in rows),
+            "err_output_p99": max(r.err_output["p99"] for r in rows),
+            "err_output_max": max(r.err_output["max"] for r in rows),
+            "err_values_max": max(r.err_values["max"] for r in rows),
+            "layers": [r.layer for r in rows],
+        }
+    out["_labels"] = {c.name: setting_label(c.termination) for c in configs}
+    out["_file"] = str(settings.capture)
+    return out
+
+
+def summarize(report: dict) -> dict:
+    """Per configuration (``dense`` first): accuracy per kind and length, agreement, KL,
+    perplexity, pages and bytes read."""
+    names = ["dense"] + [c["name"] for c in report["configs"]]
+    summary = {}
+    for name in names:
+        runs = [(t, t["runs"][name]) for t in report["tasks"]]
+        row: dict = {"accuracy": {}, "accuracy_by_length": {}}
+        for kind in dict.fromkeys(t["kind"] for t, _ in runs):
+            scores = [r["score"] for t, r in runs if t["kind"] == kind]
+            row["accuracy"][kind] = sum(scores) / len(scores)
+        for length in dict.fromkeys(t["length"] for t, _ in runs):
+            scores = [r["score"] for t, r in runs if t["length"] == length]
+            row["accuracy_by_length"][str(length)] = sum(scores) / len(scores)
+        scores = [r["score"] for _, r in runs]
+        row["accuracy_all"] = sum(scores) / len(scores) if scores else None
+        row["same_answer_as_dense"] = (sum(r["answer"] == t["runs"]["dense"]["answer"] for t, r in runs) / len(runs)
+                                       if runs else None)
+        ppl = (report["perplexity"] or {}).get(name)
+        steps = [r for _, r in runs] + ([ppl] if ppl else [])
+        top1 = [x for r in steps for x in r["top1"]]
+        kl = [x for r in steps for x in r["kl"]]
+        row["top1_agreement"] = sum(top1) / len(top1) if top1 else None
+        row["kl_mean"] = sum(kl) / len(kl) if kl else None
+        row["kl_max"] = max(kl) if kl else None
+        if ppl:
+            row["perplexity"] = math.exp(sum(ppl["nll"]) / len(ppl["nll"]))
+        read = sum(r["pages_read"] for r in steps)
+        context = sum(r["pages_context"] for r in steps)
+        row["pages_fraction"] = read / context if context else 1.0
+        bytes_read, bytes_dense = sum(r["bytes_read"] for r in steps), sum(r["bytes_dense"] for r in steps)
+        row["bytes_fraction"] = bytes_read / bytes_dense if bytes_dense else 1.0
+        capture = report.get("capture")
+        # the capture is simulated over every page in Quest order: it describes dense + ART only
+        if capture and name != "dense" and name.startswith("dense"):
+            row["capture"] = capture.get(capture["_labels"][name])
+        summary[name] = row
+    dense_ppl = summary["dense"].get("perplexity")
+    for row in summary.values():
+        if dense_ppl and row.get("perplexity"):
+            row["perplexity_change"] = row["perplexity"] / dense_ppl - 1
+    return summary
+
+
+def format_table(report: dict) -> str:
+    """The markdown results table."""
+    summary = report["summary"]
+    kinds = list(next(iter(summary.values()))["accuracy"])
+    lengths = list(next(iter(summary.values()))["accuracy_by_length"])
+    head = (["config", "pages read", "KV bytes"] + [f"acc {k}" for k in kinds] + [f"acc {n}" for n in lengths]
+            + ["same answer", "top-1 agree", "KL mean", "KL max", "PPL", "PPL change"])
+    capture = report.get("capture")
+    if capture:
+        head += ["capture pages", "capture err p99", "capture err max"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
+    num = lambda v, f="{:.3g}": "–" if v is None else f.format(v)  # noqa: E731
+    for name, row in summary.items():
+        cells = [name, pct(row["pages_fraction"]), pct(row["bytes_fraction"])]
+        cells += [pct(row["accuracy"][k]) for k in kinds] + [pct(row["accuracy_by_length"][n]) for n in lengths]
+        cells += [pct(row["same_answer_as_dense"]) if name != "dense" else "–",
+                  pct(row["top1_agreement"]), num(row["kl_mean"]), num(row["kl_max"]),
+                  num(row.get("perplexity"), "{:.3f}"),
+                  "–" if row.get("perplexity_change") is None or name == "dense" else f"{row['perplexity_change']:+.2%}"]
+        if capture:
+            entry = row.get("capture")
+            cells += ([pct(entry["pages_fraction"]), pct(entry["err_output_p99"]), pct(entry["err_output_max"])]
+                      if entry else ["–"] * 3)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir, plots: bool = True) -> list[Path]:
+    """Write ``eval.json``, ``eval.md`` and (matplotlib) ``tradeoff.png``, ``accuracy.png``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "eval.json", out_dir / "eval.md"]
+    written[0].write_text(json.dumps(report, indent=1) + "\n")
+    settings = report["settings"]
+    header = [
+        f"# ART quality on {settings['model']}", "",
+        f"* command: `{report['command']}`",
+        f"* machine: {report['machine']['platform']}, {report['machine']['cpu_threads']} CPU threads, "
+        f"torch {report['machine']['torch']}, transformers {report['machine']['transformers']}",
+        f"* date: {report['date']}, duration {report['seconds'] / 60:.1f} min",
+        f"* tasks: {', '.join(settings['kinds'])} at {', '.join(map(str, settings['lengths']))} tokens, "
+        f"{settings['samples']} sample(s) each (depths spread), filler {settings['filler']}; "
+        + (f"perplexity: {settings['ppl_tokens']} tokens of {settings['ppl_text']} after {settings['ppl_context']}"
+           if settings["ppl_tokens"] else "no perplexity"),
+        "* pages read: pages read / pages in the context, over every decode step, layer and KV head; "
+        "KV bytes: read (K+V and page metadata) / a dense read",
+        "* top-1 agree, KL: at every decode step (tasks and perplexity), against dense on the same prefix",
+        "* capture: attention-output error per query head relative to |o_exact| on the captured Q/K/V "
+        f"({Path(report['capture']['_file']).name if report.get('capture') else 'none'}), every page in Quest "
+        "order (dense + ART rows only)",
+        "",
+        "",
+    ]
+    written[1].write_text("\n".join(header) + format_table(report))
+    if plots:
+        written += plot_report(report, out_dir)
+    return written
+
+
+def plot_report(report: dict, out_dir: Path) -> list[Path]:
+    """Trade-off (pages read vs accuracy, KL and perplexity change) and accuracy per length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["summary"]
+    names = list(summary)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    measures = [("accuracy_all", "task accuracy"), ("kl_mean", "mean KL to dense (nats)"),
+                ("perplexity_change", "perplexity change vs dense")]
+    for ax, (key, label) in zip(axes, measures):
+        for index, name in enumerate(names):  # one colour per configuration in every panel
+            value = summary[name].get(key)
+            if value is not None:
+                ax.scatter(summary[name]["pages_fraction"], value, label=name, color=f"C{index % 10}")
+        ax.set_xlabel("fraction of context pages read")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"ART on {report['settings']['model']}: pages read vs quality")
+    fig.tight_layout()
+    tradeoff = out_dir / "tradeoff.png"
+    fig.savefig(tradeoff, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, name in enumerate(names):
+        by_length = summary[name]["accuracy_by_length"]
+        ax.plot([int(n) for n in by_length], list(by_length.values()), marker="o", label=name, color=f"C{index % 10}")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("task accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    accuracy = out_dir / "accuracy.png"
+    fig.savefig(accuracy, dpi=120)
+    plt.close(fig)
+    return [tradeoff, accuracy]

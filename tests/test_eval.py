@@ -1,0 +1,93 @@
+"""``art-runtime eval``: configurations, aggregation, and one small real run on SmolLM2."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from art_runtime.cli import main
+from art_runtime.evaluation import _kl, build_configs, format_table, summarize
+
+
+def test_configs_sweep_every_policy_and_setting():
+    configs = build_configs(["dense", "quest"], ["stability", "bound"], tau_mags=[1e-3, 1e-4], epss=[0.05, 0.1],
+                            relative_to="values", budget_fraction=0.25, context_tokens=2048, page_size=16)
+    names = [c.name for c in configs]
+    assert names == ["dense + stability tau=1e-3 p=2", "dense + stability tau=1e-4 p=2",
+                     "dense + bound eps=0.05 values", "dense + bound eps=0.1 values", "quest(budget=32)",
+                     "quest(budget=32) + stability tau=1e-3 p=2", "quest(budget=32) + stability tau=1e-4 p=2",
+                     "quest(budget=32) + bound eps=0.05 values", "quest(budget=32) + bound eps=0.1 values"]
+    assert configs[1].termination.tau_dir == pytest.approx(1e-8)  # the paper's tau_dir = tau_mag^2
+    assert configs[4].make_policy().budget == 32
+    with pytest.raises(ValueError, match="policies"):
+        build_configs(["nope"], ["stability"])
+    with pytest.raises(ValueError, match="mode"):  # a mode TerminationConfig does not know
+        build_configs(["dense"], ["sometimes"])
+
+
+def test_kl():
+    logits = torch.randn(3, 50)
+    assert _kl(logits, logits).abs().max() < 1e-12
+    other = logits.clone()
+    other[:, 0] += 3
+    assert (_kl(logits, other) > 0).all()
+
+
+def run(score, answer, nll=(), top1=(), kl=(), read=0, context=0):
+    return {"score": score, "answer": answer, "nll": list(nll), "top1": list(top1), "kl": list(kl),
+            "pages_read": read, "pages_context": context, "bytes_read": read * 10, "bytes_dense": context * 10}
+
+
+def test_summary_aggregates_tasks_agreement_and_perplexity():
+    report = {
+        "configs": [{"name": "x"}],
+        "tasks": [{"kind": "passkey", "length": 1024, "runs": {"dense": run(1.0, "1"), "x": run(1.0, "1", top1=[1, 1],
+                                                                                                  kl=[0.0, 0.2], read=5, context=10)}},
+                  {"kind": "single", "length": 2048, "runs": {"dense": run(1.0, "2"), "x": run(0.0, "3", top1=[1, 0],
+                                                                                                 kl=[0.1, 0.5], read=3, context=10)}}],
+        "perplexity": {"dense": run(None, None, nll=[1.0, 1.0]), "x": run(None, None, nll=[1.1, 1.1], top1=[1, 1],
+                                                                              kl=[0.0, 0.0], read=2, context=10)},
+        "capture": None,
+    }
+    summary = summarize(report)
+    x = summary["x"]
+    assert x["accuracy"] == {"passkey": 1.0, "single": 0.0} and x["accuracy_by_length"] == {"1024": 1.0, "2048": 0.0}
+    assert x["same_answer_as_dense"] == 0.5
+    assert x["top1_agreement"] == pytest.approx(5 / 6) and x["kl_max"] == 0.5
+    assert x["pages_fraction"] == pytest.approx(10 / 30) and x["bytes_fraction"] == pytest.approx(10 / 30)
+    assert x["perplexity_change"] == pytest.approx(math.exp(0.1) - 1)
+    assert summary["dense"]["pages_fraction"] == 1.0
+    table = format_table({**report, "summary": summary})
+    assert "| x | 33.3% |" in table and "+10.52%" in table
+
+
+@pytest.mark.slow
+def test_eval_command_on_smollm2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU user's paths: torch backend and metadata update
+    args = ["eval", "--lengths", "320", "--kinds", "passkey", "--samples", "1", "--ppl-context", "200",
+            "--ppl-tokens", "2", "--policies", "dense", "--modes", "stability", "--out-dir", str(tmp_path)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["command"] == "art-runtime " + " ".join(args)
+    assert report["seconds"] > 0 and report["machine"]["torch"] == torch.__version__
+    name = "dense + stability tau=1e-3 p=2"
+    assert list(report["summary"]) == ["dense", name]
+    task = report["tasks"][0]
+    assert task["runs"]["dense"]["score"] == 1.0  # SmolLM2 finds a pass key in 320 tokens
+    row = report["summary"][name]
+    assert len(task["runs"][name]["kl"]) == 6 and len(report["perplexity"][name]["nll"]) == 2
+    assert 0 < row["pages_fraction"] <= 1 and 0 <= row["top1_agreement"] <= 1 and row["kl_mean"] >= 0
+    assert row["perplexity"] > 1
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000 and (tmp_path / "accuracy.png").exists()
+    assert "| config | pages read |" in capsys.readouterr().out
+
+
+def test_settings_are_checked():
+    from art_runtime.evaluation import EvalSettings, _check_settings
+
+    _check_settings(EvalSettings(ppl_tokens=0))  # 0: no perplexity
+    for bad, name in ((dict(ppl_tokens=-1), "ppl_tokens"), (dict(samples=0), "samples"),
+                      (dict(lengths=(100,)), "lengths"), (dict(kinds=("haystack",)), "kinds")):
+        with pytest.raises(ValueError, match=name):
+            _check_settings(EvalSettings(**bad))
