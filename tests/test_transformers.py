@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from art_runtime import TerminationConfig
 from art_runtime.integrations.transformers import (
-    ARTPagedCache, enable_art, greedy_decode, load_model, model_forward)
+    ARTPagedCache, cache_argument, enable_art, greedy_decode, load_model, model_forward)
 from art_runtime.policies import get
 from art_runtime.stats import StatsPublisher, StatsSubscriber
 from art_runtime.tasks import TaskBuilder, load_filler
@@ -72,7 +72,7 @@ def test_paged_cache_with_art_off_matches_transformers_cache(smollm2, austen):
     assert record.fraction_of_context() == 1.0
     assert record.output_error.max() < ROUNDING
     # every K/V byte, plus the key boxes that Quest ordering (the default policy) reads
-    key_boxes = record.context_pages[:, None] * 3 * 2 * 64 * 4
+    key_boxes = record.context_pages[:, None] * 3 * (2 * 64 + 4)  # fp8 min and max + the fp32 scale
     assert torch.equal(record.kv_bytes_read - record.dense_kv_bytes, key_boxes.expand(15, 30))
 
 
@@ -155,7 +155,8 @@ def test_wrong_use_raises_naming_the_argument(smollm2):
         ARTPagedCache(model, policy="quest")
     padded = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with pytest.raises(ValueError, match="attention_mask"), torch.no_grad():
-        model(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=padded, cache=ARTPagedCache(model))
+        model(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=padded,
+              **{cache_argument(model): ARTPagedCache(model)})
     model.set_attn_implementation("sdpa")
     try:
         with pytest.raises(ValueError, match="enable_art"):

@@ -25,7 +25,7 @@ Example
 >>> enable_art(model)                                              # doctest: +SKIP
 >>> cache = ARTPagedCache(model, termination=TerminationConfig(mode="bound", eps=0.05))  # doctest: +SKIP
 >>> ids = tokenizer("...", return_tensors="pt").input_ids         # doctest: +SKIP
->>> out = model.generate(ids, cache=cache, max_new_tokens=16, do_sample=False)  # doctest: +SKIP
+>>> out = model.generate(ids, **{cache_argument(model): cache}, max_new_tokens=16, do_sample=False)  # doctest: +SKIP
 >>> cache.decode_record().fraction_of_selected()                   # doctest: +SKIP
 
 Constraints: the requests of a batch have equal lengths (no padding; batch 1 is the common
