@@ -32,6 +32,7 @@ import argparse
 import sys
 
 from .demo import DTYPES, DemoSettings, run_demo
+from .stats import DEFAULT_ADDRESS as STATS_DEFAULT_ADDRESS
 from .termination import MODES, RELATIVE_TO
 
 DEMO_DESCRIPTION = """\
@@ -86,6 +87,7 @@ examples:
   art-runtime demo --synthetic --modes off,bound --relative-to values --eps 0.01
   art-runtime demo --capture ../shared/data/captures/smollm2-135m_pride-prejudice_8k.safetensors --json out.json
 """
+
 
 
 def positive_int(text: str) -> int:
@@ -143,6 +145,13 @@ def add_demo_parser(commands) -> None:
                               "every page in Quest order)")
     passkey.add_argument("--plot", default=passkey_defaults.plot, metavar="PNG",
                          help="heatmap of the pages read per layer and KV head (default: %(default)s)")
+    passkey.add_argument("--live", nargs="?", const=STATS_DEFAULT_ADDRESS, default=None, metavar="ADDRESS",
+                         help="publish every ART decode step's per-layer, per-head stats on the stats stream at "
+                              f"ADDRESS (loopback only; default {STATS_DEFAULT_ADDRESS}) for the live dashboard: "
+                              "ART_STATS_ADDRESS=ADDRESS voila dashboards/live.ipynb")
+    passkey.add_argument("--live-rounds", type=int, default=passkey_defaults.live_rounds, metavar="N",
+                         help="with --live: answer N times so the stream keeps flowing, 0 until Ctrl-C "
+                              "(default: %(default)s)")
     shape = demo.add_argument_group("kernel-level demo (--synthetic or --capture; the shape options are for the "
                                     "synthetic workload only)")
     shape.add_argument("--synthetic", action="store_true",
@@ -222,6 +231,8 @@ def _demo(args: argparse.Namespace) -> None:
     # options left out (None) take each demo's own default
     options = {name: value for name, value in vars(args).items() if value is not None or name not in ("modes", "seed")}
     if args.synthetic or args.capture is not None:
+        if args.live is not None:
+            raise ValueError("--live: publishes the passkey demo's real model; leave out --synthetic/--capture")
         fields = DemoSettings.__dataclass_fields__
         run_demo(DemoSettings(**{name: value for name, value in options.items() if name in fields}), sys.stdout)
         return

@@ -5,6 +5,11 @@ A passkey (``art_runtime.tasks``) is hidden in real text (Jane Austen) at ``dept
 it once (exact prefill), then answers greedily twice from the same prefill: with exact
 dense attention, and with ART decode in each termination mode asked for. The report shows
 both answers, the pages each (layer, KV head) read while answering, and writes a heatmap.
+
+With ``live`` (``art-runtime demo --live [ADDRESS]``) every ART decode step publishes each
+layer's termination statistics on the project's stats stream (``art_runtime.stats``, bound
+to loopback), and the ART answers are generated ``live_rounds`` times, so that the live
+dashboard (``dashboards/live.ipynb`` with ``ART_STATS_ADDRESS`` set) shows a real model.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class PasskeyDemoSettings:
     page_size: int = 16
     plot: str | None = "art_demo_passkey.png"
     json_path: str | None = None
+    live: str | None = None  # a stats-stream address to publish every ART decode step on
+    live_rounds: int = 1  # with live: answer this many times (0: until interrupted)
 
     def termination(self, mode: str) -> TerminationConfig:
         return TerminationConfig(mode=mode, tau_mag=self.tau_mag, tau_dir=self.tau_dir, patience=self.patience,
@@ -53,10 +60,29 @@ def run_passkey_demo(settings: PasskeyDemoSettings, stream: TextIO) -> dict:
     from .fetch import AUSTEN_ALL, MODELS, cache_dir
     from .integrations.transformers import ARTPagedCache, enable_art, greedy_decode, load_model, model_forward
     from .policies import get
+    from .stats import StatsPublisher
     from .tasks import TaskBuilder, load_filler
 
     for mode in settings.modes:
         settings.termination(mode)  # checks the thresholds before any work
+    if not isinstance(settings.live_rounds, int) or settings.live_rounds < 0:
+        raise ValueError(f"live_rounds must be an int >= 0, got {settings.live_rounds!r}")
+    publisher = StatsPublisher(settings.live) if settings.live else None  # loopback only
+    if publisher is not None:
+        print(f"art-runtime demo: publishing ART decode stats on {publisher.address}", file=sys.stderr, flush=True)
+    try:
+        return _run(settings, stream, publisher)
+    finally:
+        if publisher is not None:
+            publisher.close()
+
+
+def _run(settings: PasskeyDemoSettings, stream: TextIO, publisher) -> dict:
+    from .fetch import AUSTEN_ALL, MODELS, cache_dir
+    from .integrations.transformers import ARTPagedCache, enable_art, greedy_decode, load_model, model_forward
+    from .policies import get
+    from .tasks import TaskBuilder, load_filler
+
     fetching = settings.model in MODELS and not (cache_dir() / "models" / MODELS[settings.model].filename).exists()
     if fetching:
         print(f"art-runtime demo: {MODELS[settings.model].description} is not in the cache yet; fetching it "
@@ -67,7 +93,8 @@ def run_passkey_demo(settings: PasskeyDemoSettings, stream: TextIO) -> dict:
     sample = TaskBuilder(tokenizer, sentences).build(
         "passkey", settings.tokens, settings.depth, seed=settings.seed)
     ids = torch.tensor([sample.input_ids])
-    prefilled = ARTPagedCache(model, TerminationConfig(mode="off"), page_size=settings.page_size)
+    prefilled = ARTPagedCache(model, TerminationConfig(mode="off"), page_size=settings.page_size,
+                              stats_publisher=publisher)
     with torch.no_grad():
         model_forward(model, ids[:, :-1], prefilled)
     tokens, dense_logits = greedy_decode(model, ids[:, -1:], prefilled.dense_cache(), ANSWER_TOKENS)
@@ -76,8 +103,14 @@ def run_passkey_demo(settings: PasskeyDemoSettings, stream: TextIO) -> dict:
               "passkey": sample.answers[0], "needle_token": sample.needle_token_starts[0],
               "dense": {"answer": dense_answer, "correct": sample.score(dense_answer) == 1.0}, "art": {}}
     for mode in settings.modes:
-        cache = prefilled.clone(settings.termination(mode), policy=get(settings.policy))
-        tokens, logits = greedy_decode(model, ids[:, -1:], cache, ANSWER_TOKENS)
+        round_ = 0
+        while True:  # with --live, answer again so that the stream keeps flowing
+            cache = prefilled.clone(settings.termination(mode), policy=get(settings.policy))
+            tokens, logits = greedy_decode(model, ids[:, -1:], cache, ANSWER_TOKENS)
+            round_ += 1
+            if publisher is None or round_ == settings.live_rounds:
+                break
+            cache.release()
         record = cache.decode_record()
         answer = tokenizer.decode(tokens[0])
         report["art"][mode] = {

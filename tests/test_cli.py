@@ -10,7 +10,7 @@ from art_runtime.cli import main
 CAPTURE = Path(__file__).resolve().parents[2] / "shared/data/captures/smollm2-135m_pride-prejudice_8k.safetensors"
 SMALL = ["--synthetic", "--batch", "2", "--kv-len", "1024", "--steps", "2", "--device", "cpu", "--backend", "torch",
          "--dtype", "float32"]
-OPTIONS = ["--synthetic", "--model", "--tokens", "--depth", "--policy", "--plot", "--batch", "--kv-len", "--page-size", "--num-qo-heads", "--num-kv-heads", "--head-dim", "--dtype",
+OPTIONS = ["--synthetic", "--model", "--tokens", "--depth", "--policy", "--plot", "--live", "--live-rounds", "--batch", "--kv-len", "--page-size", "--num-qo-heads", "--num-kv-heads", "--head-dim", "--dtype",
            "--device", "--backend", "--steps", "--modes", "--tau-mag", "--tau-dir", "--patience", "--eps",
            "--relative-to", "--min-pages", "--seed", "--capture", "--layer", "--json"]
 # Float32 storage, float32 accumulation and output: mode off is exact up to rounding.
@@ -100,3 +100,38 @@ def test_default_demo_answers_a_passkey_with_art(tmp_path, capsys, monkeypatch):
     assert plot.stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "ART stability" in out and report["passkey"] in out and out.count("%") > 90
+
+
+def test_live_demo_publishes_the_real_model_on_the_stats_stream(tmp_path, monkeypatch):
+    """``demo --live``: every ART decode step of SmolLM2 reaches a subscriber, per layer and KV head."""
+    import socket
+    import threading
+
+    from art_runtime.stats import StatsSubscriber
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    received, done = [], threading.Event()
+    with StatsSubscriber(address) as subscriber:
+        def listen():
+            while True:
+                message = subscriber.recv(timeout_s=1.0)
+                if message is None and done.is_set():
+                    return
+                if message is not None:
+                    received.append(message)
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        # Rounds keep the stream flowing past the subscriber's connection (PUB/SUB keeps no history).
+        assert main(["demo", "--tokens", "600", "--plot", "", "--live", address, "--live-rounds", "3",
+                     "--json", str(tmp_path / "live.json")]) == 0
+        done.set()
+        listener.join(timeout=30)
+    assert received, "no message reached the subscriber"
+    assert {m.layer for m in received} == set(range(30))  # SmolLM2: 30 layers
+    for m in received:
+        assert len(m.visited_pages) == 1 and len(m.visited_pages[0]) == 3  # one request, 3 KV heads
+        assert all(0 < v <= s for v, s in zip(m.visited_pages[0], m.selected_pages[0]))
+        assert m.selected_pages[0][0] in (38, 39)  # ceil((600 + step) / 16) pages of context
