@@ -80,7 +80,7 @@ def _page_scores(ctx, q, page_meta, width, group_reduce, sm_scale):
             width, q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
             page_meta.key_scale.stride(0), sm_scale if estimate else 1.0,
             NUM_KV_HEADS=ctx.num_kv_heads, GROUP_SIZE=group, GROUP_PAD=group_tile(group),
-            HEAD_DIM=head_dim, BLOCK_D=SCORE_BLOCK_D, TILE=SCORE_TILE, REDUCE_MAX=group_reduce == "max",
+            HEAD_DIM=head_dim, BLOCK_D=min(SCORE_BLOCK_D, head_dim), TILE=SCORE_TILE, REDUCE_MAX=group_reduce == "max",
             ESTIMATE=estimate, DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
             num_warps=4, num_stages=SCORE_STAGES,
         )

@@ -253,3 +253,17 @@ def test_stateful_policy_needs_request_ids(case):
     with pytest.raises(ValueError, match="selection and policy"):
         wrapper.plan(*case.plan_args(), policy=QuestPolicy(budget=4),
                      selection=PageSelection(case.kv_indptr, case.kv_indices))
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 128])
+def test_key_box_scores_for_every_head_dim(head_dim, device):
+    """Head dims below the scoring kernel's D slice (16) must not read past q."""
+    from art_runtime.page_scores import _page_scores_torch, estimated_page_log_mass, quest_page_scores
+
+    case = make_case([300, 40], 4, 2, head_dim, 16, device=device, seed=head_dim)
+    ctx, meta = context(case), case.page_meta()
+    kernel = quest_page_scores(ctx, case.q, meta, 19)
+    assert torch.allclose(kernel, _page_scores_torch(ctx, case.q, meta, 19, 2, "max"), rtol=1e-5, atol=1e-4)
+    kernel = estimated_page_log_mass(ctx, case.q, meta, 19, head_dim ** -0.5)
+    reference = _page_scores_torch(ctx, case.q, meta, 19, 2, "logsumexp", head_dim ** -0.5)
+    assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-4)
