@@ -27,11 +27,12 @@ def _block_pages(visit_phys_ptr, visit_tokens_ptr, pos, end,
 
 
 @triton.jit
-def _load_block(
-    k_ptr, v_ptr, phys, tokens, head, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _attend_block(
+    q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
+    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
 ):
-    """K and V of one block (its pages' ``phys`` ids and ``tokens`` counts per slot)."""
+    """Fold one block (its pages' ``phys`` ids and ``tokens`` counts per slot) into the state."""
     slot = tl.arange(0, BLOCK_N) % PAGE_SIZE
     token_ok = slot < tokens
     dims = tl.arange(0, HEAD_DIM)
@@ -39,12 +40,6 @@ def _load_block(
                 mask=token_ok[:, None], other=0.0)
     v = tl.load(v_ptr + phys[:, None] * stride_vp + slot[:, None] * stride_vt + head * stride_vh + dims[None, :],
                 mask=token_ok[:, None], other=0.0)
-    return k, v, token_ok
-
-
-@triton.jit
-def _attend_block(q, m_i, l_i, acc, k, v, token_ok, qk_scale, DOT_IN_INPUT_DTYPE: tl.constexpr):
-    """Fold one loaded block into the online-softmax state."""
     if DOT_IN_INPUT_DTYPE:
         s = tl.dot(q, tl.trans(k))
     else:
@@ -122,10 +117,10 @@ def art_decode_kernel(
         for pos in range(start, end, BLOCK_PAGES):
             next_phys, next_tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, pos + BLOCK_PAGES, end,
                                                   PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
-            k, v, token_ok = _load_block(k_ptr, v_ptr, phys, tokens, head, stride_kp, stride_kt, stride_kh,
-                                         stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, HEAD_DIM)
-            m_i, l_i, acc, block_tokens, s = _attend_block(q, m_i, l_i, acc, k, v, token_ok, qk_scale,
-                                                           DOT_IN_INPUT_DTYPE)
+            m_i, l_i, acc, block_tokens, s = _attend_block(
+                q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
+                stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
+                PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
             if PAGE_MASS:
                 _store_page_lse(page_lse_ptr, s, pos, end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
             phys, tokens = next_phys, next_tokens
@@ -150,10 +145,10 @@ def art_decode_kernel(
                 live_end = tl.where(live, end, block_pos)
                 phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, block_pos, live_end,
                                             PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
-                k, v, token_ok = _load_block(k_ptr, v_ptr, phys, tokens, head, stride_kp, stride_kt, stride_kh,
-                                             stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, HEAD_DIM)
-                m_i, l_i, acc, block_tokens, s = _attend_block(q, m_i, l_i, acc, k, v, token_ok, qk_scale,
-                                                               DOT_IN_INPUT_DTYPE)
+                m_i, l_i, acc, block_tokens, s = _attend_block(
+                    q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
+                    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
+                    PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
                 if PAGE_MASS:
                     _store_page_lse(page_lse_ptr, s, block_pos, live_end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
                 tokens_read += block_tokens
