@@ -741,7 +741,8 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
     selected = int(stats.selected_pages.sum())
     bound, scored = setting.config.reads_page_metadata, order in ("quest", "mass")
     meta32 = int(stats.kv_bytes_read) - tokens_read * 2 * dim * batch.cache.element_size()
-    expected32 = selected * (meta.nbytes_per_page() * bound + meta.key_box_bytes_per_page() * scored)
+    expected32 = selected * ((meta.nbytes_per_page(setting.config.mode) if bound else 0)
+                             + meta.key_box_bytes_per_page() * scored)
     if meta32 != expected32:
         raise RuntimeError(f"kv_bytes_read holds {meta32} bytes of metadata, expected {expected32}")
     dense_tokens = sum(batch.lengths) * num_kv

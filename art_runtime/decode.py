@@ -17,7 +17,7 @@ from .backend import resolve_backend, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
 from .plan import DecodePlan, build_plan, group_tile, next_power_of_two, physical_pages
-from .reference import LOG2E, VALUE_NORM_SCALE, art_decode_torch, bound_terms_torch, row_value_scale
+from .reference import LOG2E, VALUE_NORM_SCALE, art_decode_torch, bound_terms_torch
 from .policies import PagePolicy, PolicyContext
 from .selection import PageSelection, dense_selection, validate_selection
 from .termination import TerminationConfig
@@ -299,10 +299,7 @@ class BatchARTDecodeWrapper:
         if self._backend == "triton":
             self._run_triton(plan, q, k_cache, v_cache, page_meta, out, lse)
         else:
-            terms = None
-            if bound:
-                log2w, vrest = bound_terms_torch(plan, q, page_meta)
-                terms = (log2w, vrest, row_value_scale(plan, vrest))
+            terms = bound_terms_torch(plan, q, page_meta) if bound else None
             o, o_lse, visited, tokens, stable_at = art_decode_torch(
                 plan, q, k_cache, v_cache, terms, self._page_lse if self._record_page_mass else None)
             out.copy_(o)
@@ -311,7 +308,7 @@ class BatchARTDecodeWrapper:
             self._visited_tokens.copy_(tokens)
             self._stable_at[:, : plan.group_size].copy_(stable_at)
         # Metadata read per selected page (bound, mass) and per page of the table (key-box scoring).
-        meta_bytes = (page_meta.nbytes_per_page() * plan.nnz if bound else 0) + (
+        meta_bytes = (page_meta.nbytes_per_page(plan.termination.mode) * plan.nnz if bound else 0) + (
             page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
             if self._policy is not None and self._policy[0].reads_key_boxes else 0)
         page_mass = self._page_mass(plan, lse) if self._record_page_mass else None

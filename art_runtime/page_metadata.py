@@ -315,9 +315,12 @@ class PageMetadata:
 
             page_metadata_update_kernel[(nnz, append_key.shape[1])](
                 append_key, append_value, batch_indices, positions, append_indptr,
-                kv_indices, kv_indptr, self.key_min, self.key_max, self.key_scale, self.value_norm_max, nnz,
+                kv_indices, kv_indptr, self.key_min, self.key_max, self.key_scale, self.value_norm_max,
+                self.key_codes, self.key_grid_base, self.key_grid_exponent, nnz,
                 append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
                 self.key_min.stride(0), self.key_min.stride(1), self.key_scale.stride(0),
+                self.key_codes.stride(0), self.key_codes.stride(1), self.key_grid_base.stride(0),
+                self.key_grid_base.stride(1),
                 PAGE_SIZE=page_size, PAGE_SIZE_POW2=next_power_of_two(page_size), HEAD_DIM=append_key.shape[2],
             )
         else:
