@@ -17,7 +17,7 @@ from .backend import resolve_backend, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
 from .plan import DecodePlan, build_plan, group_tile, next_power_of_two, physical_pages
-from .reference import LOG2E, VALUE_NORM_SCALE, art_decode_torch, bound_terms_torch
+from .reference import LOG2_SLACK, LOG2E, OVERFLOW_LOG2, VALUE_NORM_SCALE, art_decode_torch, bound_terms_torch
 from .policies import PagePolicy, PolicyContext
 from .selection import PageSelection, dense_selection, validate_selection
 from .termination import TerminationConfig
@@ -27,6 +27,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GROUP_SIZE = 64
 MAX_PAGE_SIZE = 256
 BOUND_TILE = 32
+SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
 NUM_WARPS = 4
@@ -235,6 +236,9 @@ class BatchARTDecodeWrapper:
         self._part_lse = torch.empty((num_work if split else 0, group_pad), dtype=torch.float32, device=device)
         bound = plan.termination.reads_page_metadata and self._backend == "triton"
         self._log2w = torch.empty((plan.nnz if bound else 0, group_pad), dtype=torch.float32, device=device)
+        certified = plan.termination.mode == "bound" and self._backend == "triton"
+        self._log2w_low = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
+        self._log2wv = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._vrest = torch.empty((plan.nnz if bound else 0,), dtype=torch.float32, device=device)
         self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
         self._page_lse = torch.empty((plan.nnz if self._record_page_mass else 0, group_pad), dtype=torch.float32,
@@ -384,15 +388,21 @@ class BatchARTDecodeWrapper:
         if term.reads_page_metadata:
             from .kernels.page_bounds import page_bound_suffix_kernel
 
+            estimate = term.mode == "mass"
+            page_size_pow2 = next_power_of_two(plan.page_size)
             page_bound_suffix_kernel[(plan.num_work,)](
                 q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, page_meta.value_norm_max,
+                page_meta.key_codes, page_meta.key_grid_base, page_meta.key_grid_exponent,
                 plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
-                self._log2w, self._vrest,
+                self._log2w, self._vrest, self._log2w_low, self._log2wv,
                 q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
-                page_meta.value_norm_max.stride(0), qk_scale, plan.sm_scale, VALUE_NORM_SCALE,
+                page_meta.value_norm_max.stride(0), page_meta.key_codes.stride(0), page_meta.key_codes.stride(1),
+                page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
+                qk_scale, plan.sm_scale, VALUE_NORM_SCALE, LOG2_SLACK,
                 NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
-                HEAD_DIM=plan.head_dim, TILE=BOUND_TILE, ESTIMATE=term.mode == "mass",
-                DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
+                HEAD_DIM=plan.head_dim, TILE=BOUND_TILE if estimate else max(16, SKETCH_TILE_TOKENS // page_size_pow2),
+                ESTIMATE=estimate, DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
+                PAGE_SIZE_POW2=page_size_pow2,
             )
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
         block_n = max(16, next_power_of_two(plan.block_pages * plan.page_size))
@@ -406,11 +416,11 @@ class BatchARTDecodeWrapper:
         art_decode_kernel[(plan.num_work,)](
             q, k_cache, v_cache, out, lse, self._part_out, self._part_lse,
             plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, plan.row_start,
-            self._log2w, self._vrest, self._vscale,
+            self._log2w, self._vrest, self._vscale, self._log2w_low, self._log2wv,
             self._visited_pages, self._visited_tokens, self._stable_at, self._page_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-            qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages,
+            qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages, OVERFLOW_LOG2,
             NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,

@@ -253,10 +253,13 @@ def test_bound_suffix_terms_agree_between_backends(device):
     wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=8)  # split: suffixes end at chunk ends
     meta = case.page_meta()
     wrapper.run(case.q, case.cache, page_meta=meta)
-    log2w, vrest = bound_terms_torch(wrapper._plan, case.q, meta)
-    assert torch.allclose(wrapper._log2w[:, :7], log2w, rtol=1e-5, atol=1e-3)
-    assert torch.allclose(wrapper._vrest, vrest, rtol=1e-6)
-    assert math.isfinite(float(log2w.max()))
+    terms = bound_terms_torch(wrapper._plan, case.q, meta)
+    for kernel, reference in ((wrapper._log2w, terms.log2_rest_mass), (wrapper._log2w_low, terms.log2_rest_mass_low),
+                              (wrapper._log2wv, terms.log2_rest_value_mass)):
+        assert torch.allclose(kernel[:, :7], reference, rtol=1e-5, atol=1e-3)
+        assert math.isfinite(float(reference.max()))
+    assert torch.allclose(wrapper._vrest, terms.value_rest, rtol=1e-6)
+    assert (terms.log2_rest_mass_low <= terms.log2_rest_mass).all()
 
 
 def simulate_mass(case, termination):
