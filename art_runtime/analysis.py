@@ -579,9 +579,7 @@ def _sketch_log_mass(meta: PageMetadata, batch: CaptureBatch, b: int, scaling: f
     q = batch.q[b].view(num_kv, -1, batch.q.shape[-1])  # [H_kv, G, D]
     out = []
     for h in range(num_kv):
-        packed = meta.key_codes[phys, h]
-        codes = torch.cat([packed & 15, packed >> 4], -1)
-        upper, _ = sketch_page_log2_mass(q[h].expand(pages, -1, -1), codes, meta.key_grid_base[phys, h],
+        upper, _ = sketch_page_log2_mass(q[h].expand(pages, -1, -1), meta.key_codes[phys, h], meta.key_grid_base[phys, h],
                                          meta.key_grid_exponent[phys, h], tokens, scaling * LOG2E)
         out.append(upper.T.double() / LOG2E)  # [G, c], nats
     return torch.cat(out)  # [H_q, c]
@@ -776,8 +774,9 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
     selected = int(stats.selected_pages.sum())
     bound, scored = setting.config.reads_page_metadata, order in ("quest", "mass")
     meta32 = int(stats.kv_bytes_read) - tokens_read * 2 * dim * batch.cache.element_size()
-    expected32 = selected * ((meta.nbytes_per_page(setting.config.mode) if bound else 0)
-                             + meta.key_box_bytes_per_page() * scored)
+    expected32 = selected * (meta.nbytes_per_page() * bound + meta.key_box_bytes_per_page() * scored)
+    if stats.sketch_pages is not None:
+        expected32 += int(stats.sketch_pages.long().sum()) * meta.key_sketch_bytes_per_page()
     if meta32 != expected32:
         raise RuntimeError(f"kv_bytes_read holds {meta32} bytes of metadata, expected {expected32}")
     violations = None

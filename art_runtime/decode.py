@@ -17,7 +17,8 @@ from .backend import resolve_backend, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
 from .plan import DecodePlan, build_plan, group_tile, next_power_of_two, physical_pages
-from .reference import LOG2_SLACK, LOG2E, OVERFLOW_LOG2, VALUE_NORM_SCALE, art_decode_torch, bound_terms_torch
+from .reference import (LOG2_SLACK, LOG2E, OVERFLOW_LOG2, SKETCH_CUT_SHARE, VALUE_NORM_SCALE, art_decode_torch,
+                        bound_terms_torch)
 from .policies import PagePolicy, PolicyContext
 from .selection import PageSelection, dense_selection, validate_selection
 from .termination import TerminationConfig
@@ -60,13 +61,16 @@ class DecodeStats:
         query head first met the criterion on its own (``-1``: never; always -1 in ``off``).
     kv_bytes_read : torch.Tensor
         0-d int64: K and V bytes read, plus the page metadata read (bound and mass modes:
-        every selected page's; key-box scoring policies such as Quest: every page's key box).
+        every selected page's key box and value norm, and in bound mode the key sketch of
+        ``sketch_pages``; key-box scoring policies such as Quest: every page's key box).
     selection : PageSelection
         The selected pages in visit order, read or not (for per-layer policies: the last run's).
     page_mass : torch.Tensor or None
         ``[nnz]`` float32 aligned with ``selection.pages``: the softmax mass each page got,
         summed over the query heads of its group (0 for pages not read); only when planned
         with ``record_page_mass=True`` or for a policy that needs it (H2O).
+    sketch_pages : torch.Tensor or None
+        ``[B, H_kv]`` int32: pages whose key sketch the bound read (``bound`` only).
     """
 
     visited_pages: torch.Tensor
@@ -76,6 +80,7 @@ class DecodeStats:
     kv_bytes_read: torch.Tensor
     selection: PageSelection
     page_mass: torch.Tensor | None
+    sketch_pages: torch.Tensor | None = None
 
 
 def _check_int(name: str, value, low: int, high: int) -> int:
@@ -236,7 +241,9 @@ class BatchARTDecodeWrapper:
         self._part_lse = torch.empty((num_work if split else 0, group_pad), dtype=torch.float32, device=device)
         bound = plan.termination.reads_page_metadata and self._backend == "triton"
         self._log2w = torch.empty((plan.nnz if bound else 0, group_pad), dtype=torch.float32, device=device)
-        certified = plan.termination.mode == "bound" and self._backend == "triton"
+        certified = plan.termination.mode == "bound"
+        self._sketch_cut = torch.empty((num_work if certified else 0,), dtype=torch.int32, device=device)
+        certified = certified and self._backend == "triton"
         self._log2w_low = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._log2wv = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._vrest = torch.empty((plan.nnz if bound else 0,), dtype=torch.float32, device=device)
@@ -304,6 +311,8 @@ class BatchARTDecodeWrapper:
             self._run_triton(plan, q, k_cache, v_cache, page_meta, out, lse)
         else:
             terms = bound_terms_torch(plan, q, page_meta) if bound else None
+            if terms is not None and terms.sketch_cut is not None:
+                self._sketch_cut.copy_(terms.sketch_cut)
             o, o_lse, visited, tokens, stable_at = art_decode_torch(
                 plan, q, k_cache, v_cache, terms, self._page_lse if self._record_page_mass else None)
             out.copy_(o)
@@ -312,14 +321,15 @@ class BatchARTDecodeWrapper:
             self._visited_tokens.copy_(tokens)
             self._stable_at[:, : plan.group_size].copy_(stable_at)
         # Metadata read per selected page (bound, mass) and per page of the table (key-box scoring).
-        meta_bytes = (page_meta.nbytes_per_page(plan.termination.mode) * plan.nnz if bound else 0) + (
+        meta_bytes = (page_meta.nbytes_per_page() * plan.nnz if bound else 0) + (
             page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
             if self._policy is not None and self._policy[0].reads_key_boxes else 0)
         page_mass = self._page_mass(plan, lse) if self._record_page_mass else None
         if page_mass is not None and self._policy is not None and self._policy[0].needs_page_mass:
             policy, ctx, layout = self._policy
             policy.observe(ctx, layout, layer_id, self._selection.pages, page_mass)
-        self._raw_stats = (plan, k_cache.element_size(), meta_bytes, page_mass)
+        self._raw_stats = (plan, k_cache.element_size(), meta_bytes, page_mass,
+                           page_meta.key_sketch_bytes_per_page() if plan.termination.mode == "bound" else 0)
         return (out, lse) if return_lse else out
 
     def _page_mass(self, plan: DecodePlan, lse: torch.Tensor) -> torch.Tensor:
@@ -394,11 +404,12 @@ class BatchARTDecodeWrapper:
                 q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, page_meta.value_norm_max,
                 page_meta.key_codes, page_meta.key_grid_base, page_meta.key_grid_exponent,
                 plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
-                self._log2w, self._vrest, self._log2w_low, self._log2wv,
+                self._log2w, self._vrest, self._log2w_low, self._log2wv, self._sketch_cut,
                 q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
                 page_meta.value_norm_max.stride(0), page_meta.key_codes.stride(0), page_meta.key_codes.stride(1),
                 page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
                 qk_scale, plan.sm_scale, VALUE_NORM_SCALE, LOG2_SLACK,
+                math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
                 NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
                 HEAD_DIM=plan.head_dim, TILE=BOUND_TILE if estimate else max(16, SKETCH_TILE_TOKENS // page_size_pow2),
                 ESTIMATE=estimate, DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
@@ -450,7 +461,7 @@ class BatchARTDecodeWrapper:
         """Statistics of the last ``run`` (computed on access, on the device)."""
         if self._raw_stats is None:
             raise ValueError("last_stats: no run() since the last plan()")
-        plan, elem_size, meta_bytes, page_mass = self._raw_stats
+        plan, elem_size, meta_bytes, page_mass, sketch_bytes = self._raw_stats
         rows = plan.work_row.long()
         device = plan.visit_phys.device
         batch, hkv, hqo = plan.batch_size, plan.num_kv_heads, plan.num_qo_heads
@@ -462,6 +473,12 @@ class BatchARTDecodeWrapper:
         stable.scatter_reduce_(0, rows[:, None].expand_as(first), first, "amin")
         stable = torch.where(stable == never, -1, stable)
         kv_bytes = tokens.long().sum() * 2 * plan.head_dim * elem_size + meta_bytes
+        sketch_pages = None
+        if sketch_bytes:
+            sketched = (plan.work_end - self._sketch_cut).to(torch.int32)
+            sketch_pages = torch.zeros(plan.num_rows, dtype=torch.int32, device=device).index_add_(0, rows, sketched)
+            kv_bytes = kv_bytes + sketch_pages.long().sum() * sketch_bytes
+            sketch_pages = sketch_pages.view(batch, hkv)
         return DecodeStats(
             visited_pages=visited.view(batch, hkv),
             selected_pages=plan.selected_pages,
@@ -470,4 +487,5 @@ class BatchARTDecodeWrapper:
             kv_bytes_read=kv_bytes,
             selection=self._selection,
             page_mass=page_mass,
+            sketch_pages=sketch_pages,
         )

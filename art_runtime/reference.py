@@ -28,6 +28,10 @@ LOG2_SLACK = 2.0**-9
 # Above this (base 2, relative to the running max) the mass-weighted error term counts as
 # infinite instead of overflowing fp32.
 OVERFLOW_LOG2 = 100.0
+# bound: the pre-pass reads the key sketch only from the first visit position at which the
+# mass estimate (mode mass's) puts every head's unread share at most this many times eps;
+# before it the check cannot pass (the bound needs the sketch of every unread page).
+SKETCH_CUT_SHARE = 4.0
 
 
 def _work_queries(plan: DecodePlan, q: torch.Tensor) -> torch.Tensor:
@@ -71,20 +75,22 @@ class BoundTerms(NamedTuple):
     (``mass``) of the positions ``>= p`` of p's work item, relative to no running max;
     ``value_rest [nnz]``: the largest value norm over them. ``bound`` only (else None):
     ``log2_rest_mass_low [nnz, G]``, a lower bound of the same mass, and
-    ``log2_rest_value_mass [nnz, G]``, the bound of ``sum_j W_j Vmax_j`` (see
-    ``art_runtime.termination``).
+    ``log2_rest_value_mass [nnz, G]``, the bound of ``sum_j W_j Vmax_j``, and
+    ``sketch_cut [W]``, the first position of each work item whose pages' sketches were read
+    (before it the terms are infinite: no stop; see ``art_runtime.termination``).
     """
 
     log2_rest_mass: torch.Tensor
     value_rest: torch.Tensor
     log2_rest_mass_low: torch.Tensor | None = None
     log2_rest_value_mass: torch.Tensor | None = None
+    sketch_cut: torch.Tensor | None = None
 
 
 def sketch_page_log2_mass(q_pos, codes, base, exponent, tokens, qk_scale):
     """Base-2 log bounds ``(upper, lower)`` ``[n, G]`` of pages' softmax mass from their key sketch.
 
-    ``q_pos [n, G, D]`` float32 queries, ``codes [n, P, D]`` (unpacked), ``base``/``exponent``
+    ``q_pos [n, G, D]`` float32 queries, ``codes [n, P, D]``, ``base``/``exponent``
     ``[n, D]`` the grid, ``tokens [n]``. Token ``t``'s logit ``q.k_t`` lies in
     ``y_t + A + [-N, P]`` with ``y_t = sum_d q_d s_d c_td``, ``A = sum_d q_d s_d b_d``,
     ``P``/``N`` the sums of ``q_d s_d`` over positive/negative ``q_d``; a relative margin
@@ -144,27 +150,41 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
     tokens = plan.visit_tokens.long()
     vnorm = page_meta.value_norm_max[phys, head] * VALUE_NORM_SCALE
     value_rest = _suffix_max(plan, vnorm)
+    # The mass estimate from the key boxes: mode mass's criterion, and bound's sketch cut.
+    kmin, kmax = page_meta.key_bounds(phys, head)  # [nnz, D]
+    q_pos = q_groups[plan.visit_row // plan.num_kv_heads, head]  # [nnz, G, D]
+    centre, spread = (kmin + kmax) / 2, (kmax - kmin) / 4
+    logit = (q_pos * centre[:, None]).sum(-1) * qk_scale + \
+        (q_pos.square() * spread.square()[:, None]).sum(-1) * (qk_scale * plan.sm_scale / 2)
+    estimate = _suffix_log2_sum(plan, logit + torch.log2(tokens.float())[:, None])
     if plan.termination.mode == "mass":
-        kmin, kmax = page_meta.key_bounds(phys, head)  # [nnz, D]
-        q_pos = q_groups[plan.visit_row // plan.num_kv_heads, head]  # [nnz, G, D]
-        centre, spread = (kmin + kmax) / 2, (kmax - kmin) / 4
-        logit = (q_pos * centre[:, None]).sum(-1) * qk_scale + \
-            (q_pos.square() * spread.square()[:, None]).sum(-1) * (qk_scale * plan.sm_scale / 2)
-        return BoundTerms(_suffix_log2_sum(plan, logit + torch.log2(tokens.float())[:, None]), value_rest)
-    upper = torch.empty(plan.nnz, plan.group_size, device=q.device)
-    lower = torch.empty_like(upper)
-    for first in range(0, plan.nnz, chunk):
-        part = slice(first, first + chunk)
+        return BoundTerms(estimate, value_rest)
+
+    # Cut: positions before the first one where every head's estimated unread share is at
+    # most SKETCH_CUT_SHARE * eps cannot stop; only the pages from there on need their sketch.
+    starts, ends = plan.work_start.long(), plan.work_end.long()
+    work_of = torch.repeat_interleave(torch.arange(plan.num_work, device=q.device), ends - starts)
+    threshold = estimate[starts] + math.log2(SKETCH_CUT_SHARE * plan.termination.eps) \
+        if plan.termination.eps > 0 else torch.full_like(estimate[starts], float("-inf"))
+    early = (estimate > threshold[work_of]).any(-1)
+    cut = starts + torch.zeros_like(starts).index_add_(0, work_of, early.long())
+    sketched = (torch.arange(plan.nnz, device=q.device) >= cut[work_of]).nonzero().squeeze(1)
+    upper = torch.full((plan.nnz, plan.group_size), float("-inf"), device=q.device)
+    lower = torch.full_like(upper, float("-inf"))
+    for first in range(0, sketched.numel(), chunk):
+        part = sketched[first: first + chunk]
         p, h = phys[part], head[part]
-        packed = page_meta.key_codes[p, h]  # [n, P, D / 2]
-        codes = torch.cat([packed & 15, packed >> 4], -1)
-        q_pos = q_groups[plan.visit_row[part] // plan.num_kv_heads, h]
         upper[part], lower[part] = sketch_page_log2_mass(
-            q_pos, codes, page_meta.key_grid_base[p, h], page_meta.key_grid_exponent[p, h], tokens[part], qk_scale)
+            q_pos[part], page_meta.key_codes[p, h], page_meta.key_grid_base[p, h], page_meta.key_grid_exponent[p, h],
+            tokens[part], qk_scale)
+    before_cut = torch.ones(plan.nnz, dtype=torch.bool, device=q.device)
+    before_cut[sketched] = False
+    before_cut = before_cut[:, None]
     return BoundTerms(
-        _suffix_log2_sum(plan, upper) + LOG2_SLACK, value_rest,
-        _suffix_log2_sum(plan, lower) - LOG2_SLACK,
-        _suffix_log2_sum(plan, upper + torch.log2(vnorm)[:, None]) + LOG2_SLACK,
+        (_suffix_log2_sum(plan, upper) + LOG2_SLACK).masked_fill(before_cut, float("inf")), value_rest,
+        (_suffix_log2_sum(plan, lower) - LOG2_SLACK).masked_fill(before_cut, float("-inf")),
+        (_suffix_log2_sum(plan, upper + torch.log2(vnorm)[:, None]) + LOG2_SLACK).masked_fill(before_cut, float("inf")),
+        cut.to(torch.int32),
     )
 
 

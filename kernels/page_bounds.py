@@ -1,16 +1,21 @@
 """Triton kernel: per-page mass bounds (or estimates) and their suffix sums over a visit order.
 
-One program per work item (a chunk of one (request, KV head)'s visit order). It walks the
-chunk backwards in tiles of ``TILE`` pages. Mode ``bound``: every token's logit is bounded
-from its 4-bit key sketch (``art_runtime.reference.sketch_page_log2_mass``: one dot of the
-query with the token's codes times the page's power-of-two steps, exact in bf16, plus
-per-page terms and a rounding margin), giving each page's mass upper bound ``W_j`` and lower
-bound; the kernel writes, for every position ``p``, the base-2 logs of the suffix sums
-``sum_{j >= p} W_j``, of the lower bounds and of ``W_j Vmax_j``, and the largest value norm
-of the suffix. Mode ``mass`` (``ESTIMATE``): a page's term is its estimated log-mass from
-the key box centre and half-width (``art_runtime.termination``). The decode kernel's check
-is then a few scalar operations per block. Suffix sums use an exact log-sum-exp scan, so no
-range of logits underflows into a wrong zero.
+One program per work item (a chunk of one (request, KV head)'s visit order), three passes:
+
+1. Backwards in tiles of ``TILE`` pages: each page's estimated log-mass from its key box
+   centre and half-width (``art_runtime.termination``, mode ``mass``), its suffix sums
+   (base 2, over the positions from ``p`` to the chunk's end) and the suffix max of the value
+   norms. Mode ``mass`` (``ESTIMATE``) stops here: the decode kernel reads these.
+2. Mode ``bound``: the cut, the first position at which every head's estimated unread share
+   is at most ``2^log2_cut_share``; positions before it get infinite terms (no stop there).
+3. Backwards from the end to the cut: every token's logit bounded from its 8-bit key sketch
+   (``art_runtime.reference.sketch_page_log2_mass``: one dot of the query with the token's
+   codes times the page's power-of-two steps, exact in bf16, plus per-page terms and a
+   rounding margin), giving each page's mass upper bound ``W_j`` and lower bound; written:
+   the base-2 logs of the suffix sums of ``W_j``, of the lower bounds and of ``W_j Vmax_j``.
+
+The decode kernel's check is then a few scalar operations per block. Suffix sums use an
+exact log-sum-exp scan, so no range of logits underflows into a wrong zero.
 """
 
 import triton
@@ -19,7 +24,7 @@ import triton.language as tl
 # Relative margin added to every logit bound, covering fp32 rounding of both this dot
 # product and the decode kernel's (a D-term sum has relative error below D * 2^-24).
 ROUNDING_MARGIN = tl.constexpr(2.0 ** -12)
-SKETCH_LEVELS = tl.constexpr(16)
+SKETCH_LEVELS = tl.constexpr(256)
 
 
 @triton.jit
@@ -60,12 +65,13 @@ def _dot(a, b, DOT_IN_INPUT_DTYPE: tl.constexpr):
 @triton.jit
 def page_bound_suffix_kernel(
     q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, value_norm_ptr,
-    codes_ptr, base_ptr, exponent_ptr,  # key sketch: [max_pages, H_kv, P, D / 2] uint8, [max_pages, H_kv, D] x2
+    codes_ptr, base_ptr, exponent_ptr,  # key sketch: [max_pages, H_kv, P, D] uint8, [max_pages, H_kv, D] x2
     visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
     log2w_ptr, vrest_ptr,               # out: [nnz, GROUP_PAD] fp32, [nnz] fp32
     log2w_low_ptr, log2wv_ptr,          # out (bound): [nnz, GROUP_PAD] fp32 each
+    sketch_cut_ptr,                     # out (bound): [W] int32, the first position with sketch terms
     stride_qb, stride_qh, stride_mp, stride_mh, stride_np, stride_cp, stride_ch, stride_gp, stride_gh,
-    qk_scale, sm_scale, value_norm_scale, log2_slack,
+    qk_scale, sm_scale, value_norm_scale, log2_slack, log2_cut_share,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr, ESTIMATE: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
     PAGE_SIZE_POW2: tl.constexpr,
@@ -78,43 +84,78 @@ def page_bound_suffix_kernel(
     end = tl.load(work_end_ptr + work)
 
     g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP_SIZE
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
-                mask=(g < GROUP_SIZE)[:, None], other=0.0)
+                mask=g_ok[:, None], other=0.0)
     q_input = q
     q = q.to(tl.float32)
+    dot_dtype = q_input.dtype if DOT_IN_INPUT_DTYPE else tl.float32
+    t = tl.arange(0, TILE)
 
+    # Pass 1: the mass estimate from the key boxes (mode mass's criterion; bound's cut), and Vrest.
     carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     carry_s = tl.zeros([GROUP_PAD], tl.float32)
-    low_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    low_s = tl.zeros([GROUP_PAD], tl.float32)
-    wv_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    wv_s = tl.zeros([GROUP_PAD], tl.float32)
     carry_v = tl.max(tl.zeros([TILE], tl.float32), 0)
-    t = tl.arange(0, TILE)
     for tile in range(0, tl.cdiv(end - start, TILE)):
         pos = end - (tile + 1) * TILE + t
         ok = pos >= start
         phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
         tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
+        # log-mass of keys spread around the box centre with deviation half the half-width
+        box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
+        kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
+        kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
+        scale = tl.load(key_scale_ptr + phys * stride_np + head, mask=ok, other=0.0)[None, :]
+        centre = ((kmin + kmax) * 0.5).to(dot_dtype)
+        spread = (kmax - kmin) * 0.25
+        mean = _dot(q.to(dot_dtype), tl.trans(centre), DOT_IN_INPUT_DTYPE)
+        variance = _dot((q * q).to(dot_dtype), tl.trans((spread * spread).to(dot_dtype)), DOT_IN_INPUT_DTYPE)
+        logit = mean * scale * qk_scale + variance * (scale * scale) * (qk_scale * sm_scale * 0.5)
+        x = logit + tl.log2(tokens.to(tl.float32))[None, :]
+        estimate, carry_m, carry_s = _suffix_log2_sum(x, ok, carry_m, carry_s)
+        tl.store(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], estimate, mask=ok[None, :])
         vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
-        if ESTIMATE:
-            # log-mass of keys spread around the box centre with deviation half the half-width
-            dot_dtype = q_input.dtype if DOT_IN_INPUT_DTYPE else tl.float32
-            box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
-            kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-            kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-            scale = tl.load(key_scale_ptr + phys * stride_np + head, mask=ok, other=0.0)[None, :]
-            centre = ((kmin + kmax) * 0.5).to(dot_dtype)
-            spread = (kmax - kmin) * 0.25
-            mean = _dot(q.to(dot_dtype), tl.trans(centre), DOT_IN_INPUT_DTYPE)
-            variance = _dot((q * q).to(dot_dtype), tl.trans((spread * spread).to(dot_dtype)), DOT_IN_INPUT_DTYPE)
-            logit = mean * scale * qk_scale + variance * (scale * scale) * (qk_scale * sm_scale * 0.5)
-            x = logit + tl.log2(tokens.to(tl.float32))[None, :]
-            log2w, carry_m, carry_s = _suffix_log2_sum(x, ok, carry_m, carry_s)
-        else:
-            # Certified mass bounds from the key sketch (art_runtime.reference.sketch_page_log2_mass).
-            HALF: tl.constexpr = HEAD_DIM // 2
+        vrest = tl.maximum(tl.associative_scan(vnorm, 0, _max_combine, reverse=True), carry_v)
+        tl.store(vrest_ptr + pos, vrest, mask=ok)
+        carry_v = tl.maximum(carry_v, tl.max(vnorm, 0))
+
+    if not ESTIMATE:
+        # Pass 2, the cut: positions where some head's estimated unread share is above
+        # 2^log2_cut_share cannot stop (a prefix: suffix sums only shrink); they get no sketch.
+        threshold = carry_m + tl.log2(carry_s) + log2_cut_share
+        early_count = start * 0
+        for tile in range(0, tl.cdiv(end - start, TILE)):
+            pos = start + tile * TILE + t
+            ok = pos < end
+            estimate = tl.load(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], mask=ok[None, :] & g_ok[:, None],
+                               other=float("-inf"))
+            early = tl.max((estimate > threshold[:, None]).to(tl.int32), 0)
+            early_count += tl.sum(early, 0)
+            tl.store(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], float("inf"),
+                     mask=(ok & (early > 0))[None, :])
+            tl.store(log2w_low_ptr + pos[None, :] * GROUP_PAD + g[:, None], float("-inf"),
+                     mask=(ok & (early > 0))[None, :])
+            tl.store(log2wv_ptr + pos[None, :] * GROUP_PAD + g[:, None], float("inf"),
+                     mask=(ok & (early > 0))[None, :])
+        cut = start + early_count
+        tl.store(sketch_cut_ptr + work, cut)
+
+        # Pass 3: certified mass bounds from the key sketch (reference.sketch_page_log2_mass)
+        # of the positions from the cut on, and their suffix sums.
+        carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        carry_s = tl.zeros([GROUP_PAD], tl.float32)
+        low_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        low_s = tl.zeros([GROUP_PAD], tl.float32)
+        wv_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        wv_s = tl.zeros([GROUP_PAD], tl.float32)
+        slots = tl.arange(0, PAGE_SIZE_POW2)
+        for tile in range(0, tl.cdiv(end - cut, TILE)):
+            pos = end - (tile + 1) * TILE + t
+            ok = pos >= cut
+            phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
+            tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
+            vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
             grid = phys[:, None] * stride_gp + head * stride_gh + dims[None, :]
             exponent = tl.load(exponent_ptr + grid, mask=ok[:, None], other=0).to(tl.int32)
             step = ((exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^exponent, exactly
@@ -125,12 +166,10 @@ def page_bound_suffix_kernel(
             reach = tl.maximum(tl.abs(base), tl.abs(base + SKETCH_LEVELS)) * step
             margin = _dot(tl.abs(q), tl.trans(reach), False) * ROUNDING_MARGIN
             # Every token's y = sum_d q_d s_d c_d: codes times steps are exact in bf16 and fp32.
-            slots = tl.arange(0, PAGE_SIZE_POW2)
             token_ok = ok[:, None] & (slots[None, :] < tokens[:, None])  # [TILE, P2]
-            byte = phys[:, None, None] * stride_cp + head * stride_ch + slots[None, :, None] * HALF + \
-                (dims % HALF)[None, None, :]
-            packed = tl.load(codes_ptr + byte, mask=token_ok[:, :, None], other=0).to(tl.int32)
-            codes = ((packed >> (4 * (dims // HALF))[None, None, :]) & 15).to(tl.float32)
+            code_at = phys[:, None, None] * stride_cp + head * stride_ch + slots[None, :, None] * HEAD_DIM + \
+                dims[None, None, :]
+            codes = tl.load(codes_ptr + code_at, mask=token_ok[:, :, None], other=0).to(tl.float32)
             scaled = tl.reshape(codes * step[:, None, :], [TILE * PAGE_SIZE_POW2, HEAD_DIM])
             if DOT_IN_INPUT_DTYPE:
                 scaled = scaled.to(tl.bfloat16)
@@ -150,11 +189,7 @@ def page_bound_suffix_kernel(
             log2w, carry_m, carry_s = _suffix_log2_sum(upper, ok, carry_m, carry_s)
             log2w_low, low_m, low_s = _suffix_log2_sum(lower, ok, low_m, low_s)
             log2wv, wv_m, wv_s = _suffix_log2_sum(upper + tl.log2(vnorm)[None, :], ok, wv_m, wv_s)
-            log2w = log2w + log2_slack
             out = pos[None, :] * GROUP_PAD + g[:, None]
+            tl.store(log2w_ptr + out, log2w + log2_slack, mask=ok[None, :])
             tl.store(log2w_low_ptr + out, log2w_low - log2_slack, mask=ok[None, :])
             tl.store(log2wv_ptr + out, log2wv + log2_slack, mask=ok[None, :])
-        tl.store(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], log2w, mask=ok[None, :])
-        vrest = tl.maximum(tl.associative_scan(vnorm, 0, _max_combine, reverse=True), carry_v)
-        tl.store(vrest_ptr + pos, vrest, mask=ok)
-        carry_v = tl.maximum(carry_v, tl.max(vnorm, 0))

@@ -18,7 +18,7 @@ import triton.language as tl
 BOX_TOP_EXPONENT = tl.constexpr(7)  # the largest |key| scales into [128, 256)
 E4M3_MIN_EXPONENT = tl.constexpr(-6)
 E4M3_MANTISSA_BITS = tl.constexpr(3)
-SKETCH_LEVELS = tl.constexpr(16)
+SKETCH_LEVELS = tl.constexpr(256)
 SKETCH_FLOOR_SHIFT = tl.constexpr(-6)
 
 
@@ -56,27 +56,26 @@ def _round_outward_to_e4m3(x, UP: tl.constexpr):
 
 
 @triton.jit
-def _sketch_half(key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
-                 stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh,
-                 OFFSET: tl.constexpr, SHIFT: tl.constexpr, HALF: tl.constexpr, PAGE_SIZE_POW2: tl.constexpr):
-    """The sketch of dimensions ``OFFSET .. OFFSET + HALF`` of one (page, head): its codes by
-    slot ``[PAGE_SIZE_POW2, HALF]`` int32, stored base and exponent (``build_key_sketch``).
+def _key_sketch(key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
+                stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh,
+                HEAD_DIM: tl.constexpr, PAGE_SIZE_POW2: tl.constexpr):
+    """The key sketch of one (page, head): codes by slot ``[PAGE_SIZE_POW2, HEAD_DIM]`` int32,
+    base and exponent ``[HEAD_DIM]`` (``build_key_sketch``).
 
     Slots before ``slot`` hold old tokens, read back as the lower ends of their cells; the
     ``count`` new keys go to the slots from ``slot`` on.
     """
     slots = tl.arange(0, PAGE_SIZE_POW2)
-    dims = tl.arange(0, HALF)
+    dims = tl.arange(0, HEAD_DIM)
     is_old = slots < slot
     is_new = (slots >= slot) & (slots < slot + count)
-    keys = tl.load(key_ptr + (token + slots - slot)[:, None] * stride_kt + head * stride_kh + (OFFSET + dims)[None, :],
+    keys = tl.load(key_ptr + (token + slots - slot)[:, None] * stride_kt + head * stride_kh + dims[None, :],
                    mask=is_new[:, None], other=0.0).to(tl.float32)
-    packed = tl.load(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HALF + dims[None, :],
-                     mask=is_old[:, None], other=0).to(tl.int32)
-    grid = page * stride_gp + head * stride_gh + OFFSET + dims
+    old_codes = tl.load(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HEAD_DIM + dims[None, :],
+                        mask=is_old[:, None], other=0).to(tl.float32)
+    grid = page * stride_gp + head * stride_gh + dims
     old_step = _power_of_two(tl.load(exponent_ptr + grid).to(tl.int32))
-    old_lo = (tl.load(base_ptr + grid).to(tl.float32)[None, :] + ((packed >> SHIFT) & 15).to(tl.float32)) * \
-        old_step[None, :]
+    old_lo = (tl.load(base_ptr + grid).to(tl.float32)[None, :] + old_codes) * old_step[None, :]
     points = tl.where(is_new[:, None], keys, old_lo)
     valid = (is_new | is_old)[:, None]
     low = tl.min(tl.where(valid, points, float("inf")), 0)
@@ -85,8 +84,9 @@ def _sketch_half(key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count,
     floor = tl.maximum(scale * (2.0 ** SKETCH_FLOOR_SHIFT), 2.0 ** -126)
     least = tl.maximum(floor, tl.where(slot > 0, old_step, 0.0))
     span = tl.maximum(tl.maximum(top_key, top_cell) - low, 0.0)
-    wide = tl.maximum(_power_of_two(_floor_log2(tl.maximum(span * (1.0 / 15.0), 2.0 ** -126)) + 1), least)
-    step = wide * 2.0  # fits even if span / 15 rounded down
+    wide = tl.maximum(_power_of_two(_floor_log2(tl.maximum(span * (1.0 / (SKETCH_LEVELS - 1)), 2.0 ** -126)) + 1),
+                      least)
+    step = wide * 2.0  # fits even if the division rounded down
     for shrink in tl.static_range(3):
         candidate = wide * (0.5 ** shrink)
         top_of = tl.floor(low * _power_of_two(-_floor_log2(candidate))) * candidate + SKETCH_LEVELS * candidate
@@ -111,7 +111,7 @@ def page_metadata_update_kernel(
     kv_indices_ptr, kv_indptr_ptr,  # page table (int32)
     kmin_ptr, kmax_ptr,            # [max_pages, H_kv, D] fp8 boxes
     kscale_ptr, vnorm_ptr,         # [max_pages, H_kv] fp32 box scales and value norms
-    codes_ptr,                     # [max_pages, H_kv, PAGE_SIZE, D / 2] uint8 key sketch
+    codes_ptr,                     # [max_pages, H_kv, PAGE_SIZE, D] uint8 key sketch
     base_ptr, exponent_ptr,        # [max_pages, H_kv, D] int16 / int8 sketch grid
     nnz,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -155,22 +155,14 @@ def page_metadata_update_kernel(
         box_max = _round_outward_to_e4m3(new_max * inv_scale, UP=True)
         tl.store(kmin_ptr + meta_offsets, box_min.to(kmin_ptr.dtype.element_ty))
         tl.store(kmax_ptr + meta_offsets, box_max.to(kmax_ptr.dtype.element_ty))
-        # The sketch reads the old cells before they are overwritten: both halves first, then store.
-        HALF: tl.constexpr = HEAD_DIM // 2
-        codes_lo, base_lo, exp_lo = _sketch_half(
+        codes, base, exponent = _key_sketch(
             key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
-            stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh, 0, 0, HALF, PAGE_SIZE_POW2)
-        codes_hi, base_hi, exp_hi = _sketch_half(
-            key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
-            stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh, HALF, 4, HALF, PAGE_SIZE_POW2)
+            stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh, HEAD_DIM, PAGE_SIZE_POW2)
         slots = tl.arange(0, PAGE_SIZE_POW2)
-        half_dims = tl.arange(0, HALF)
-        tl.store(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HALF + half_dims[None, :],
-                 (codes_lo | (codes_hi << 4)).to(codes_ptr.dtype.element_ty), mask=(slots < PAGE_SIZE)[:, None])
-        grid = page * stride_gp + head * stride_gh + half_dims
-        tl.store(base_ptr + grid, base_lo.to(base_ptr.dtype.element_ty))
-        tl.store(base_ptr + grid + HALF, base_hi.to(base_ptr.dtype.element_ty))
-        tl.store(exponent_ptr + grid, exp_lo.to(exponent_ptr.dtype.element_ty))
-        tl.store(exponent_ptr + grid + HALF, exp_hi.to(exponent_ptr.dtype.element_ty))
+        tl.store(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HEAD_DIM + dims[None, :],
+                 codes.to(codes_ptr.dtype.element_ty), mask=(slots < PAGE_SIZE)[:, None])
+        grid = page * stride_gp + head * stride_gh + dims
+        tl.store(base_ptr + grid, base.to(base_ptr.dtype.element_ty))
+        tl.store(exponent_ptr + grid, exponent.to(exponent_ptr.dtype.element_ty))
         tl.store(kscale_ptr + scalar_offset, scale)
         tl.store(vnorm_ptr + scalar_offset, new_vnorm)

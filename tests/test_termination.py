@@ -221,8 +221,10 @@ def test_bound_stops_early_when_the_rest_is_provably_small(backend, relative_to,
     assert_bound_holds(case, out, termination)
     assert (stats.visited_pages < stats.selected_pages // 2).all()
     assert (stats.stable_at >= 0).all()
-    meta_bytes = case.page_meta().nbytes_per_page()
-    expected_bytes = stats.visited_tokens.long().sum() * 2 * 64 * 4 + stats.selected_pages.long().sum() * meta_bytes
+    meta = case.page_meta()
+    assert (stats.sketch_pages <= stats.selected_pages).all() and (stats.sketch_pages > 0).all()
+    expected_bytes = (stats.visited_tokens.long().sum() * 2 * 64 * 4 + stats.selected_pages.long().sum()
+                      * meta.nbytes_per_page() + stats.sketch_pages.long().sum() * meta.key_sketch_bytes_per_page())
     assert int(stats.kv_bytes_read) == int(expected_bytes)
 
 
@@ -254,10 +256,16 @@ def test_bound_suffix_terms_agree_between_backends(device):
     meta = case.page_meta()
     wrapper.run(case.q, case.cache, page_meta=meta)
     terms = bound_terms_torch(wrapper._plan, case.q, meta)
+    plan = wrapper._plan
+    assert torch.equal(wrapper._sketch_cut, terms.sketch_cut)
+    work_of = torch.repeat_interleave(torch.arange(plan.num_work), (plan.work_end - plan.work_start).long().cpu())
+    sketched = torch.arange(plan.nnz) >= terms.sketch_cut.long().cpu()[work_of]  # the rest: infinite, no stop
+    assert sketched.any() and not sketched.all()
     for kernel, reference in ((wrapper._log2w, terms.log2_rest_mass), (wrapper._log2w_low, terms.log2_rest_mass_low),
                               (wrapper._log2wv, terms.log2_rest_value_mass)):
         assert torch.allclose(kernel[:, :7], reference, rtol=1e-5, atol=1e-3)
-        assert math.isfinite(float(reference.max()))
+        assert reference[sketched].isfinite().all()
+    assert (terms.log2_rest_mass[~sketched] == float("inf")).all()
     assert torch.allclose(wrapper._vrest, terms.value_rest, rtol=1e-6)
     assert (terms.log2_rest_mass_low <= terms.log2_rest_mass).all()
 

@@ -86,8 +86,7 @@ class ARTAttnBackend(TritonAttnBackend):
         self.graph_decode: StaticPlanDecodeWrapper | None = None
         self.decode = self.eager_decode  # the wrapper the current decode step runs
         self.decode_seq_lens = None  # [B] of the current decode step
-        metadata_bytes = (self.page_meta[0].nbytes_per_page(self.termination.mode)
-                          if self.termination.reads_page_metadata else 0)
+        metadata_bytes = self.page_meta[0].nbytes_per_page() if self.termination.reads_page_metadata else 0
         self.telemetry = DecodeTelemetry(
             self.num_layers, self.num_kv_head, self.num_head, self.head_dim, keys.element_size(), metadata_bytes,
             keys.device, rank=getattr(model_runner, "tp_rank", 0) or 0,
