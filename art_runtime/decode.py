@@ -242,7 +242,7 @@ class BatchARTDecodeWrapper:
         bound = plan.termination.reads_page_metadata and self._backend == "triton"
         self._log2w = torch.empty((plan.nnz if bound else 0, group_pad), dtype=torch.float32, device=device)
         certified = plan.termination.mode == "bound"
-        self._sketch_cut = torch.empty((num_work if certified else 0,), dtype=torch.int32, device=device)
+        self._sketch_pages = torch.empty((num_work if certified else 0,), dtype=torch.int32, device=device)
         certified = certified and self._backend == "triton"
         self._log2w_low = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._log2wv = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
@@ -311,8 +311,8 @@ class BatchARTDecodeWrapper:
             self._run_triton(plan, q, k_cache, v_cache, page_meta, out, lse)
         else:
             terms = bound_terms_torch(plan, q, page_meta) if bound else None
-            if terms is not None and terms.sketch_cut is not None:
-                self._sketch_cut.copy_(terms.sketch_cut)
+            if terms is not None and terms.sketch_pages is not None:
+                self._sketch_pages.copy_(terms.sketch_pages)
             o, o_lse, visited, tokens, stable_at = art_decode_torch(
                 plan, q, k_cache, v_cache, terms, self._page_lse if self._record_page_mass else None)
             out.copy_(o)
@@ -404,7 +404,7 @@ class BatchARTDecodeWrapper:
                 q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, page_meta.value_norm_max,
                 page_meta.key_codes, page_meta.key_grid_base, page_meta.key_grid_exponent,
                 plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
-                self._log2w, self._vrest, self._log2w_low, self._log2wv, self._sketch_cut,
+                self._log2w, self._vrest, self._log2w_low, self._log2wv, self._sketch_pages,
                 q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
                 page_meta.value_norm_max.stride(0), page_meta.key_codes.stride(0), page_meta.key_codes.stride(1),
                 page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
@@ -475,8 +475,8 @@ class BatchARTDecodeWrapper:
         kv_bytes = tokens.long().sum() * 2 * plan.head_dim * elem_size + meta_bytes
         sketch_pages = None
         if sketch_bytes:
-            sketched = (plan.work_end - self._sketch_cut).to(torch.int32)
-            sketch_pages = torch.zeros(plan.num_rows, dtype=torch.int32, device=device).index_add_(0, rows, sketched)
+            sketch_pages = torch.zeros(plan.num_rows, dtype=torch.int32, device=device).index_add_(
+                0, rows, self._sketch_pages)
             kv_bytes = kv_bytes + sketch_pages.long().sum() * sketch_bytes
             sketch_pages = sketch_pages.view(batch, hkv)
         return DecodeStats(

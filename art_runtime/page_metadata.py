@@ -1,7 +1,7 @@
 """Per-page summaries of the paged KV cache: key boxes, key sketches and value norms.
 
 For every physical page and KV head: the per-dimension minimum and maximum of the page's keys
-(Quest's metadata), a 4-bit sketch of every token's key, and the largest value-vector norm.
+(Quest's metadata), an 8-bit sketch of every token's key, and the largest value-vector norm.
 Quest scoring and the ``mass`` estimate read the boxes, the certified ``bound`` reads the
 sketch; none of them reads K/V. They are kept current on append (a Triton kernel on the GPU,
 scatter reductions on the CPU), from the appended tokens alone.
@@ -17,18 +17,22 @@ dimensions reach down to 2^-16 of the largest. Scales only grow as tokens arrive
 grids of larger power-of-two scales are subsets of smaller ones, so folding tokens in one at
 a time gives exactly the box a one-shot build gives.
 
-Key sketch (``build_key_sketch``): per (page, head, dim) a grid of 16 cells of a power-of-two
-step ``s`` from a base ``b`` that is a multiple of ``s``, and per token the 4-bit index of the
+Key sketch (``build_key_sketch``): per (page, head, dim) a grid of 256 cells of a power-of-two
+step ``s`` from a base ``b`` that is a multiple of ``s``, and per token the 8-bit index of the
 cell holding its key, so every key lies in ``[b + c s, b + (c + 1) s]``: the certified
 per-token intervals the bound needs (logit upper and lower bounds, ``art_runtime.termination``).
 All of it is exact in fp32 (integers times powers of two; the quantization corrects its own
 division), the cells contain the keys as the cache stores them, and because coarser
 power-of-two grids are subsets of finer ones, folding tokens in as they arrive gives the
-sketch of a one-shot build. Measured (``benchmarks/sketch_design.py``, shared captures):
-int4 overshoots a token's logit by 1.4-1.6 nats (median) where int8 does by 0.09 and 2 bits
-by 7-8; a free affine step would do 0.9-1.0 at int4 but cannot be refined on append without
-re-reading the page. Bytes per (page, head): ``page_size * D / 2`` of codes plus ``3 D`` of
-grid (int16 base, int8 exponent), 704 at page size 16 and D 64: 17% of the page's fp16 K+V.
+sketch of a one-shot build. Why 8 bits (``benchmarks/sketch_design.py`` on the shared
+captures, ``benchmarks/results/bound_sketch_2026-11-26/README.md``): a token's logit bound
+overshoots by 7-8 nats (median) at 2 bits, 3.1-3.3 at 3, 1.4-1.6 at 4, 0.7 at 5, 0.34 at 6
+and 0.09 at 8; in bytes read (sketch included) at eps 0.05 on Qwen2.5 8 bits beat 4 (81-89%
+against 92-93% before the cut, ``art_runtime.termination``), and 6 bits, slightly better
+still, would need a packing across bytes. A free affine step would overshoot a third less
+but cannot be refined on append without re-reading the page's keys. Bytes per (page, head):
+``page_size * D`` of codes plus ``3 D`` of grid (int16 base, int8 exponent): 1216 at page
+size 16 and D 64, 30% of the page's fp16 K+V, read only for the pages after the bound's cut.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def quantize_key_box(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor):
 
 
 # --------------------------------------------------------------------------------------------
-# Key sketch: every token's key as a 4-bit cell of a per-(page, head, dim) power-of-two grid
+# Key sketch: every token's key as an 8-bit cell of a per-(page, head, dim) power-of-two grid
 
 
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:

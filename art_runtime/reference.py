@@ -31,7 +31,7 @@ OVERFLOW_LOG2 = 100.0
 # bound: the pre-pass reads the key sketch only from the first visit position at which the
 # mass estimate (mode mass's) puts every head's unread share at most this many times eps;
 # before it the check cannot pass (the bound needs the sketch of every unread page).
-SKETCH_CUT_SHARE = 4.0
+SKETCH_CUT_SHARE = 1.0
 
 
 def _work_queries(plan: DecodePlan, q: torch.Tensor) -> torch.Tensor:
@@ -76,15 +76,15 @@ class BoundTerms(NamedTuple):
     ``value_rest [nnz]``: the largest value norm over them. ``bound`` only (else None):
     ``log2_rest_mass_low [nnz, G]``, a lower bound of the same mass, and
     ``log2_rest_value_mass [nnz, G]``, the bound of ``sum_j W_j Vmax_j``, and
-    ``sketch_cut [W]``, the first position of each work item whose pages' sketches were read
-    (before it the terms are infinite: no stop; see ``art_runtime.termination``).
+    ``sketch_pages [W]``, the pages of each work item whose key sketch was read (before the
+    cut the terms are infinite: no stop; see ``art_runtime.termination``).
     """
 
     log2_rest_mass: torch.Tensor
     value_rest: torch.Tensor
     log2_rest_mass_low: torch.Tensor | None = None
     log2_rest_value_mass: torch.Tensor | None = None
-    sketch_cut: torch.Tensor | None = None
+    sketch_pages: torch.Tensor | None = None
 
 
 def sketch_page_log2_mass(q_pos, codes, base, exponent, tokens, qk_scale):
@@ -156,7 +156,8 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
     centre, spread = (kmin + kmax) / 2, (kmax - kmin) / 4
     logit = (q_pos * centre[:, None]).sum(-1) * qk_scale + \
         (q_pos.square() * spread.square()[:, None]).sum(-1) * (qk_scale * plan.sm_scale / 2)
-    estimate = _suffix_log2_sum(plan, logit + torch.log2(tokens.float())[:, None])
+    log2_tokens = torch.log2(tokens.float())[:, None]
+    estimate = _suffix_log2_sum(plan, logit + log2_tokens)
     if plan.termination.mode == "mass":
         return BoundTerms(estimate, value_rest)
 
@@ -168,7 +169,8 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
         if plan.termination.eps > 0 else torch.full_like(estimate[starts], float("-inf"))
     early = (estimate > threshold[work_of]).any(-1)
     cut = starts + torch.zeros_like(starts).index_add_(0, work_of, early.long())
-    sketched = (torch.arange(plan.nnz, device=q.device) >= cut[work_of]).nonzero().squeeze(1)
+    after_cut = torch.arange(plan.nnz, device=q.device) >= cut[work_of]
+    sketched = after_cut.nonzero().squeeze(1)
     upper = torch.full((plan.nnz, plan.group_size), float("-inf"), device=q.device)
     lower = torch.full_like(upper, float("-inf"))
     for first in range(0, sketched.numel(), chunk):
@@ -177,14 +179,12 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
         upper[part], lower[part] = sketch_page_log2_mass(
             q_pos[part], page_meta.key_codes[p, h], page_meta.key_grid_base[p, h], page_meta.key_grid_exponent[p, h],
             tokens[part], qk_scale)
-    before_cut = torch.ones(plan.nnz, dtype=torch.bool, device=q.device)
-    before_cut[sketched] = False
-    before_cut = before_cut[:, None]
+    before_cut = ~after_cut[:, None]
     return BoundTerms(
         (_suffix_log2_sum(plan, upper) + LOG2_SLACK).masked_fill(before_cut, float("inf")), value_rest,
         (_suffix_log2_sum(plan, lower) - LOG2_SLACK).masked_fill(before_cut, float("-inf")),
         (_suffix_log2_sum(plan, upper + torch.log2(vnorm)[:, None]) + LOG2_SLACK).masked_fill(before_cut, float("inf")),
-        cut.to(torch.int32),
+        (ends - cut).to(torch.int32),
     )
 
 

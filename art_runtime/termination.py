@@ -17,7 +17,7 @@ that share a KV head share one traversal, so the group stops only when all of th
 
         o - o_t = sum_{i in U} e^{s_i} (v_i - o_t) / (L + W)                          (1)
 
-    *Mass bounds.* The key sketch (``PageMetadata``) holds every token's key as a 4-bit cell
+    *Mass bounds.* The key sketch (``PageMetadata``) holds every token's key as an 8-bit cell
     per dimension, ``k_td in [lo_td, lo_td + s_jd]`` (power-of-two grid per page, head and
     dim; the cells contain the keys as the cache stores them). Hence every unread logit
     lies in ``[lb_t, ub_t]``, ``ub_t = scale sum_d max(q_d lo_td, q_d (lo_td + s_jd))`` and
@@ -48,10 +48,18 @@ that share a KV head share one traversal, so the group stops only when all of th
     *Pre-computed* (``page_bounds`` pre-pass, ``reference.bound_terms_torch``): per visit
     position, base-2 logs of the suffix sums of ``W_j^hi``, ``W_j^lo`` and ``W_j^hi V_j``
     (exact log-sum-exp scans, a ``2^-9`` slack for their fp32 rounding) and the suffix max
-    of ``V_j``; the in-kernel check is a few scalar operations per block. Bytes: the sketch
-    (``PageMetadata.key_sketch_bytes_per_page``: 4 bits a key dimension plus 3 bytes a
-    dimension of grid per page) and the value norm of every selected page, counted in
-    ``kv_bytes_read``. Per-page key boxes, by contrast, overshoot the true largest logit by
+    of ``V_j``; the in-kernel check is a few scalar operations per block.
+
+    *The cut.* The sketch is 30% of a page's fp16 K+V (a byte a key dimension plus 3 bytes
+    a dimension of grid), and the bound at position ``p`` needs the sketch of every page
+    from ``p`` on. Early positions cannot stop anyway, so the pre-pass first runs mode
+    ``mass``'s estimate from the key boxes (3% of a page) and reads sketches only from the
+    first position at which every head's *estimated* unread share is at most
+    ``SKETCH_CUT_SHARE * eps`` (``reference.SKETCH_CUT_SHARE``); before it the terms are
+    infinite and the check fails. The estimate only moves the cut, never the guarantee: a
+    cut too late reads pages the bound could have skipped, one too early reads sketches for
+    nothing. Bytes (``kv_bytes_read``): every selected page's key box and value norm, and
+    the sketch of the pages from the cut on (``DecodeStats.sketch_pages``). Per-page key boxes, by contrast, overshoot the true largest logit by
     11-15 nats on real attention and never stop (issue 8); measured numbers for the sketch:
     ``benchmarks/results/bound_sketch_2026-11-26/README.md``.
 

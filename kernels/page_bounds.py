@@ -69,7 +69,7 @@ def page_bound_suffix_kernel(
     visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
     log2w_ptr, vrest_ptr,               # out: [nnz, GROUP_PAD] fp32, [nnz] fp32
     log2w_low_ptr, log2wv_ptr,          # out (bound): [nnz, GROUP_PAD] fp32 each
-    sketch_cut_ptr,                     # out (bound): [W] int32, the first position with sketch terms
+    sketch_pages_ptr,                   # out (bound): [W] int32, pages whose key sketch was read (from the cut on)
     stride_qb, stride_qh, stride_mp, stride_mh, stride_np, stride_cp, stride_ch, stride_gp, stride_gh,
     qk_scale, sm_scale, value_norm_scale, log2_slack, log2_cut_share,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -139,7 +139,7 @@ def page_bound_suffix_kernel(
             tl.store(log2wv_ptr + pos[None, :] * GROUP_PAD + g[:, None], float("inf"),
                      mask=(ok & (early > 0))[None, :])
         cut = start + early_count
-        tl.store(sketch_cut_ptr + work, cut)
+        tl.store(sketch_pages_ptr + work, end - cut)
 
         # Pass 3: certified mass bounds from the key sketch (reference.sketch_page_log2_mass)
         # of the positions from the cut on, and their suffix sums.
