@@ -364,6 +364,7 @@ class CriterionResult:
     head_err_values: list
     seconds: float
     violations: int | None = None  # bound: query heads beyond the guarantee (None: no guarantee)
+    sketch_pages: int = 0  # bound: pages whose key sketch was read (after the cut)
 
     @property
     def pages_fraction(self) -> float:
@@ -491,7 +492,8 @@ class AnalysisReport:
         width = max(len("setting"), *(len(r.setting) for r in self.criteria))
         header = (f"{'layer':>5} {'order':<7} {'setting':<{width}} {'pages':>6} {'bytes':>6} | "
                   f"{'err/|o| mean':>12} {'p99':>8} {'max':>8} {'grp max':>8} | "
-                  f"{'err/max|v| mean':>15} {'p99':>8} {'max':>8} | {'depth min':>9} {'med':>5} {'max':>5} | viol")
+                  f"{'err/max|v| mean':>15} {'p99':>8} {'max':>8} | {'depth min':>9} {'med':>5} {'max':>5} | "
+                  "viol sketch")
         lines += [header, "-" * len(header)]
         for r in self.criteria:
             depth = torch.tensor(r.depth).flatten()
@@ -501,9 +503,10 @@ class AnalysisReport:
                 f"{r.err_output['max']:8.2e} {r.err_output['group_max_mean']:8.2e} | "
                 f"{r.err_values['mean']:15.2e} {r.err_values['p99']:8.2e} {r.err_values['max']:8.2e} | "
                 f"{float(depth.min()):9.2f} {float(depth.median()):5.2f} {float(depth.max()):5.2f} | "
-                f"{'-' if r.violations is None else r.violations}")
+                f"{'-' if r.violations is None else r.violations:>4} "
+                f"{100 * r.sketch_pages / r.pages_selected if r.sketch_pages else 0:5.1f}%")
         lines.append("   (grp max: mean over (query, KV head) of the group's worst query head; viol: bound only, "
-                     "query heads whose error exceeds the guarantee)")
+                     "query heads whose error exceeds the guarantee; sketch: pages whose key sketch bound read)")
         lines += ["", "hindsight optimum: fewest pages in the order after which every query head of the group is "
                   "within the target (relative to |o_exact|): % of pages for the group (for each head alone)"]
         head = f"{'layer':>5} {'order':<7} " + " ".join(f"{'err <= ' + _key(t):>18}" for t in self.targets)
@@ -775,8 +778,8 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
     bound, scored = setting.config.reads_page_metadata, order in ("quest", "mass")
     meta32 = int(stats.kv_bytes_read) - tokens_read * 2 * dim * batch.cache.element_size()
     expected32 = selected * (meta.nbytes_per_page() * bound + meta.key_box_bytes_per_page() * scored)
-    if stats.sketch_pages is not None:
-        expected32 += int(stats.sketch_pages.long().sum()) * meta.key_sketch_bytes_per_page()
+    sketch_pages = int(stats.sketch_pages.long().sum()) if stats.sketch_pages is not None else 0
+    expected32 += sketch_pages * meta.key_sketch_bytes_per_page()
     if meta32 != expected32:
         raise RuntimeError(f"kv_bytes_read holds {meta32} bytes of metadata, expected {expected32}")
     violations = None
@@ -796,6 +799,7 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
         depth=(stats.visited_pages.double() / stats.selected_pages.double()).tolist(),
         visited_pages=stats.visited_pages.tolist(),
         head_err_output=rel_o.tolist(), head_err_values=rel_v.tolist(), seconds=seconds, violations=violations,
+        sketch_pages=sketch_pages,
     )
 
 
