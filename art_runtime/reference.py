@@ -30,7 +30,8 @@ LOG2_SLACK = 2.0**-9
 OVERFLOW_LOG2 = 100.0
 # bound: the pre-pass reads the key sketch only from the first visit position at which the
 # mass estimate (mode mass's) puts every head's unread share at most this many times eps;
-# before it the check cannot pass (the bound needs the sketch of every unread page).
+# before it the unread mass bound is infinite (only the trivial W / (L + W) <= 1 remains).
+# Measured on the shared captures against 4 and 1/4 (benchmarks/results/bound_sketch_2026-11-26).
 SKETCH_CUT_SHARE = 1.0
 
 
@@ -161,8 +162,8 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
     if plan.termination.mode == "mass":
         return BoundTerms(estimate, value_rest)
 
-    # Cut: positions before the first one where every head's estimated unread share is at
-    # most SKETCH_CUT_SHARE * eps cannot stop; only the pages from there on need their sketch.
+    # Cut: before the first position where every head's estimated unread share is at most
+    # SKETCH_CUT_SHARE * eps the bound is infinite; only the pages from there on need their sketch.
     starts, ends = plan.work_start.long(), plan.work_end.long()
     work_of = torch.repeat_interleave(torch.arange(plan.num_work, device=q.device), ends - starts)
     threshold = estimate[starts] + math.log2(SKETCH_CUT_SHARE * plan.termination.eps) \

@@ -55,8 +55,9 @@ that share a KV head share one traversal, so the group stops only when all of th
     from ``p`` on. Early positions cannot stop anyway, so the pre-pass first runs mode
     ``mass``'s estimate from the key boxes (3% of a page) and reads sketches only from the
     first position at which every head's *estimated* unread share is at most
-    ``SKETCH_CUT_SHARE * eps`` (``reference.SKETCH_CUT_SHARE``); before it the terms are
-    infinite and the check fails. The estimate only moves the cut, never the guarantee: a
+    ``SKETCH_CUT_SHARE * eps`` (``reference.SKETCH_CUT_SHARE``, 1); before it ``W^hi`` is
+    infinite (only the trivial ``W / (L + W) <= 1`` of (a) remains). The estimate only
+    moves the cut, never the guarantee: a
     cut too late reads pages the bound could have skipped, one too early reads sketches for
     nothing. Bytes (``kv_bytes_read``): every selected page's key box and value norm, and
     the sketch of the pages from the cut on (``DecodeStats.sketch_pages``). Per-page key boxes, by contrast, overshoot the true largest logit by
