@@ -94,10 +94,12 @@ def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int
 
         pages = torch.empty(nnz, dtype=torch.int32, device=scores.device)
         if nnz:
+            if layout.width > 1 << 20:  # the radix select counts in 20 bits
+                raise ValueError(f"a request of {layout.width} pages: the selection kernel takes at most 2^20 pages")
             width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
             select_top_pages_kernel[(scores.shape[0],)](
                 scores, kv_indptr, layout.indptr, torch.empty(nnz, dtype=torch.int64, device=scores.device), pages,
-                layout.width, scores.stride(0), NUM_KV_HEADS=num_kv_heads, WIDTH_POW2=width_pow2,
+                scores.stride(0), NUM_KV_HEADS=num_kv_heads, WIDTH_POW2=width_pow2,
                 KEPT_POW2=max(16, 1 << (layout.kept - 1).bit_length()),
                 num_warps=min(16, max(4, width_pow2 // 256)),  # 8 keys a thread at most, to stay in registers
             )

@@ -21,7 +21,7 @@ from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOAT_ARGS = {"qk_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale"}
+FLOAT_ARGS = {"qk_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale", "sm_scale"}
 
 
 def signature(kernel, constexprs, pointer_types):
@@ -75,7 +75,7 @@ def main():
             count += 1
         if mode == 2:
             compile_kernel(quest_page_scores_kernel,
-                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=32,
+                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=min(64, dim),
                                 TILE=64, REDUCE_MAX=not split, ESTIMATE=values, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
                            dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
             count += 1
