@@ -93,6 +93,22 @@ def test_selection_kernel_equals_torch_ordering(budget, device):
         assert row == forced_then(rest, n)[:min(budget, n)]
 
 
+@pytest.mark.parametrize("values, budget", [(1000, 7), (2, 7), (2, 600), (1, 1000)],
+                         ids=["spread", "ties-fallback", "ties-large-budget", "all-equal-dense"])
+def test_selection_kernel_wide_rows(values, budget, device):
+    """Rows of 1000 pages: the sort of the kept and the candidates sharing the threshold's top
+    16 bits, and the exact four-round path when too many share them (many ties)."""
+    from art_runtime import selection
+
+    case = make_case([16 * 1000 - 3, 16 * 900], 4, 2, 16, 16, device=device, seed=values)
+    ctx = context(case)
+    layout = QuestPolicy(budget=budget).layout(ctx)
+    gen = torch.Generator().manual_seed(budget)
+    scores = torch.randint(0, values, (ctx.num_rows, layout.width), generator=gen).float().to(case.q.device)
+    kernel = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=True)
+    assert torch.equal(kernel, selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=False))
+
+
 def test_key_box_kernel_scores_equal_torch_scores(case):
     from art_runtime.page_scores import _key_box_scores_torch, estimated_page_log_mass, quest_page_scores
 
