@@ -52,7 +52,7 @@ FLASHINFER_WORKSPACE_BYTES = 256 << 20
 COLUMNS = [
     ("model", "model", "s"), ("layer", "layer", "d"), ("kv_len", "kv_len_range", "s"), ("policy", "policy", "s"),
     ("termination", "setting", "s"), ("µs", "us", ".1f"), ("select µs", "select_us", ".1f"),
-    ("vs same policy off", "ratio_to_off", ".3f"), ("vs FI dense", "ratio_to_flashinfer", ".3f"),
+    ("time / same policy off", "ratio_to_off", ".3f"), ("time / FI dense", "ratio_to_flashinfer", ".3f"),
     ("pages read / selected", "read_of_selected", ".3f"), ("pages read / all", "read_of_all", ".3f"),
     ("KV MB read", "kv_megabytes_read", ".1f"), ("read TB/s", "read_tbps", ".2f"),
     ("err mean", "err_mean", ".1e"), ("err p99", "err_p99", ".1e"), ("err max", "err_max", ".1e"),
