@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import L2Flusher, as_cuda_graph, copy_bandwidth_tbps, device_info, markdown_table, median_time_us, utc_now, write_results
-from real_batch import (DEFAULT_CAPTURES_DIR, DTYPE, build_real_batch, error_summary, exact_attention, load_layer,
-                        plan_art, relative_errors, termination_settings)
+from real_batch import (DEFAULT_CAPTURES_DIR, DTYPE, PAGE_SIZE, build_real_batch, error_summary, exact_attention,
+                        load_layer, plan_art, relative_errors, termination_settings)
 
 TARGET_SPEEDUP = 1.3
 MAX_OFF_ERROR = 2e-2
@@ -218,7 +218,7 @@ def attention_rows(model: str, shape: ModelShape, args, settings, timer, flashin
                       kv_len_range=f"{min(batch.kv_lens)}-{max(batch.kv_lens)}")
         if flashinfer_wrapper is not None:
             flashinfer_wrapper.plan(*batch.page_table, shape.num_qo_heads, shape.num_kv_heads, shape.head_dim,
-                                    16, sm_scale=batch.sm_scale, q_data_type=DTYPE, kv_data_type=DTYPE)
+                                    PAGE_SIZE, sm_scale=batch.sm_scale, q_data_type=DTYPE, kv_data_type=DTYPE)
             run_flashinfer = lambda: flashinfer_wrapper.run(batch.q, batch.paged_kv_cache)  # noqa: E731
             errors = relative_errors(run_flashinfer(), exact)
             rows.append(dict(fields, attention="FlashInfer dense", us=timer(run_flashinfer), read_fraction=1.0,
