@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from art_runtime.policies import PagePolicy, get as get_policy
+from art_runtime.policies.dense import ORDERS as DENSE_ORDERS
 from art_runtime.stats import check_loopback
 from art_runtime.termination import MODES, RELATIVE_TO, TerminationConfig
 
@@ -84,13 +85,17 @@ class ARTOptions:
     Attributes
     ----------
     policy : {"none", "dense", "quest", "streaming_llm"}
-        Page selection (``art_runtime.policies``). ``none``: every page, recency order (sink,
-        current page, newest to oldest); the only one that runs inside CUDA graphs.
-        ``dense``: every page in Quest order. ``quest``: the ``budget`` pages with the highest
-        Quest bound. ``streaming_llm``: the sink page plus ``budget - 1`` recent pages.
+        Page selection (``art_runtime.policies``), eager and inside CUDA graphs alike.
+        ``none``: every page, recency order (sink, current page, newest to oldest), no page
+        metadata needed. ``dense``: every page in the ``order`` given. ``quest``: the
+        ``budget`` pages with the highest Quest bound, in that order. ``streaming_llm``: the
+        sink page plus ``budget - 1`` recent pages.
     budget : int or None
         Pages per (request, KV head) that ``quest`` / ``streaming_llm`` keep (sink and
         current page included); ``None``: the policy's default.
+    order : {"quest", "mass", "recency"} or None
+        Visit order of ``dense`` (``art_runtime.policies.DensePolicy``); ``None``: its default
+        (quest).
     mode, tau_mag, tau_dir, patience, eps, min_pages, relative_to, block_pages
         ``art_runtime.TerminationConfig`` (same defaults, same validation).
     stats_address : str or None
@@ -105,6 +110,7 @@ class ARTOptions:
 
     policy: str = "none"
     budget: int | None = None
+    order: str | None = None
     mode: str = _DEFAULT_TERMINATION.mode
     tau_mag: float = _DEFAULT_TERMINATION.tau_mag
     tau_dir: float = _DEFAULT_TERMINATION.tau_dir
@@ -125,6 +131,9 @@ class ARTOptions:
         except ValueError as exc:  # TerminationConfig's messages start with the field's name
             name = str(exc).split()[0]
             raise ValueError(f"{where(name) if name in TERMINATION_FIELDS else 'ART termination'}: {exc}") from None
+        if self.order is not None and (self.policy != "dense" or self.order not in DENSE_ORDERS):
+            raise ValueError(f"{where('order')}: one of {DENSE_ORDERS}, with {flag('policy')} dense only; "
+                             f"got {self.order!r} with {flag('policy')} {self.policy}")
         try:
             self.build_policy()
         except ValueError as exc:
@@ -150,7 +159,7 @@ class ARTOptions:
         if self.policy == "dense":
             if self.budget is not None:
                 raise ValueError("policy 'dense' reads every page and takes no budget")
-            return get_policy("dense")
+            return get_policy("dense") if self.order is None else get_policy("dense", order=self.order)
         if self.policy == "quest":
             return get_policy("quest") if self.budget is None else get_policy("quest", budget=self.budget)
         if self.budget is None:
@@ -161,7 +170,7 @@ class ARTOptions:
 
 
 PARSERS = {
-    "policy": str, "budget": _parse_optional_int, "mode": str, "tau_mag": _parse_float,
+    "policy": str, "budget": _parse_optional_int, "order": _parse_optional_str, "mode": str, "tau_mag": _parse_float,
     "tau_dir": _parse_float, "patience": _parse_int, "eps": _parse_float, "min_pages": _parse_int,
     "relative_to": str, "block_pages": _parse_optional_int, "stats_address": _parse_optional_str,
     "stats_interval": _parse_int, "stats_allow_remote": _parse_bool,
@@ -169,6 +178,7 @@ PARSERS = {
 HELP = {
     "policy": f"page selection, one of {POLICIES} (default none: every page, recency order)",
     "budget": "pages per (request, KV head) kept by quest / streaming_llm (default: the policy's)",
+    "order": "visit order of --art-policy dense: quest (default), mass or recency",
     "mode": f"termination criterion, one of {MODES} (default {_DEFAULT_TERMINATION.mode})",
     "tau_mag": "stability: largest relative change of |o| between blocks",
     "tau_dir": "stability: largest 1 - cos between consecutive block outputs",
