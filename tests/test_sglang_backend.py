@@ -57,6 +57,9 @@ class Scenario:
             case=case, model_config=kit.TinyModelConfig(num_heads=heads[0], num_kv_heads=heads[1], head_dim=DIM,
                                                         hidden_size=DIM, context_len=MAX_CONTEXT),
             dtype=DTYPE, device=DEVICE, max_context_len=MAX_CONTEXT, head_dim=DIM)
+        # The kit's config asserts that the KV heads divide among the ranks; SGLang's ModelConfig
+        # replicates them when they don't (get_num_kv_heads: max(1, kv_heads // tp)).
+        self.runner.model_config.get_num_kv_heads = lambda tp, dcp=1: max(1, heads[1] // (tp // dcp))
         self.layer = RadixAttention(num_heads=self.heads[0], head_dim=DIM, scaling=DIM ** -0.5,
                                     num_kv_heads=self.heads[1], layer_id=0)
         # Every position of every request mapped, so that batches of other lengths reuse the slots.
@@ -287,6 +290,66 @@ def test_every_policy_graph_and_eager_paths_match_the_wrapper(options, policy):
     assert torch.equal(eager_backend.decode.last_stats.visited_pages, stats.visited_pages)
 
 
+@pytest.mark.parametrize("tp_size, options", [
+    (2, {"policy": "quest", "budget": 5, "mode": "stability", "tau_mag": 0.3, "tau_dir": 0.2, "patience": 1,
+         "block_pages": 1}),
+    (4, {"policy": "none", "mode": "off"}),  # 2 KV heads on 4 ranks: each KV head replicated on 2 ranks
+])
+def test_tensor_parallel_ranks_run_their_heads(tp_size, options, tmp_path):
+    """Each rank's backend (SGLang's head split) gives the tp=1 output of its heads; stats per rank."""
+    from sglang.srt.runtime_context import get_parallel
+
+    from art_runtime.stats import StatsSubscriber
+
+    gen = torch.Generator().manual_seed(SEED + 4)
+    full = Scenario()
+    k_pool, v_pool = full.fill_pool(gen)
+    q = torch.randn(3, HQ, DIM, generator=gen)
+    k, v = torch.randn(2, 3, HKV, DIM, generator=gen)
+    whole = full.backend("art", **options)
+    if whole.page_meta is not None:
+        whole.page_meta[0] = full.pool_metadata()
+    expected = full.decode(whole, q, k, v)
+    expected_visits = whole.decode.last_stats.visited_pages
+    assert bool((expected_visits < whole.decode.last_stats.selected_pages).any()) or options["mode"] == "off"
+
+    address = f"ipc://{tmp_path}/art-stats"
+    heads_per_rank, kv_ranks = HQ // tp_size, tp_size // min(tp_size, HKV)  # ranks sharing one KV head
+    for rank in range(tp_size):
+        with get_parallel().override(tp_size=tp_size, tp_rank=rank, attn_tp_size=tp_size, attn_tp_rank=rank,
+                                     moe_tp_size=tp_size):
+            scenario = Scenario(tp_size=tp_size)
+            assert scenario.heads == (heads_per_rank, 1)
+            kv_head = rank // kv_ranks
+            k_rank, v_rank = scenario.paged_pool()
+            k_rank.copy_(k_pool[..., kv_head: kv_head + 1, :])
+            v_rank.copy_(v_pool[..., kv_head: kv_head + 1, :])
+            backend = scenario.backend("art", **options, stats_address=address, stats_interval=1)
+            assert (backend.num_head, backend.num_kv_head) == (heads_per_rank, 1)
+            if backend.page_meta is not None:
+                backend.page_meta[0] = scenario.pool_metadata()
+            heads = slice(rank * heads_per_rank, (rank + 1) * heads_per_rank)
+            out = scenario.decode(backend, q[:, heads].contiguous(), k[:, kv_head: kv_head + 1].contiguous(),
+                                  v[:, kv_head: kv_head + 1].contiguous())
+            torch.testing.assert_close(out, expected[:, heads], atol=1e-6, rtol=1e-6)
+            if tp_size <= HKV:  # the whole GQA group on the rank: the same termination decisions
+                assert torch.equal(backend.decode.last_stats.visited_pages, expected_visits[:, kv_head: kv_head + 1])
+            # Stats: this rank's endpoint, messages named after it.
+            telemetry = backend.telemetry
+            assert (telemetry.rank, telemetry.rank_name) == (rank, f"tp{rank}")
+            rank_address = address if rank == 0 else f"{address}.{rank}"
+            with StatsSubscriber(rank_address) as sub:
+                message = None
+                deadline = time.monotonic() + 10
+                while message is None or message.step < 0:
+                    assert time.monotonic() < deadline, f"no stats from rank {rank}"
+                    telemetry.step()  # read out (and, from the second call on, publish) every call
+                    message = sub.recv(0.1)
+            telemetry.close()
+            assert message.request_ids == [f"tp{rank}"]
+            assert len(message.visited_pages[0]) == 1  # this rank's one KV head
+
+
 def check_metadata_current(scenario, meta, seq_lens):
     pool = scenario.runner.token_to_kv_pool
     cache = (pool.get_key_buffer(0).view(-1, PAGE, HKV, DIM), pool.get_value_buffer(0).view(-1, PAGE, HKV, DIM))
@@ -344,7 +407,7 @@ def test_telemetry_publishes_and_counts(tmp_path):
                                 metadata_bytes_per_page=0, device="cpu", stats_address=address, stats_interval=1,
                                 enable_metrics=True)
     counters = prometheus_counters()
-    before = counters["visited"].labels(tp_rank="0")._value.get()
+    before = counters["visited"].labels(rank="tp0")._value.get()
     with StatsSubscriber(address) as sub:
         deadline = time.monotonic() + 5
         while sub.recv(0.05) is None:  # beat the PUB/SUB slow joiner
@@ -367,4 +430,4 @@ def test_telemetry_publishes_and_counts(tmp_path):
     assert messages[1].kv_bytes_read == 14 * PAGE * 2 * DIM * 4
     assert messages[1].dense_kv_bytes == 190 * HKV * 2 * DIM * 4
     assert messages[0].visited_pages == [[0, 0]]
-    assert counters["visited"].labels(tp_rank="0")._value.get() - before == 14
+    assert counters["visited"].labels(rank="tp0")._value.get() - before == 14

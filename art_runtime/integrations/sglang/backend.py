@@ -93,9 +93,10 @@ class ARTAttnBackend(TritonAttnBackend):
         self.decode: StaticPlanDecodeWrapper | None = None  # the wrapper of the current decode step
         self.decode_seq_lens = None  # [B] of the current decode step
         metadata_bytes = self.page_meta[0].nbytes_per_page() if self.termination.reads_page_metadata else 0
+        rank, rank_name = server_rank()
         self.telemetry = DecodeTelemetry(
             self.num_layers, self.num_kv_head, self.num_head, self.head_dim, keys.element_size(), metadata_bytes,
-            keys.device, rank=getattr(model_runner, "tp_rank", 0) or 0,
+            keys.device, rank=rank, rank_name=rank_name,
             stats_address=self.options.stats_address, stats_interval=self.options.stats_interval,
             allow_remote=self.options.stats_allow_remote, enable_metrics=_metrics_enabled(),
             layer_offset=self.layer_offset)
@@ -227,6 +228,32 @@ def _budget(policy, page_size: int) -> int:
     one = torch.ones(1, dtype=torch.int32)
     ctx = PolicyContext(torch.tensor([0, 1 << 30], dtype=torch.int32), one, one, 1, 1, page_size)
     return int(policy.budget_pages(ctx).max())
+
+
+def server_rank() -> tuple[int, str]:
+    """This process's index among the server's ranks and its name (``tp1``, ``pp1-tp0``, ``dp1-tp0``).
+
+    From SGLang's parallel context (``get_parallel()``): the index is unique over tensor,
+    pipeline and data-parallel ranks, so that every rank binds its own stats endpoint. Ranks
+    SGLang has not written in this process (outside a server) count as 0.
+    """
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+
+    def read(name, default):
+        try:
+            value = getattr(parallel, name)
+        except (RuntimeError, ValueError):  # not written in this process
+            return default
+        return default if value is None else value
+
+    tp, tp_size = read("tp_rank", 0), read("tp_size", 1)
+    pp, pp_size = read("pp_rank", 0), read("pp_size", 1)
+    dp = read("dp_rank", None)  # None: no data-parallel controller
+    index = ((dp or 0) * pp_size + pp) * tp_size + tp
+    name = (f"dp{dp}-" if dp is not None else "") + (f"pp{pp}-" if pp_size > 1 else "") + f"tp{tp}"
+    return index, name
 
 
 def _metrics_enabled() -> bool:
