@@ -290,6 +290,80 @@ def test_every_policy_graph_and_eager_paths_match_the_wrapper(options, policy):
     assert torch.equal(eager_backend.decode.last_stats.visited_pages, stats.visited_pages)
 
 
+def test_h2o_state_per_page_matches_the_library_policy_over_steps():
+    """H2O's page-keyed state (graph path) against ``H2OPolicy`` keyed by request, step after step."""
+    prefix_lens = (319, 47, 175)  # the second step of each request starts a new page
+    scenario = Scenario(prefix_lens=prefix_lens)
+    gen = torch.Generator().manual_seed(SEED + 5)
+    scenario.fill_pool(gen)
+    options = dict(policy="h2o", budget=10, mode="stability", tau_mag=0.3, tau_dir=0.2, patience=1, block_pages=1)
+    backend = scenario.backend("art", **options)
+    backend.page_meta[0] = scenario.pool_metadata()
+    # Stale state on the pages the steps will start: a page taken by a new request must start clean.
+    starting = [scenario.loc_fn(r, n + 1) // PAGE for r, n in enumerate(prefix_lens)]
+    backend.policy.mass[0, starting] = 5.0
+    backend.policy.evicted[0, starting] = True
+    library = get_policy("h2o", budget=10)
+    for step in range(3):
+        lens = tuple(n + step for n in prefix_lens)
+        q = torch.randn(3, HQ, DIM, generator=gen)
+        k, v = torch.randn(2, 3, HKV, DIM, generator=gen)
+        out = scenario.decode(backend, q, k, v, graph=True, prefix_lens=lens)
+        stats = backend.decode.last_stats
+        expected = BatchARTDecodeWrapper(backend="triton")
+        expected.plan(*scenario.page_table([n + 1 for n in lens]), HQ, HKV, DIM, PAGE,
+                      termination=backend.termination, policy=library, request_ids=[0, 1, 2], chunk_pages=1 << 20)
+        reference = expected.run(q, scenario.paged_pool(), page_meta=backend.page_meta[0])
+        torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+        assert torch.equal(stats.visited_pages, expected.last_stats.visited_pages)
+        nnz = int(expected.last_stats.selection.indptr[-1])
+        assert torch.equal(stats.selection.pages[:nnz], expected.last_stats.selection.pages[:nnz])
+        if step == 1:
+            assert not bool(backend.policy.evicted[0, starting].any())
+    assert bool((stats.selected_pages < stats.selected_pages.new_tensor([20, 4, 12])[:, None]).any())
+    assert bool(backend.policy.evicted[0].any())  # pages were evicted for good
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_snapkv_votes_at_prefill_match_the_library_policy(hybrid):
+    """SnapKV's votes, taken in chunked prefill (own or the hybrid prefill backend's), drive graph decode."""
+    chunks = ((200, 8, 100), (100, 40, 77))  # the second chunk holds the whole observation window
+    lens = tuple(map(sum, zip(*chunks)))
+    scenario = Scenario(prefix_lens=lens)
+    options = dict(policy="snapkv", budget=6, mode="stability", tau_mag=0.3, tau_dir=0.2, patience=1,
+                   block_pages=1)
+    art = scenario.backend("art", **options)
+    backend = HybridAttnBackend(scenario.runner, scenario.backend("triton"), art) if hybrid else art
+    gen = torch.Generator().manual_seed(SEED + 6)
+    queries, keys, prefix = [], [], (0, 0, 0)
+    for chunk in chunks:
+        n = sum(chunk)
+        q, k, v = torch.randn(n, HQ * DIM, generator=gen), *torch.randn(2, n, HKV, DIM, generator=gen)
+        batch = scenario.batch(ForwardMode.EXTEND, prefix_lens=prefix, extend_lens=chunk)
+        with torch.no_grad():
+            backend.init_forward_metadata(batch)
+            backend.forward(q, k, v, scenario.layer, batch)
+        queries.append(q.view(n, HQ, DIM).split(chunk))
+        keys.append(k.split(chunk))
+        prefix = tuple(map(sum, zip(prefix, chunk)))
+    library = get_policy("snapkv", budget=6)
+    for r in range(3):
+        library.prefill(r, 0, torch.cat([queries[0][r], queries[1][r]]), torch.cat([keys[0][r], keys[1][r]]), PAGE)
+    q = torch.randn(3, HQ, DIM, generator=gen)
+    k, v = torch.randn(2, 3, HKV, DIM, generator=gen)
+    out = scenario.decode(art, q, k, v, graph=True)
+    stats = art.decode.last_stats
+    expected = BatchARTDecodeWrapper(backend="triton")
+    expected.plan(*scenario.page_table([n + 1 for n in lens]), HQ, HKV, DIM, PAGE, termination=art.termination,
+                  policy=library, request_ids=[0, 1, 2], chunk_pages=1 << 20)
+    reference = expected.run(q, scenario.paged_pool(), page_meta=art.page_meta[0])
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+    nnz = int(expected.last_stats.selection.indptr[-1])
+    assert torch.equal(stats.selection.pages[:nnz], expected.last_stats.selection.pages[:nnz])
+    assert torch.equal(stats.visited_pages, expected.last_stats.visited_pages)
+    assert int(stats.selected_pages.max()) == 6 < -(-lens[0] // PAGE)  # prompt pages were dropped
+
+
 @pytest.mark.parametrize("tp_size, options", [
     (2, {"policy": "quest", "budget": 5, "mode": "stability", "tau_mag": 0.3, "tau_dir": 0.2, "patience": 1,
          "block_pages": 1}),

@@ -16,6 +16,7 @@ import torch
 
 from art_runtime import BatchARTDecodeWrapper, PageMetadata, TerminationConfig
 from art_runtime.integrations.sglang.graph_decode import StaticPlanDecodeWrapper
+from art_runtime.integrations.sglang.page_state import paged_policy
 from art_runtime.integrations.sglang.paging import StaticPlanBuffers
 from art_runtime.policies import get as get_policy
 from art_runtime.termination import MODES
@@ -27,7 +28,10 @@ POLICIES = {
     "dense-mass": lambda: get_policy("dense", order="mass"),
     "quest": lambda: get_policy("quest", budget=6),
     "streaming_llm": lambda: get_policy("streaming_llm", sink_pages=1, window_pages=5),
+    "snapkv": lambda: get_policy("snapkv", budget=6, window=8),
+    "h2o": lambda: get_policy("h2o", budget=6, recent_pages=2),
 }
+PROMPT_SHORTER_BY = 5  # SnapKV: the prompt ends this many tokens before the batch's length
 
 
 def page_table(lengths, gen, device):
@@ -49,7 +53,8 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture):
                   torch.tensor([PAGE], dtype=torch.int32, device=device))
     meta = PageMetadata.from_cache(cache, *every_page)
     termination = TerminationConfig(mode=mode, relative_to="values", tau_mag=0.05, tau_dir=1e-3, eps=0.1)
-    policy = POLICIES[policy_name]()
+    library = POLICIES[policy_name]()  # keyed by request id: the eager reference's
+    policy = paged_policy(POLICIES[policy_name](), 1, POOL_PAGES, HKV, device)  # keyed by page: the fixed plan's
     kept = WIDTH if policy is None or policy.name == "dense" else 6
     buffers = StaticPlanBuffers.allocate(MAX_BATCH, HKV, WIDTH, kept, device)
     wrapper = StaticPlanDecodeWrapper(buffers, MAX_BATCH, HQ, DIM, PAGE, termination, DIM ** -0.5, POOL_PAGES,
@@ -65,6 +70,11 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture):
             wrapper.run(q, cache, page_meta=meta, out=out)
 
     second = page_table([520, 16, 250, 90], gen, device)
+    if policy_name == "h2o":  # the run before the capture observed its pages: start clean, as the library does
+        policy.mass.zero_()
+        policy.evicted.zero_()
+    if policy_name == "snapkv":
+        prefill_votes(policy, library, second, k_pool, gen)
     wrapper.prepare(*second)
     q.copy_(torch.randn(MAX_BATCH, HQ, DIM, generator=gen).to(device, dtype))
     out.fill_(float("nan"))
@@ -76,8 +86,8 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture):
     stats = wrapper.last_stats
 
     eager = BatchARTDecodeWrapper(backend="triton")
-    eager.plan(*second, HQ, HKV, DIM, PAGE, termination=termination, chunk_pages=1 << 30,
-               policy=POLICIES[policy_name]())
+    eager.plan(*second, HQ, HKV, DIM, PAGE, termination=termination, chunk_pages=1 << 30, policy=library,
+               request_ids=None if library is None or not library.stateful else list(range(MAX_BATCH)))
     expected = eager.run(q, cache, page_meta=meta)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=0)
@@ -86,6 +96,26 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture):
     assert torch.equal(stats.selected_pages, reference.selected_pages)
     nnz = int(reference.selection.indptr[-1])
     assert torch.equal(stats.selection.pages[:nnz], reference.selection.pages[:nnz])
+    if policy_name == "h2o":  # the mass observed inside the graph, per page, equals the library's per request
+        indptr, indices, _ = (t.cpu() for t in second)
+        for r in range(MAX_BATCH):
+            mass, evicted = library._state[(r, 0)]
+            pages = indices[indptr[r]: indptr[r + 1]].long()
+            torch.testing.assert_close(policy.mass[0, pages].T.cpu(), mass.cpu(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(policy.evicted[0, pages].T.cpu(), evicted.cpu())
+        assert bool((policy.mass > 0).any())
+
+
+def prefill_votes(policy, library, table, k_pool, gen):
+    """SnapKV's prefill of every request of ``table``: the same prompt votes, per page and per request id."""
+    indptr, indices, last = (t.cpu() for t in table)
+    for r in range(MAX_BATCH):
+        pages = indices[indptr[r]: indptr[r + 1]].to(k_pool.device)
+        prompt = int((len(pages) - 1) * PAGE + last[r]) - PROMPT_SHORTER_BY
+        keys = k_pool[pages.long()].reshape(-1, HKV, DIM)[:prompt]
+        queries = torch.randn(prompt, HQ, DIM, generator=gen).to(keys)
+        library.prefill(r, 0, queries, keys, PAGE)
+        policy.vote(0, queries[-policy.window:], keys, pages[: -(-prompt // PAGE)], PAGE, DIM ** -0.5)
 
 
 @pytest.mark.gpu

@@ -31,9 +31,13 @@ from art_runtime.page_metadata import PageMetadata
 from art_runtime.policies import PolicyContext
 
 from .graph_decode import StaticPlanDecodeWrapper
+from .page_state import PagedH2OPolicy, PagedSnapKVPolicy, paged_policy
 from .options import ARTOptions, flag, resolve_options
 from .paging import StaticPlanBuffers, appended_page_table, page_table, paged_view
 from .telemetry import DecodeTelemetry
+
+
+PAGE_STATE_POLICIES = (PagedH2OPolicy, PagedSnapKVPolicy)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -78,7 +82,9 @@ class ARTAttnBackend(TritonAttnBackend):
         self.layer_offset = pool.start_layer
         self.num_layers = pool.layer_num
         self.termination = self.options.termination()
-        self.policy = self.options.build_policy()
+        # SnapKV and H2O keep their state per physical page (page_state), in fixed buffers.
+        self.policy = paged_policy(self.options.build_policy(), self.num_layers, self.num_pages, self.num_kv_head,
+                                   keys.device, self.layer_offset)
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
         self.kernel_backend = "triton" if triton_runs_on(keys.device) else "torch"
         needs_metadata = self.termination.reads_page_metadata or (self.policy is not None and self.policy.per_layer)
@@ -154,7 +160,10 @@ class ARTAttnBackend(TritonAttnBackend):
 
     # -- forward ------------------------------------------------------------------------------
     def record_kv_write(self, layer, forward_batch) -> None:
-        """Fold the tokens just written for ``layer`` (at ``out_cache_loc``) into its page metadata."""
+        """Fold the tokens just written for ``layer`` (at ``out_cache_loc``) into its page metadata.
+
+        Pages that start in this write also get their page-keyed policy state cleared.
+        """
         if self.page_meta is None or forward_batch.out_cache_loc is None:
             return
         mode = forward_batch.forward_mode
@@ -173,12 +182,38 @@ class ARTAttnBackend(TritonAttnBackend):
         batch_indices, positions, kv_indices, kv_indptr = appended_page_table(loc, first, new, self.page_size)
         self.page_meta[layer.layer_id - self.layer_offset].update(
             keys, values, batch_indices, positions, kv_indices, kv_indptr)
+        if isinstance(self.policy, PAGE_STATE_POLICIES):
+            # Every token of a page gets the same flag: its page starts at or after the request's first new token.
+            starts_here = positions - positions % self.page_size >= first.long()[batch_indices.long()]
+            self.policy.reset_pages(layer.layer_id, loc.long() // self.page_size, starts_here)
+
+    def record_extend(self, q, layer, forward_batch) -> None:
+        """After a prefill (extend) wrote ``layer``'s K/V: page metadata, policy state, SnapKV's prompt votes.
+
+        ``q``: ``[tokens, H_qo * D]`` the extend's queries. The votes loop over the requests on
+        the host (prefill runs eagerly).
+        """
+        self.record_kv_write(layer, forward_batch)
+        if not isinstance(self.policy, PagedSnapKVPolicy):
+            return
+        pool, size = self.token_to_kv_pool, self.page_size
+        queries = q.reshape(-1, self.num_head, self.head_dim)
+        req_to_token = self.req_to_token_pool.req_to_token
+        start = 0
+        for b, (prefix, new) in enumerate(zip(forward_batch.extend_prefix_lens_cpu,
+                                              forward_batch.extend_seq_lens_cpu)):
+            prompt = prefix + new
+            window = min(self.policy.window, new)
+            slots = req_to_token[forward_batch.req_pool_indices[b], :prompt].long()
+            self.policy.vote(layer.layer_id, queries[start + new - window: start + new],
+                             pool.get_key_buffer(layer.layer_id)[slots], slots[::size] // size, size, layer.scaling)
+            start += new
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         """SGLang's Triton prefill; then the page metadata of the written tokens."""
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         if save_kv_cache:
-            self.record_kv_write(layer, forward_batch)
+            self.record_extend(q, layer, forward_batch)
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None,

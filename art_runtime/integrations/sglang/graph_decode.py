@@ -45,8 +45,9 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
     num_pages : int
         Pages of the KV pool (bounds every page id).
     policy : art_runtime.policies.PagePolicy or None
-        ``None``: every page in recency order. Policies that keep per-request state (SnapKV,
-        H2O) are not supported.
+        ``None``: every page in recency order. Policies that key their state by request id
+        are refused; SnapKV and H2O run in their page-keyed form
+        (:mod:`~art_runtime.integrations.sglang.page_state`).
     backend : {"triton", "torch"}
     """
 
@@ -54,7 +55,8 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
                  termination: TerminationConfig, sm_scale: float, num_pages: int, policy: PagePolicy | None = None,
                  backend: str = "triton"):
         if policy is not None and policy.stateful:
-            raise ValueError(f"policy: {policy.name} keeps per-request state, which fixed-buffer plans do not hold")
+            raise ValueError(f"policy: {policy.name} keys its state by request id, which fixed-buffer plans do not "
+                             "have; use its page-keyed form (art_runtime.integrations.sglang.page_state)")
         super().__init__(kv_layout="NHD", backend=backend)
         self._static = buffers
         self._shape = (num_qo_heads, head_dim, page_size, termination, sm_scale, num_pages)
@@ -62,7 +64,12 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
         self._backend = backend
         self._step_policy = policy
         self._policy = None
-        self._record_page_mass = False
+        # H2O's page mass comes from the decode kernel (needs power-of-two blocks on Triton).
+        self._record_page_mass = policy is not None and policy.needs_page_mass
+        block_tokens = buffers.plan(1, *self._shape).block_pages * page_size
+        if self._record_page_mass and backend == "triton" and block_tokens & (block_tokens - 1):
+            raise ValueError(f"policy {policy.name}: the page mass needs block_pages (--art-block-pages) * page_size "
+                             f"to be a power of two, got {block_tokens}")
         self._pages_in_table = 0  # key boxes read by scoring are not counted in last_stats.kv_bytes_read
         self._page_table = None  # the caller always passes the page metadata, never rebuilt here
         self._plans = {}

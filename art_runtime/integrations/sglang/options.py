@@ -26,9 +26,7 @@ from art_runtime.termination import MODES, RELATIVE_TO, TerminationConfig
 CONFIG_ENV = "ART_CONFIG"
 ENV_PREFIX = "ART_"
 FLAG_PREFIX = "--art-"
-# Policies the hook can drive: they need no per-request state (SnapKV votes at prefill and
-# H2O's evictions need request lifetimes that SGLang's backend interface does not expose).
-POLICIES = ("none", "dense", "quest", "streaming_llm")
+POLICIES = ("none", "dense", "quest", "streaming_llm", "snapkv", "h2o")
 TERMINATION_FIELDS = ("mode", "tau_mag", "tau_dir", "patience", "eps", "min_pages", "relative_to", "block_pages")
 
 
@@ -84,15 +82,19 @@ class ARTOptions:
 
     Attributes
     ----------
-    policy : {"none", "dense", "quest", "streaming_llm"}
+    policy : {"none", "dense", "quest", "streaming_llm", "snapkv", "h2o"}
         Page selection (``art_runtime.policies``), eager and inside CUDA graphs alike.
         ``none``: every page, recency order (sink, current page, newest to oldest), no page
         metadata needed. ``dense``: every page in the ``order`` given. ``quest``: the
         ``budget`` pages with the highest Quest bound, in that order. ``streaming_llm``: the
-        sink page plus ``budget - 1`` recent pages.
+        sink page plus ``budget - 1`` recent pages. ``snapkv``: the prompt pages the prompt's
+        last 32 queries attend to most, plus every decode page, ``budget`` in all. ``h2o``:
+        the pages with the most attention mass so far plus the 8 newest, ``budget`` in all.
+        ``snapkv`` and ``h2o`` keep their state per KV page
+        (:mod:`~art_runtime.integrations.sglang.page_state`) and need the radix cache off.
     budget : int or None
-        Pages per (request, KV head) that ``quest`` / ``streaming_llm`` keep (sink and
-        current page included); ``None``: the policy's default.
+        Pages per (request, KV head) that the policies other than ``none`` and ``dense`` keep
+        (sink and current page included); ``None``: the policy's default.
     order : {"quest", "mass", "recency"} or None
         Visit order of ``dense`` (``art_runtime.policies.DensePolicy``); ``None``: its default
         (quest).
@@ -160,8 +162,8 @@ class ARTOptions:
             if self.budget is not None:
                 raise ValueError("policy 'dense' reads every page and takes no budget")
             return get_policy("dense") if self.order is None else get_policy("dense", order=self.order)
-        if self.policy == "quest":
-            return get_policy("quest") if self.budget is None else get_policy("quest", budget=self.budget)
+        if self.policy in ("quest", "snapkv", "h2o"):
+            return get_policy(self.policy) if self.budget is None else get_policy(self.policy, budget=self.budget)
         if self.budget is None:
             return get_policy("streaming_llm")
         if not isinstance(self.budget, int) or self.budget < 2:
@@ -177,7 +179,7 @@ PARSERS = {
 }
 HELP = {
     "policy": f"page selection, one of {POLICIES} (default none: every page, recency order)",
-    "budget": "pages per (request, KV head) kept by quest / streaming_llm (default: the policy's)",
+    "budget": "pages per (request, KV head) kept by quest / streaming_llm / snapkv / h2o (default: the policy's)",
     "order": "visit order of --art-policy dense: quest (default), mass or recency",
     "mode": f"termination criterion, one of {MODES} (default {_DEFAULT_TERMINATION.mode})",
     "tau_mag": "stability: largest relative change of |o| between blocks",
