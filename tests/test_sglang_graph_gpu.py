@@ -42,7 +42,7 @@ def page_table(lengths, gen, device):
     return tuple(t.to(device) for t in (indptr, chosen.int(), last))
 
 
-def replay_a_new_batch(policy_name, mode, device, dtype, capture):
+def replay_a_new_batch(policy_name, mode, device, dtype, capture, backend="triton"):
     """Prepare batch 1, capture (or just run) a step, prepare batch 2, replay (or run); compare to eager."""
     gen = torch.Generator().manual_seed(7)
     k_pool = torch.randn(POOL_PAGES, PAGE, HKV, DIM, generator=gen).to(device, dtype)
@@ -58,7 +58,7 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture):
     kept = WIDTH if policy is None or policy.name == "dense" else 6
     buffers = StaticPlanBuffers.allocate(MAX_BATCH, HKV, WIDTH, kept, device)
     wrapper = StaticPlanDecodeWrapper(buffers, MAX_BATCH, HQ, DIM, PAGE, termination, DIM ** -0.5, POOL_PAGES,
-                                      policy=policy)
+                                      policy=policy, backend=backend)
     q = torch.randn(MAX_BATCH, HQ, DIM, generator=gen).to(device, dtype)
     out = torch.full((MAX_BATCH, HQ, DIM), float("nan"), device=device, dtype=dtype)
 
@@ -85,7 +85,7 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture):
         wrapper.run(q, cache, page_meta=meta, out=out)
     stats = wrapper.last_stats
 
-    eager = BatchARTDecodeWrapper(backend="triton")
+    eager = BatchARTDecodeWrapper(backend=backend)
     eager.plan(*second, HQ, HKV, DIM, PAGE, termination=termination, chunk_pages=1 << 30, policy=library,
                request_ids=None if library is None or not library.stateful else list(range(MAX_BATCH)))
     expected = eager.run(q, cache, page_meta=meta)
@@ -129,6 +129,12 @@ def test_fixed_buffer_plan_replays_a_new_batch_in_a_cuda_graph(policy_name, mode
 def test_the_graph_test_steps_run_on_cpu(policy_name):
     """The GPU test's steps without the capture, float32 under the Triton interpreter."""
     replay_a_new_batch(policy_name, "bound", "cpu", torch.float32, capture=False)
+
+
+@pytest.mark.parametrize("policy_name", ["quest", "h2o"])
+def test_the_fixed_plan_on_the_torch_backend(policy_name):
+    """The torch backend (a CPU server without the Triton interpreter) reads the fixed buffers alike."""
+    replay_a_new_batch(policy_name, "bound", "cpu", torch.float32, capture=False, backend="torch")
 
 
 def test_the_graph_test_steps_run_on_cpu_with_the_selection_kernel(monkeypatch):

@@ -32,7 +32,7 @@ from art_runtime.policies import PolicyContext
 
 from .graph_decode import StaticPlanDecodeWrapper
 from .page_state import PagedH2OPolicy, PagedSnapKVPolicy, paged_policy
-from .options import ARTOptions, flag, resolve_options
+from .options import ARTOptions, resolve_options
 from .paging import StaticPlanBuffers, appended_page_table, page_table, paged_view
 from .telemetry import DecodeTelemetry
 
