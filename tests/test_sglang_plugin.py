@@ -72,6 +72,9 @@ def test_page_state_policies_need_the_radix_cache_off(monkeypatch):
     with pytest.raises(ValueError, match="--art-policy h2o .* pass --disable-radix-cache"):
         prepare_server_args(art)
     assert prepare_server_args(art + ["--disable-radix-cache"]).disable_radix_cache
+    monkeypatch.setenv("ART_POLICY", "snapkv")
+    with pytest.raises(ValueError, match="drop --enable-mixed-chunk"):
+        prepare_server_args(art + ["--disable-radix-cache", "--enable-mixed-chunk"])
 
 
 @pytest.mark.parametrize("env, message", [

@@ -41,6 +41,9 @@ def validate_server_args(server_args) -> None:
     if options.policy in STATE_PER_PAGE and not getattr(server_args, "disable_radix_cache", False):
         raise ValueError(f"--art-policy {options.policy} keeps its state per KV page, and the radix cache shares "
                          "pages between requests: pass --disable-radix-cache")
+    if options.policy == "snapkv" and getattr(server_args, "enable_mixed_chunk", False):
+        raise ValueError("--art-policy snapkv votes at prefill and cannot tell a mixed batch's decode tokens from "
+                         "a prompt chunk: drop --enable-mixed-chunk")
     page_size = getattr(server_args, "page_size", None)
     if page_size is None or page_size <= 1:
         raise ValueError(f"--attention-backend art reads whole KV pages; --page-size is {page_size or 1}: "

@@ -199,9 +199,11 @@ class ARTAttnBackend(TritonAttnBackend):
         pool, size = self.token_to_kv_pool, self.page_size
         queries = q.reshape(-1, self.num_head, self.head_dim)
         req_to_token = self.req_to_token_pool.req_to_token
+        prefix_lens, new_lens = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
+        if prefix_lens is None or new_lens is None:  # SGLang's GPU-only batches have no host copies
+            prefix_lens, new_lens = forward_batch.extend_prefix_lens.tolist(), forward_batch.extend_seq_lens.tolist()
         start = 0
-        for b, (prefix, new) in enumerate(zip(forward_batch.extend_prefix_lens_cpu,
-                                              forward_batch.extend_seq_lens_cpu)):
+        for b, (prefix, new) in enumerate(zip(prefix_lens, new_lens)):
             prompt = prefix + new
             window = min(self.policy.window, new)
             slots = req_to_token[forward_batch.req_pool_indices[b], :prompt].long()
