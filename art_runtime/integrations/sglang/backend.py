@@ -125,7 +125,7 @@ class ARTAttnBackend(TritonAttnBackend):
             batch, self.num_kv_head, max(pages), min(self.kept, max(pages)), seq_lens.device,
             capacity=self.num_kv_head * sum(min(self.kept, n) for n in pages), table_capacity=sum(pages))
         self._prepare(self._decode_wrapper(buffers, batch), forward_batch, self.forward_metadata.kv_indptr,
-                      self.forward_metadata.kv_indices, buffers.page_indices.numel())
+                      self.forward_metadata.kv_indices, buffers.table_capacity)
         self.telemetry.set_batch(batch, batch)
         self.telemetry.step()
 
@@ -153,7 +153,7 @@ class ARTAttnBackend(TritonAttnBackend):
             return
         batch = forward_batch.batch_size
         self._prepare(self.graph_decode, forward_batch, self.kv_indptr, self.cuda_graph_kv_indices,
-                      self.graph_decode._static.page_indices.numel())
+                      self.graph_decode.buffers.table_capacity)
         self.telemetry.set_batch(batch, batch - getattr(forward_batch, "num_padding", 0))
         if not in_capture:
             self.telemetry.step()

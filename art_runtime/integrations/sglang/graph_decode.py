@@ -5,10 +5,12 @@ which a captured graph cannot follow. Here the plan is unsplit (one work item pe
 KV head)) and lives in fixed buffers
 (:class:`~art_runtime.integrations.sglang.paging.StaticPlanBuffers`). :meth:`prepare`
 (before a step, outside any graph) copies the batch's page table in, lays out how many pages
-each row keeps (the policy's budget) and, for policies that do not read the query, fills
-the visit order. :meth:`run` (per layer, inside the graph when one is captured) scores and
-orders the pages of query-dependent policies (Quest scores from the page metadata, the
-radix selection kernel) into the same buffers, then runs the wrapper's decode kernel. No
+each row keeps (the policy's budget) and, for policies scored once per step
+(``streaming_llm``, recency), fills the visit order. :meth:`run` (per layer, inside the graph
+when one is captured) scores and orders the pages of per-layer policies (Quest scores from
+the page metadata, SnapKV's votes and H2O's mass from their page-keyed state; the radix
+selection kernel) into the same buffers, runs the wrapper's decode kernel and, for H2O, adds
+the page mass the kernel recorded to the policy's state. No
 step synchronizes with the host; shapes depend only on the buffers' sizes.
 """
 
@@ -37,6 +39,7 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
     Parameters
     ----------
     buffers : StaticPlanBuffers
+        The plan's buffers (attribute ``buffers``).
     max_batch : int
         Largest batch (requests) the buffers hold.
     num_qo_heads, head_dim, page_size : int
@@ -58,7 +61,7 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
             raise ValueError(f"policy: {policy.name} keys its state by request id, which fixed-buffer plans do not "
                              "have; use its page-keyed form (art_runtime.integrations.sglang.page_state)")
         super().__init__(kv_layout="NHD", backend=backend)
-        self._static = buffers
+        self.buffers = buffers
         self._shape = (num_qo_heads, head_dim, page_size, termination, sm_scale, num_pages)
         self._num_qo_heads, self._page_size, self._sm_scale = num_qo_heads, page_size, sm_scale
         self._backend = backend
@@ -79,7 +82,7 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
     def _plan_for(self, batch: int):
         """``(DecodePlan, PolicyContext, SelectionLayout)`` of a ``batch``-request step: views, made once."""
         if batch not in self._plans:
-            b = self._static
+            b = self.buffers
             rows = batch * b.num_kv_heads
             ctx = PolicyContext(b.page_indptr[: batch + 1], b.page_indices, b.last_page_len[:batch],
                                 self._num_qo_heads, b.num_kv_heads, self._page_size, None, self._sm_scale)
@@ -98,7 +101,7 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
             pages than the buffers' ``width``.
         """
         batch = kv_last_page_len.numel()
-        buffers, policy = self._static, self._step_policy
+        buffers, policy = self.buffers, self._step_policy
         buffers.fill_page_table(kv_indptr, kv_indices, kv_last_page_len)
         _, ctx, layout = self._plan_for(batch)
         pages = ctx.pages_per_row
@@ -117,13 +120,13 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
             setattr(self, name, self._full[name][:rows])
         self._plan = plan
         self._policy = None if self._step_policy is None else (self._step_policy, ctx, layout)
-        self._selection = PageSelection(layout.indptr, self._static.visit_pages)
+        self._selection = PageSelection(layout.indptr, self.buffers.visit_pages)
         self._raw_stats = None
 
     def _select_pages(self, plan, layer_id: int, q, page_meta) -> None:
         """Per layer (inside the graph): score and order the pages of a query-dependent policy."""
         policy, ctx, layout = self._policy
-        self._static.set_visits(policy.select(ctx, layout, layer_id, q, page_meta), self._page_size)
+        self.buffers.set_visits(policy.select(ctx, layout, layer_id, q, page_meta), self._page_size)
 
     def plan(self, *args, **kwargs):
         raise ValueError("StaticPlanDecodeWrapper is planned by prepare(), not plan()")

@@ -71,8 +71,8 @@ class PagedH2OPolicy(H2OPolicy):
         pages = pages.long()
         phys = ctx.kv_indices[ctx.kv_indptr[layout.row // heads].long() + pages].long()
         self.mass[layer].index_put_((phys, layout.row % heads), page_mass.float(), accumulate=True)
-        selected = torch.zeros(ctx.num_rows, layout.width, dtype=torch.bool, device=pages.device)
-        selected[layout.row, pages] = True
+        selected = torch.zeros(ctx.num_rows, layout.width, dtype=torch.bool, device=pages.device).index_put_(
+            (layout.row, pages), torch.ones_like(pages, dtype=torch.bool))  # values on the device: capturable
         positions, all_phys, head = _page_ids(ctx, layout.width)
         head = head.expand_as(all_phys)
         evicted = self.evicted[layer]

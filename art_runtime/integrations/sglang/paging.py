@@ -181,7 +181,13 @@ class StaticPlanBuffers:
 
     @property
     def capacity(self) -> int:
+        """Entries of the visit order (all rows together)."""
         return self.visit_phys.numel()
+
+    @property
+    def table_capacity(self) -> int:
+        """Entries of the page table (all requests together)."""
+        return self.page_indices.numel()
 
     def fill_page_table(self, kv_indptr, kv_indices, kv_last_page_len) -> None:
         """Copy a batch's page table in (``kv_indices`` at most ``table_capacity`` long)."""
