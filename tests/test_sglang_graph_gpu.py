@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from art_runtime import BatchARTDecodeWrapper, PageMetadata, TerminationConfig
+from art_runtime.backend import triton_runs_on
 from art_runtime.integrations.sglang.graph_decode import StaticPlanDecodeWrapper
 from art_runtime.integrations.sglang.page_state import paged_policy
 from art_runtime.integrations.sglang.paging import StaticPlanBuffers
@@ -125,6 +126,11 @@ def test_fixed_buffer_plan_replays_a_new_batch_in_a_cuda_graph(policy_name, mode
     replay_a_new_batch(policy_name, mode, "cuda", torch.bfloat16, capture=True)
 
 
+interpreted = pytest.mark.skipif(not triton_runs_on(torch.device("cpu")),
+                                 reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (conftest sets it without a GPU)")
+
+
+@interpreted
 @pytest.mark.parametrize("policy_name", POLICIES)
 def test_the_graph_test_steps_run_on_cpu(policy_name):
     """The GPU test's steps without the capture, float32 under the Triton interpreter."""
@@ -137,6 +143,7 @@ def test_the_fixed_plan_on_the_torch_backend(policy_name):
     replay_a_new_batch(policy_name, "bound", "cpu", torch.float32, capture=False, backend="torch")
 
 
+@interpreted
 def test_the_graph_test_steps_run_on_cpu_with_the_selection_kernel(monkeypatch):
     """As on a GPU, the pages are ordered by the Triton selection kernel (interpreted here)."""
     from art_runtime import selection
