@@ -131,7 +131,8 @@ def art_decode_kernel(
         first_block = (start - row_start) // BLOCK_PAGES  # global index of this chunk's first block
         block = first_block
         pos = start
-        prev_o = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        prev_acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        prev_acc_norm = tl.zeros([GROUP_PAD], tl.float32)
         prev_norm = tl.zeros([GROUP_PAD], tl.float32)
         streak = tl.zeros([GROUP_PAD], tl.int32)
         if MODE == 2:
@@ -155,15 +156,18 @@ def art_decode_kernel(
                 tokens_read += block_tokens
                 next_pos = block_pos + BLOCK_PAGES
                 rest = next_pos < end  # the criterion only means something while pages remain
-                o = acc / l_i[:, None]
-                o_norm = tl.sqrt(tl.sum(o * o, 1))
+                # o_t = acc / l is never divided out: |o_t| = |acc| / l, and o_t points where acc
+                # does (the cosine is scale-free), so each check costs two row reductions.
+                acc_norm = tl.sqrt(tl.sum(acc * acc, 1))
+                o_norm = acc_norm / l_i
                 if MODE == 1:
                     mag_change = tl.abs(o_norm - prev_norm) / tl.maximum(o_norm, 1e-30)
-                    dir_change = 1.0 - tl.sum(o * prev_o, 1) / tl.maximum(o_norm * prev_norm, 1e-30)
+                    dir_change = 1.0 - tl.sum(acc * prev_acc, 1) / tl.maximum(acc_norm * prev_acc_norm, 1e-30)
                     calm = (mag_change < tau_mag) & (dir_change < tau_dir) & (block > first_block)
                     streak = tl.where(live, tl.where(calm, streak + 1, 0), streak)
                     head_ok = streak >= patience
-                    prev_o = tl.where(live, o, prev_o)
+                    prev_acc = tl.where(live, acc, prev_acc)
+                    prev_acc_norm = tl.where(live, acc_norm, prev_acc_norm)
                     prev_norm = tl.where(live, o_norm, prev_norm)
                 else:
                     # Bound (MODE 2: certified) or estimate (MODE 3) of the unread rest of this chunk.
