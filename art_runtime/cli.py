@@ -418,12 +418,14 @@ every ART termination setting.
   capture      with --capture: per-head attention-output error and pages read on captured
                Q/K/V, per termination setting, in Quest order (art-runtime analyze's code)
 
-Prefill is exact (SDPA) and shared: one per prompt, cloned for every configuration; decode
-goes through BatchARTDecodeWrapper (torch backend on the CPU) inside the model through
-art_runtime.integrations.transformers. Configurations: every --policies entry (dense = every
-page in Quest order; budgeted ones keep --budget-fraction of the longest context's pages)
-alone, and with each ART setting: stability once per --tau-mag (tau_dir = tau_mag^2), every
-other --modes entry once per --eps. Dense alone (exact) is the reference row.
+Prefill is exact (SDPA, in chunks of 1024 tokens) and shared: one per prompt, cloned for
+every configuration; decode goes through BatchARTDecodeWrapper (torch backend on the CPU)
+inside the model through art_runtime.integrations.transformers. Configurations: every
+--policies entry (dense = every page in Quest order; budgeted ones keep --budget-fraction
+of the longest context's pages) alone, and with each ART setting: stability once per
+(--tau-mag, --patience) pair (tau_dir = tau_mag^2), bound once per (--eps, --relative-to)
+pair, every other --modes entry (mass) once per --eps. Dense alone (exact) is the
+reference row.
 
 Writes OUT_DIR/eval.json (every number, the exact command, machine, versions, duration),
 OUT_DIR/eval.md (the table) and the plots OUT_DIR/tradeoff.png (pages read against
@@ -438,8 +440,8 @@ over an hour there; trim with --kinds, --lengths, --policies, --modes. The commi
 examples:
   art-runtime eval --out-dir benchmarks/results/eval_smollm2
   art-runtime eval --lengths 1024 2048 4096 --kinds passkey single --samples 3 --policies dense quest h2o
-  art-runtime eval --modes stability --tau-mag 1e-3 3e-4 1e-4 --ppl-tokens 64
-  art-runtime eval --modes bound --eps 0.05 0.1 --relative-to values --capture CAPTURE.safetensors
+  art-runtime eval --modes stability --tau-mag 1e-3 3e-4 1e-4 --patience 2 4 --ppl-tokens 64
+  art-runtime eval --modes bound --eps 0.05 0.1 --relative-to output values --capture CAPTURE.safetensors
 """
 
 
@@ -488,12 +490,12 @@ def add_eval_parser(commands) -> None:
     art.add_argument("--tau-mag", dest="tau_mags", type=non_negative_float, nargs="+",
                      default=list(defaults.tau_mags), metavar="TAU",
                      help="stability thresholds to sweep, tau_dir = tau^2 (default: %(default)s)")
-    art.add_argument("--patience", type=positive_int, default=defaults.patience,
-                     help="stability patience (default: %(default)s)")
+    art.add_argument("--patience", type=positive_int, nargs="+", default=list(defaults.patience),
+                     help="stability patiences to sweep (default: %(default)s)")
     art.add_argument("--eps", dest="epss", type=non_negative_float, nargs="+", default=list(defaults.epss),
                      metavar="EPS", help="eps of the other modes, to sweep (default: %(default)s)")
-    art.add_argument("--relative-to", choices=RELATIVE_TO, default=defaults.relative_to,
-                     help="what eps is relative to (default: %(default)s)")
+    art.add_argument("--relative-to", choices=RELATIVE_TO, nargs="+", default=list(defaults.relative_to),
+                     help="what bound's eps is relative to, to sweep (default: %(default)s)")
     art.add_argument("--budget-fraction", type=non_negative_float, default=defaults.budget_fraction,
                      help="budgeted policies keep this fraction of the longest context's pages (default: %(default)s)")
     art.add_argument("--min-pages", type=non_negative_int, help="TerminationConfig.min_pages (default: its default)")

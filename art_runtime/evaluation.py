@@ -40,6 +40,8 @@ import torch
 from .termination import TerminationConfig
 
 DEFAULT_KINDS = ("passkey", "single", "multikey", "multivalue")
+# tokens per prefill forward (see Evaluator._prefill)
+PREFILL_CHUNK = 1024
 # greedy tokens generated per answer: a space and one token per digit (SmolLM2, Qwen2.5), and a
 # separator between the numbers of a multi-value answer
 ANSWER_TOKENS = {"passkey": 6, "single": 8, "multikey": 8}
@@ -72,8 +74,8 @@ class EvalConfig:
         return get(self.policy, **dict(self.policy_kwargs))
 
 
-def build_configs(policies, modes, *, tau_mags=(1e-3,), patience: int = 2, epss=(0.05,),
-                  relative_to: str = "output", budget_fraction: float = 0.25, min_pages: int | None = None,
+def build_configs(policies, modes, *, tau_mags=(1e-3,), patience=(2,), epss=(0.05,),
+                  relative_to=("output",), budget_fraction: float = 0.25, min_pages: int | None = None,
                   block_pages: int | None = None, context_tokens: int = 2048, page_size: int = 16) -> list[EvalConfig]:
     """Every policy alone (except dense) and with every ART setting.
 
@@ -83,8 +85,11 @@ def build_configs(policies, modes, *, tau_mags=(1e-3,), patience: int = 2, epss=
         Registered policy names (``dense``, ``quest``, ``streaming_llm``, ``snapkv``, ``h2o``).
     modes : sequence of str
         Termination modes to add on top of each policy. ``stability`` gets one setting per
-        ``tau_mags`` value (``tau_dir = tau_mag**2``, the paper's choice); every other mode
-        (``bound``, and any mode ``TerminationConfig`` accepts) one per ``epss`` value.
+        (``tau_mags``, ``patience``) pair (``tau_dir = tau_mag**2``, the paper's choice);
+        ``bound`` one per (``epss``, ``relative_to``) pair; every other mode (``mass``, and
+        any mode ``TerminationConfig`` accepts) one per ``epss`` value.
+    patience, relative_to : sequence
+        Stability patiences and bound ``relative_to`` values to sweep.
     budget_fraction : float
         Budgeted policies keep this fraction of the pages of a ``context_tokens`` context.
     """
@@ -98,10 +103,12 @@ def build_configs(policies, modes, *, tau_mags=(1e-3,), patience: int = 2, epss=
     settings = []
     for mode in modes:
         if mode == "stability":
-            settings += [TerminationConfig(mode=mode, tau_mag=t, tau_dir=t * t, patience=patience, **common)
-                         for t in tau_mags]
+            settings += [TerminationConfig(mode=mode, tau_mag=t, tau_dir=t * t, patience=p, **common)
+                         for p in patience for t in tau_mags]
+        elif mode == "bound":
+            settings += [TerminationConfig(mode=mode, eps=e, relative_to=r, **common) for r in relative_to for e in epss]
         elif mode != "off":
-            settings += [TerminationConfig(mode=mode, eps=e, relative_to=relative_to, **common) for e in epss]
+            settings += [TerminationConfig(mode=mode, eps=e, **common) for e in epss]
     configs = []
     for policy in policies:
         if policy not in kwargs:
@@ -147,7 +154,8 @@ class Evaluator:
         tqdm bars on stderr.
     """
 
-    def __init__(self, model, tokenizer, configs, page_size: int = 16, progress: bool = True):
+    def __init__(self, model, tokenizer, configs, page_size: int = 16, progress: bool = True,
+                 prefill_chunk: int = PREFILL_CHUNK):
         from .integrations.transformers import enable_art
 
         self.model = enable_art(model)
@@ -155,6 +163,7 @@ class Evaluator:
         self.configs = list(configs)
         self.page_size = page_size
         self.progress = progress
+        self.prefill_chunk = prefill_chunk
 
     def _bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
@@ -163,12 +172,24 @@ class Evaluator:
 
     def _prefill(self, ids: torch.Tensor, termination: TerminationConfig = TerminationConfig(mode="off"),
                  policy=None):
-        """A cache holding ``ids`` (exact prefill), ready to clone or to decode with these settings."""
+        """A cache holding ``ids`` (exact prefill), ready to clone or to decode with these settings.
+
+        Chunked (``prefill_chunk`` tokens a forward) and without logits, so that memory stays
+        linear in the context: one 32K-token forward would hold a 32K x 32K mask and a
+        32K x vocabulary logit matrix. SnapKV's votes come from its window inside the last
+        chunk.
+        """
         from .integrations.transformers import ARTPagedCache, model_forward
 
         cache = ARTPagedCache(self.model, termination, policy=policy, page_size=self.page_size)
+        chunk = self.prefill_chunk
+        starts = list(range(0, ids.shape[1], chunk))
+        if len(starts) > 1 and ids.shape[1] - starts[-1] < chunk // 2:  # no short last chunk (SnapKV's window)
+            starts.pop()
+        bounds = starts[1:] + [ids.shape[1]]
         with torch.no_grad():
-            model_forward(self.model, ids, cache)
+            for start, end in zip(starts, bounds):
+                model_forward(self.model, ids[:, start:end], cache, logits_to_keep=1)
         return cache
 
     def _config_cache(self, prefilled, ids, config: EvalConfig):
@@ -186,28 +207,43 @@ class Evaluator:
         stats.bytes_dense += int(record.dense_kv_bytes.sum())
 
     def run_task(self, sample, answer_tokens: int) -> dict:
-        """Dense and every configuration on one task sample: ``{config name | "dense": RunStats}``."""
+        """Dense and every configuration on one task sample: ``{config name | "dense": RunStats}``.
+
+        A configuration's step is compared with dense on the configuration's own prefix. While
+        that prefix is dense's own greedy prefix, dense's logits there are those of dense's
+        greedy run (computed once per sample); once the configuration's answer departs from
+        dense's, a dense cache follows the configuration's tokens from then on.
+        """
         from .integrations.transformers import greedy_decode, model_forward
 
         ids = torch.tensor([sample.input_ids])
         prefilled = self._prefill(ids[:, :-1])
         last = ids[:, -1:]
-        tokens, _ = greedy_decode(self.model, last, prefilled.dense_cache(), answer_tokens)
+        tokens, dense_logits = greedy_decode(self.model, last, prefilled.dense_cache(), answer_tokens)
+        dense_tokens = tokens[0].tolist()
         dense_answer = self.tokenizer.decode(tokens[0])
         out = {"dense": RunStats(score=sample.score(dense_answer), answer=dense_answer)}
         for config in self.configs:
             cache = self._config_cache(prefilled, ids[:, :-1], config)
-            dense = prefilled.dense_cache()
             stats, token, generated = RunStats(), last, []
+            inputs = [last]  # what this configuration fed so far (the prefix of its next step)
+            dense, dense_fed = None, 0  # a dense cache on this configuration's tokens, once they differ
             with torch.no_grad():
-                for _ in range(answer_tokens):
+                for step in range(answer_tokens):
                     logits = model_forward(self.model, token, cache)[:, -1]
-                    reference = model_forward(self.model, token, dense)[:, -1]
+                    if generated == dense_tokens[:step]:
+                        reference = dense_logits[:, step]
+                    else:
+                        dense = prefilled.dense_cache() if dense is None else dense
+                        for fed in inputs[dense_fed:]:
+                            reference = model_forward(self.model, fed, dense)[:, -1]
+                        dense_fed = len(inputs)
                     stats.top1.append(float((logits.argmax(-1) == reference.argmax(-1)).float().mean()))
                     stats.kl.append(float(_kl(reference, logits).mean()))
                     token = logits.argmax(-1, keepdim=True)
-                    generated.append(token)
-            stats.answer = self.tokenizer.decode(torch.cat(generated, 1)[0])
+                    generated.append(int(token))
+                    inputs.append(token)
+            stats.answer = self.tokenizer.decode(generated)
             stats.score = sample.score(stats.answer)
             self._account(stats, cache)
             cache.release()
@@ -267,9 +303,9 @@ class EvalSettings:
     policies: tuple = ("dense", "quest")
     modes: tuple = ("stability", "bound")
     tau_mags: tuple = (1e-3,)
-    patience: int = 2
+    patience: tuple = (2,)
     epss: tuple = (0.05,)
-    relative_to: str = "output"
+    relative_to: tuple = ("output",)
     budget_fraction: float = 0.25
     min_pages: int | None = None
     block_pages: int | None = None

@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
+from art_runtime import TerminationConfig
 from art_runtime.cli import main
 from art_runtime.evaluation import _kl, build_configs, format_table, summarize
 
 
 def test_configs_sweep_every_policy_and_setting():
     configs = build_configs(["dense", "quest"], ["stability", "bound"], tau_mags=[1e-3, 1e-4], epss=[0.05, 0.1],
-                            relative_to="values", budget_fraction=0.25, context_tokens=2048, page_size=16)
+                            relative_to=["values"], budget_fraction=0.25, context_tokens=2048, page_size=16)
     names = [c.name for c in configs]
     assert names == ["dense + stability tau=1e-3 p=2", "dense + stability tau=1e-4 p=2",
                      "dense + bound eps=0.05 values", "dense + bound eps=0.1 values", "quest(budget=32)",
@@ -91,3 +92,42 @@ def test_settings_are_checked():
                       (dict(lengths=(100,)), "lengths"), (dict(kinds=("haystack",)), "kinds")):
         with pytest.raises(ValueError, match=name):
             _check_settings(EvalSettings(**bad))
+
+
+def test_configs_sweep_patience_and_relative_to():
+    configs = build_configs(["dense"], ["stability", "bound", "mass"], tau_mags=[1e-3], patience=[2, 4],
+                            epss=[0.05], relative_to=["output", "values"])
+    assert [c.name for c in configs] == [
+        "dense + stability tau=1e-3 p=2", "dense + stability tau=1e-3 p=4", "dense + bound eps=0.05 output",
+        "dense + bound eps=0.05 values", "dense + mass eps=0.05"]
+
+
+@pytest.mark.slow
+def test_task_compares_with_dense_on_the_configurations_own_prefix(monkeypatch):
+    """The reused dense logits (while a configuration follows dense's answer) and the dense
+    cache that follows a configuration's own tokens give what a dense cache run in lockstep
+    with the configuration gives, step for step."""
+    from art_runtime.evaluation import EvalConfig, Evaluator
+    from art_runtime.integrations.transformers import load_model, model_forward
+    from art_runtime.tasks import TaskBuilder, load_filler
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, tokenizer = load_model("smollm2", progress=False)
+    # stability follows dense's answer; a 2-page window loses the pass key and departs from it
+    configs = [EvalConfig("dense", (), TerminationConfig(mode="stability")),
+               EvalConfig("streaming_llm", (("sink_pages", 1), ("window_pages", 1)))]
+    evaluator = Evaluator(model, tokenizer, configs, prefill_chunk=128)  # several prefill chunks
+    sample = TaskBuilder(tokenizer, load_filler("austen")).build("passkey", 320, 0.5)
+    runs = evaluator.run_task(sample, 6)
+    assert runs[configs[1].name].answer != runs["dense"].answer  # the second path is exercised
+    ids = torch.tensor([sample.input_ids])
+    prefilled = evaluator._prefill(ids[:, :-1])
+    for config in configs:
+        cache, dense = prefilled.clone(config.termination, policy=config.make_policy()), prefilled.dense_cache()
+        token, kl = ids[:, -1:], []
+        with torch.no_grad():
+            for _ in range(6):
+                logits = model_forward(model, token, cache)[:, -1]
+                kl.append(float(_kl(model_forward(model, token, dense)[:, -1], logits)))
+                token = logits.argmax(-1, keepdim=True)
+        assert runs[config.name].kl == pytest.approx(kl, rel=1e-5, abs=1e-9)
