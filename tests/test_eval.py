@@ -100,13 +100,21 @@ def test_configs_sweep_patience_and_relative_to():
     assert [c.name for c in configs] == [
         "dense + stability tau=1e-3 p=2", "dense + stability tau=1e-3 p=4", "dense + bound eps=0.05 output",
         "dense + bound eps=0.05 values", "dense + mass eps=0.05"]
+    # whole settings in analyze's syntax, after the swept ones; a repeated one once
+    configs = build_configs(["dense"], ["mass"], epss=[0.05], min_pages=3,
+                            settings=["mass:eps=0.05", "bound:eps=0.5,rel=values", "stability:tau=1e-4,p=4,min=1"])
+    assert [c.name for c in configs] == ["dense + mass eps=0.05 min=3", "dense + bound eps=0.5 values min=3",
+                                         "dense + stability tau=1e-4 p=4 min=1"]
+    with pytest.raises(ValueError, match="setting"):
+        build_configs(["dense"], ["off"], settings=["mass:eps=lots"])
 
 
 @pytest.mark.slow
 def test_task_compares_with_dense_on_the_configurations_own_prefix(monkeypatch):
     """The reused dense logits (while a configuration follows dense's answer) and the dense
     cache that follows a configuration's own tokens give what a dense cache run in lockstep
-    with the configuration gives, step for step."""
+    with the configuration gives, step for step; a batch gives each request what it gets
+    alone (answers, KL, pages read)."""
     from art_runtime.evaluation import EvalConfig, Evaluator
     from art_runtime.integrations.transformers import load_model, model_forward
     from art_runtime.tasks import TaskBuilder, load_filler
@@ -117,17 +125,23 @@ def test_task_compares_with_dense_on_the_configurations_own_prefix(monkeypatch):
     configs = [EvalConfig("dense", (), TerminationConfig(mode="stability")),
                EvalConfig("streaming_llm", (("sink_pages", 1), ("window_pages", 1)))]
     evaluator = Evaluator(model, tokenizer, configs, prefill_chunk=128)  # several prefill chunks
-    sample = TaskBuilder(tokenizer, load_filler("austen")).build("passkey", 320, 0.5)
-    runs = evaluator.run_task(sample, 6)
-    assert runs[configs[1].name].answer != runs["dense"].answer  # the second path is exercised
-    ids = torch.tensor([sample.input_ids])
-    prefilled = evaluator._prefill(ids[:, :-1])
-    for config in configs:
-        cache, dense = prefilled.clone(config.termination, policy=config.make_policy()), prefilled.dense_cache()
-        token, kl = ids[:, -1:], []
-        with torch.no_grad():
-            for _ in range(6):
-                logits = model_forward(model, token, cache)[:, -1]
-                kl.append(float(_kl(model_forward(model, token, dense)[:, -1], logits)))
-                token = logits.argmax(-1, keepdim=True)
-        assert runs[config.name].kl == pytest.approx(kl, rel=1e-5, abs=1e-9)
+    builder = TaskBuilder(tokenizer, load_filler("austen"))
+    samples = [builder.build("passkey", 320, depth, seed=i) for i, depth in enumerate((0.25, 0.75))]
+    runs = evaluator.run_tasks(samples, 6)  # one batch of two requests
+    assert any(r[configs[1].name].answer != r["dense"].answer for r in runs)  # the second path is exercised
+    for sample, sample_runs in zip(samples, runs):
+        ids = torch.tensor([sample.input_ids])
+        prefilled = evaluator._prefill(ids[:, :-1])  # alone, one request
+        for config in configs:
+            cache, dense = prefilled.clone(config.termination, policy=config.make_policy()), prefilled.dense_cache()
+            token, kl, tokens = ids[:, -1:], [], []
+            with torch.no_grad():
+                for _ in range(6):
+                    logits = model_forward(model, token, cache)[:, -1]
+                    kl.append(float(_kl(model_forward(model, token, dense)[:, -1], logits)))
+                    token = logits.argmax(-1, keepdim=True)
+                    tokens.append(int(token))
+            run = sample_runs[config.name]
+            assert run.answer == tokenizer.decode(tokens)
+            assert run.kl == pytest.approx(kl, rel=1e-3, abs=1e-7)  # batched vs alone: rounding only
+            assert run.pages_read == int(cache.decode_record().visited_pages.sum())
