@@ -519,15 +519,26 @@ def add_eval_parser(commands) -> None:
     output.add_argument("--out-dir", default="art_eval", metavar="DIR",
                         help="folder of eval.json, eval.md and the plots (default: ./art_eval)")
     output.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    output.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="run nothing: merge these runs' eval.json (the same configurations on other "
+                             "prompts, e.g. one run per length side by side) into --out-dir")
     parser.set_defaults(handler=_eval)
 
 
 def _eval(args: argparse.Namespace) -> None:
     from .evaluation import EvalSettings, run_eval, write_report
 
-    fields = EvalSettings.__dataclass_fields__
-    values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(args).items() if name in fields}
-    report = run_eval(EvalSettings(**values), argv=args.argv)
+    if args.merge:
+        import json
+        from pathlib import Path
+
+        from .evaluation import merge_reports
+
+        report = merge_reports([json.loads((Path(d) / "eval.json").read_text()) for d in args.merge])
+    else:
+        fields = EvalSettings.__dataclass_fields__
+        values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(args).items() if name in fields}
+        report = run_eval(EvalSettings(**values), argv=args.argv)
     written = write_report(report, args.out_dir, plots=not args.no_plots)
     print(written[1].read_text(), end="")
     print("wrote " + ", ".join(str(path) for path in written))

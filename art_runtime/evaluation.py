@@ -552,24 +552,48 @@ def format_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from runs of the same configurations on other prompts (e.g. one run per
+    context length, run side by side): their tasks together, the perplexity of the one run
+    that measured it, every run's command, settings, machine and duration under ``parts``."""
+    if not reports:
+        raise ValueError("reports: nothing to merge")
+    names = [c["name"] for c in reports[0]["configs"]]
+    for report in reports[1:]:
+        if [c["name"] for c in report["configs"]] != names or report["settings"]["model"] != reports[0]["settings"]["model"]:
+            raise ValueError("reports: every run must have the same model and configurations")
+    perplexity = [r["perplexity"] for r in reports if r.get("perplexity")]
+    if len(perplexity) > 1:
+        raise ValueError("reports: more than one run measured perplexity")
+    parts = [{key: r[key] for key in ("command", "settings", "machine", "date", "seconds")}
+             for r in reports if "parts" not in r] + [p for r in reports for p in r.get("parts", [])]
+    merged = {**reports[0], "command": [p["command"] for p in parts], "parts": parts,
+              "tasks": [t for r in reports for t in r["tasks"]], "perplexity": perplexity[0] if perplexity else None,
+              "capture": None, "seconds": sum(p["seconds"] for p in parts)}
+    merged["summary"] = summarize(merged)
+    return merged
+
+
 def write_report(report: dict, out_dir, plots: bool = True) -> list[Path]:
     """Write ``eval.json``, ``eval.md`` and (matplotlib) ``tradeoff.png``, ``accuracy.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "eval.json", out_dir / "eval.md"]
     written[0].write_text(json.dumps(report, indent=1) + "\n")
-    settings = report["settings"]
-    header = [
-        f"# ART quality on {settings['model']}", "",
-        f"* command: `{report['command']}`",
-        f"* machine: {report['machine']['platform']}, {report['machine']['cpu_threads']} CPU threads, "
-        f"torch {report['machine']['torch']}, transformers {report['machine']['transformers']}",
-        f"* date: {report['date']}, duration {report['seconds'] / 60:.1f} min",
-        f"* tasks: {', '.join(settings['kinds'])} at {', '.join(map(str, settings['lengths']))} tokens, "
-        f"{settings['samples']} sample(s) each (depths spread), filler {settings['filler']}; "
-        + (f"perplexity: {settings.get('ppl_segments', 1)} x {settings['ppl_tokens']} tokens of {settings['ppl_text']} "
-           f"after {settings['ppl_context']}"
-           if settings["ppl_tokens"] else "no perplexity"),
+    header = [f"# ART quality on {report['settings']['model']}", ""]
+    for part in report.get("parts") or [report]:
+        settings = part["settings"]
+        header += [
+            f"* command: `{part['command']}`",
+            f"* machine: {part['machine']['platform']}, {part['machine']['cpu_threads']} CPU threads, "
+            f"torch {part['machine']['torch']}, transformers {part['machine']['transformers']}",
+            f"* date: {part['date']}, duration {part['seconds'] / 60:.1f} min",
+            f"* tasks: {', '.join(settings['kinds'])} at {', '.join(map(str, settings['lengths']))} tokens, "
+            f"{settings['samples']} sample(s) each (depths spread), filler {settings['filler']}; "
+            + (f"perplexity: {settings.get('ppl_segments', 1)} x {settings['ppl_tokens']} tokens of "
+               f"{settings['ppl_text']} after {settings['ppl_context']}" if settings["ppl_tokens"] else "no perplexity"),
+        ]
+    header += [
         "* pages read: pages read / pages in the context, over every decode step, layer and KV head; "
         "KV bytes: read (K+V and page metadata) / a dense read",
         "* top-1 agree, KL: at every decode step (tasks and perplexity), against dense on the same prefix",

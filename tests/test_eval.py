@@ -63,6 +63,35 @@ def test_summary_aggregates_tasks_agreement_and_perplexity():
     assert "| x | 33.3% |" in table and "+10.52%" in table
 
 
+def test_runs_merge_into_one_report(tmp_path):
+    from art_runtime.evaluation import merge_reports, write_report
+
+    def part(length, ppl, seconds):
+        tasks = [{"kind": "passkey", "length": length, "runs": {"dense": run(1.0, "1"),
+                                                                "x": run(1.0, "1", top1=[1], kl=[0.1], read=1, context=2)}}]
+        perplexity = {"dense": run(None, None, nll=[1.0]), "x": run(None, None, nll=[1.2], top1=[1], kl=[0.0],
+                                                                   read=1, context=1)} if ppl else None
+        settings = {"model": "m", "kinds": ["passkey"], "lengths": [length], "samples": 1, "filler": "f",
+                    "ppl_tokens": 1 if ppl else 0, "ppl_segments": 1, "ppl_text": "t", "ppl_context": 2}
+        return {"command": f"art-runtime eval --lengths {length}", "settings": settings, "configs": [{"name": "x"}],
+                "machine": {"platform": "p", "cpu_threads": 1, "torch": "t", "transformers": "t"}, "date": "d",
+                "seconds": seconds, "tasks": tasks, "perplexity": perplexity, "capture": None}
+
+    merged = merge_reports([part(1024, True, 60), part(2048, False, 120)])
+    x = merged["summary"]["x"]
+    assert x["accuracy_by_length"] == {"1024": 1.0, "2048": 1.0} and x["perplexity_change"] == pytest.approx(math.exp(0.2) - 1)
+    assert x["pages_fraction"] == pytest.approx(3 / 5) and merged["seconds"] == 180
+    write_report(merged, tmp_path, plots=False)
+    text = (tmp_path / "eval.md").read_text()
+    assert "`art-runtime eval --lengths 1024`" in text and "`art-runtime eval --lengths 2048`" in text
+    with pytest.raises(ValueError, match="perplexity"):
+        merge_reports([part(1024, True, 1), part(2048, True, 1)])
+    other = part(2048, False, 1)
+    other["configs"] = [{"name": "y"}]
+    with pytest.raises(ValueError, match="configurations"):
+        merge_reports([part(1024, True, 1), other])
+
+
 @pytest.mark.slow
 def test_eval_command_on_smollm2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU user's paths: torch backend and metadata update
