@@ -210,7 +210,8 @@ def add_demo_parser(commands) -> None:
                              help=f"stability: consecutive stable checks needed to stop (default: {defaults.patience})")
     termination.add_argument("--eps", type=non_negative_float, default=defaults.eps,
                              help="bound: the certified bound on |o - o_exact|, relative to what --relative-to "
-                                  f"says (default: {defaults.eps:g})")
+                                  "says; mass: the estimated unread share of the softmax mass (default: each "
+                                  f"mode's calibrated one, {_default_eps_text()})")
     termination.add_argument("--relative-to", choices=RELATIVE_TO, default=defaults.relative_to,
                              help="bound: eps is relative to |o| (output) or to the value scale max|v| over the "
                                   f"selected pages (values) (default: {defaults.relative_to})")
@@ -448,6 +449,12 @@ examples:
   art-runtime eval --modes stability --tau-mag 1e-3 3e-4 1e-4 --patience 2 4 --ppl-tokens 64
   art-runtime eval --modes bound --eps 0.05 0.1 --relative-to output values --capture CAPTURE.safetensors
 """
+
+
+def _default_eps_text() -> str:
+    from .termination import DEFAULT_EPS
+
+    return ", ".join(f"{mode} {eps:g}" for mode, eps in DEFAULT_EPS.items())
 
 
 def add_eval_parser(commands) -> None:

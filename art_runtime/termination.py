@@ -60,6 +60,10 @@ MODE_CODE = {"off": 0, "stability": 1, "bound": 2, "mass": 3}
 
 DEFAULT_BLOCK_TOKENS = 64
 
+# eps of each mode that reads one, when TerminationConfig gets eps=None (its default):
+# calibrated on SmolLM2-135M (benchmarks/results/calibration_smollm2_2026-11-26/README.md).
+DEFAULT_EPS = {"bound": 0.05, "mass": 0.05}
+
 
 @dataclass(frozen=True)
 class TerminationConfig:
@@ -78,9 +82,12 @@ class TerminationConfig:
         ``tau_mag ** 2``).
     patience : int
         Stability: consecutive stable blocks needed to stop.
-    eps : float
+    eps : float or None
         Bound: the certified error, relative to ``|o|`` or to the value scale. Mass: the
-        estimated share of the softmax mass left unread.
+        estimated share of the softmax mass left unread. ``None`` (the default): the mode's
+        calibrated default, ``DEFAULT_EPS[mode]``; ``off`` and ``stability`` read no eps and
+        resolve it to 0. Resolved at construction: ``dataclasses.replace(config, mode=...)``
+        keeps a resolved eps (pass ``eps=None`` to take the new mode's default).
     min_pages : int
         Visit-order positions below this are always read.
     relative_to : {"output", "values"}
@@ -94,7 +101,7 @@ class TerminationConfig:
     tau_mag: float = 1e-3
     tau_dir: float = 1e-6
     patience: int = 2
-    eps: float = 0.05
+    eps: float | None = None
     min_pages: int = 2
     relative_to: str = "output"
     block_pages: int | None = None
@@ -104,6 +111,8 @@ class TerminationConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.relative_to not in RELATIVE_TO:
             raise ValueError(f"relative_to must be one of {RELATIVE_TO}, got {self.relative_to!r}")
+        if self.eps is None:
+            object.__setattr__(self, "eps", DEFAULT_EPS.get(self.mode, 0.0))
         for name in ("tau_mag", "tau_dir", "eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
