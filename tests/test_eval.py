@@ -58,9 +58,10 @@ def test_summary_aggregates_tasks_agreement_and_perplexity():
     assert x["top1_agreement"] == pytest.approx(5 / 6) and x["kl_max"] == 0.5
     assert x["pages_fraction"] == pytest.approx(10 / 30) and x["bytes_fraction"] == pytest.approx(10 / 30)
     assert x["perplexity_change"] == pytest.approx(math.exp(0.1) - 1)
+    assert not x["same_score_as_dense"] and not x["meets_rule"]  # a wrong answer, and perplexity +10.5%
     assert summary["dense"]["pages_fraction"] == 1.0
     table = format_table({**report, "summary": summary})
-    assert "| x | 33.3% |" in table and "+10.52%" in table
+    assert "| x | 33.3% |" in table and "+10.52% | no |" in table
 
 
 def test_runs_merge_into_one_report(tmp_path):
