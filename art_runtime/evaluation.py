@@ -627,18 +627,35 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
 
     summary = report["summary"]
     names = list(summary)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    measures = [("accuracy_all", "task accuracy"), ("kl_mean", "mean KL to dense (nats)"),
-                ("perplexity_change", "perplexity change vs dense")]
+    # one curve per (policy, mode), its settings in order of pages read and labelled by what
+    # differs (thresholds); a filled marker where the setting meets the calibration rule
+    families: dict = {}
+    for name in names:
+        policy, _, setting = name.partition(" + ")
+        mode, _, knobs = setting.partition(" ")
+        families.setdefault(f"{policy} + {mode}" if setting else policy, []).append((name, knobs))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5))
+    measures = [("accuracy_all", "task accuracy"), ("top1_agreement", "next-token top-1 agreement with dense"),
+                ("kl_mean", "mean KL to dense (nats)"), ("perplexity_change", "perplexity change vs dense")]
     for ax, (key, label) in zip(axes, measures):
-        for index, name in enumerate(names):  # one colour per configuration in every panel
-            value = summary[name].get(key)
-            if value is not None:
-                ax.scatter(summary[name]["pages_fraction"], value, label=name, color=f"C{index % 10}")
+        for index, (family, members) in enumerate(families.items()):
+            points = sorted((summary[n]["pages_fraction"], summary[n].get(key), summary[n]["meets_rule"], knobs)
+                            for n, knobs in members if summary[n].get(key) is not None)
+            if not points:
+                continue
+            colour = f"C{index % 10}"
+            ax.plot([x for x, *_ in points], [y for _, y, *_ in points], color=colour, alpha=0.5, label=family)
+            for x, y, meets, knobs in points:
+                ax.scatter(x, y, color=colour, facecolors=colour if meets else "none", zorder=3)
+                if knobs:
+                    ax.annotate(knobs.replace("tau=", "").replace("eps=", ""), (x, y), fontsize=6,
+                                xytext=(3, 3), textcoords="offset points")
+        if key == "perplexity_change":
+            ax.axhline(PPL_TOLERANCE, color="grey", linestyle="--", linewidth=0.8)  # the rule's limit
         ax.set_xlabel("fraction of context pages read")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, title="filled: meets the rule", title_fontsize=7)
     fig.suptitle(f"ART on {report['settings']['model']}: pages read vs quality")
     fig.tight_layout()
     tradeoff = out_dir / "tradeoff.png"
