@@ -210,7 +210,8 @@ def add_demo_parser(commands) -> None:
                              help=f"stability: consecutive stable checks needed to stop (default: {defaults.patience})")
     termination.add_argument("--eps", type=non_negative_float, default=defaults.eps,
                              help="bound: the certified bound on |o - o_exact|, relative to what --relative-to "
-                                  f"says (default: {defaults.eps:g})")
+                                  "says; mass: the estimated unread share of the softmax mass (default: each "
+                                  f"mode's calibrated one, {_default_eps_text()})")
     termination.add_argument("--relative-to", choices=RELATIVE_TO, default=defaults.relative_to,
                              help="bound: eps is relative to |o| (output) or to the value scale max|v| over the "
                                   f"selected pages (values) (default: {defaults.relative_to})")
@@ -417,18 +418,22 @@ every ART termination setting.
   top-1, KL    at every decode step, each configuration's next-token distribution against
                dense's on the same prefix: top-1 agreement and KL(dense || config)
   perplexity   teacher-forced over --ppl-tokens tokens of held-out text (--ppl-text) after
-               --ppl-context tokens; every scored token is an ART decode step
+               --ppl-context tokens, in --ppl-segments segments; every scored token is an
+               ART decode step
   pages, bytes pages read / pages in the context, over every step, layer and KV head, and
                K+V (+ metadata) bytes / a dense read
   capture      with --capture: per-head attention-output error and pages read on captured
                Q/K/V, per termination setting, in Quest order (art-runtime analyze's code)
 
-Prefill is exact (SDPA) and shared: one per prompt, cloned for every configuration; decode
-goes through BatchARTDecodeWrapper (torch backend on the CPU) inside the model through
-art_runtime.integrations.transformers. Configurations: every --policies entry (dense = every
-page in Quest order; budgeted ones keep --budget-fraction of the longest context's pages)
-alone, and with each ART setting: stability once per --tau-mag (tau_dir = tau_mag^2), every
-other --modes entry once per --eps. Dense alone (exact) is the reference row.
+Prefill is exact (SDPA, in chunks of 1024 tokens) and shared: one per prompt, cloned for
+every configuration; the --samples prompts of a (kind, length) are decoded as one batch
+(each request still stops on its own); decode goes through BatchARTDecodeWrapper (torch backend on the CPU)
+inside the model through art_runtime.integrations.transformers. Configurations: every
+--policies entry (dense = every page in Quest order; budgeted ones keep --budget-fraction
+of the longest context's pages) alone, and with each ART setting: stability once per
+(--tau-mag, --patience) pair (tau_dir = tau_mag^2), bound once per (--eps, --relative-to)
+pair, every other --modes entry (mass) once per --eps, then each --setting. Dense alone
+(exact) is the reference row.
 
 Writes OUT_DIR/eval.json (every number, the exact command, machine, versions, duration),
 OUT_DIR/eval.md (the table) and the plots OUT_DIR/tradeoff.png (pages read against
@@ -436,16 +441,25 @@ accuracy, KL and perplexity change) and OUT_DIR/accuracy.png (accuracy per lengt
 """
 
 EVAL_EPILOG = """\
-cost: each decode step runs every layer through the torch backend (about 0.1-0.4 s a layer at
-2K tokens on a 2-core CPU), and a multivalue answer is 10 steps a needle: the defaults take
-over an hour there; trim with --kinds, --lengths, --policies, --modes. The committed run
-(benchmarks/results/eval_smollm2_2026-11-26) took about 20 minutes on a shared 2-core CPU.
+cost: each decode step runs every layer through the torch backend, whose Python loop runs
+once per 64-token block, and a multivalue answer is 10 steps a needle; a batch of --samples
+prompts costs about what one does. On a loaded CPU use --threads 1: with two OpenMP threads
+the backend's many small operations wait for each other (measured on the shared 2-core
+machine: 54 s against 3.2 s for one SmolLM2 decode step at 2K tokens). Trim with --kinds,
+--lengths, --policies, --modes. Runs and their durations: benchmarks/results/eval_*/ and
+benchmarks/results/calibration_smollm2_2026-11-26/.
 examples:
   art-runtime eval --out-dir benchmarks/results/eval_smollm2
   art-runtime eval --lengths 1024 2048 4096 --kinds passkey single --samples 3 --policies dense quest h2o
-  art-runtime eval --modes stability --tau-mag 1e-3 3e-4 1e-4 --ppl-tokens 64
-  art-runtime eval --modes bound --eps 0.05 0.1 --relative-to values --capture CAPTURE.safetensors
+  art-runtime eval --modes stability --tau-mag 1e-3 3e-4 1e-4 --patience 2 4 --ppl-tokens 64
+  art-runtime eval --modes bound --eps 0.05 0.1 --relative-to output values --capture CAPTURE.safetensors
 """
+
+
+def _default_eps_text() -> str:
+    from .termination import DEFAULT_EPS
+
+    return ", ".join(f"{mode} {eps:g}" for mode, eps in DEFAULT_EPS.items())
 
 
 def add_eval_parser(commands) -> None:
@@ -476,13 +490,17 @@ def add_eval_parser(commands) -> None:
                       help="tokens before the scored ones (default: %(default)s)")
     data.add_argument("--ppl-tokens", type=non_negative_int, default=defaults.ppl_tokens,
                       help="scored tokens, each one decode step; 0 skips perplexity (default: %(default)s)")
+    data.add_argument("--ppl-segments", type=positive_int, default=defaults.ppl_segments,
+                      help="consecutive text segments, each --ppl-context + --ppl-tokens tokens, "
+                           "decoded as one batch (default: %(default)s)")
     data.add_argument("--capture", metavar="CAPTURE",
                       help="also measure attention-output error on this Q/K/V capture (.safetensors)")
     data.add_argument("--capture-queries", type=positive_int, default=defaults.capture_queries,
                       help="captured queries per layer for --capture (default: %(default)s)")
     data.add_argument("--seed", type=non_negative_int, default=defaults.seed,
                       help="seed of the filler offsets, numbers and keys (default: %(default)s)")
-    data.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    data.add_argument("--threads", type=positive_int,
+                      help="torch CPU threads (default: torch's); 1 on a shared CPU (see below)")
     art = parser.add_argument_group("configurations")
     art.add_argument("--policies", nargs="+", default=list(defaults.policies),
                      choices=["dense", "quest", "streaming_llm", "snapkv", "h2o"],
@@ -493,12 +511,16 @@ def add_eval_parser(commands) -> None:
     art.add_argument("--tau-mag", dest="tau_mags", type=non_negative_float, nargs="+",
                      default=list(defaults.tau_mags), metavar="TAU",
                      help="stability thresholds to sweep, tau_dir = tau^2 (default: %(default)s)")
-    art.add_argument("--patience", type=positive_int, default=defaults.patience,
-                     help="stability patience (default: %(default)s)")
+    art.add_argument("--patience", type=positive_int, nargs="+", default=list(defaults.patience),
+                     help="stability patiences to sweep (default: %(default)s)")
     art.add_argument("--eps", dest="epss", type=non_negative_float, nargs="+", default=list(defaults.epss),
                      metavar="EPS", help="eps of the other modes, to sweep (default: %(default)s)")
-    art.add_argument("--relative-to", choices=RELATIVE_TO, default=defaults.relative_to,
-                     help="what eps is relative to (default: %(default)s)")
+    art.add_argument("--relative-to", choices=RELATIVE_TO, nargs="+", default=list(defaults.relative_to),
+                     help="what bound's eps is relative to, to sweep (default: %(default)s)")
+    art.add_argument("--setting", dest="settings", nargs="+", default=[], metavar="SPEC",
+                     help="more settings, each whole, in art-runtime analyze's syntax MODE[:key=value,...] "
+                          "(e.g. mass:eps=0.02 bound:eps=0.5,rel=values stability:tau=1e-4,p=4); "
+                          "with --modes off, only these")
     art.add_argument("--budget-fraction", type=non_negative_float, default=defaults.budget_fraction,
                      help="budgeted policies keep this fraction of the longest context's pages (default: %(default)s)")
     art.add_argument("--min-pages", type=non_negative_int, help="TerminationConfig.min_pages (default: its default)")
@@ -509,15 +531,26 @@ def add_eval_parser(commands) -> None:
     output.add_argument("--out-dir", default="art_eval", metavar="DIR",
                         help="folder of eval.json, eval.md and the plots (default: ./art_eval)")
     output.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    output.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="run nothing: merge these runs' eval.json (the same configurations on other "
+                             "prompts, e.g. one run per length side by side) into --out-dir")
     parser.set_defaults(handler=_eval)
 
 
 def _eval(args: argparse.Namespace) -> None:
     from .evaluation import EvalSettings, run_eval, write_report
 
-    fields = EvalSettings.__dataclass_fields__
-    values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(args).items() if name in fields}
-    report = run_eval(EvalSettings(**values), argv=args.argv)
+    if args.merge:
+        import json
+        from pathlib import Path
+
+        from .evaluation import merge_reports
+
+        report = merge_reports([json.loads((Path(d) / "eval.json").read_text()) for d in args.merge])
+    else:
+        fields = EvalSettings.__dataclass_fields__
+        values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(args).items() if name in fields}
+        report = run_eval(EvalSettings(**values), argv=args.argv)
     written = write_report(report, args.out_dir, plots=not args.no_plots)
     print(written[1].read_text(), end="")
     print("wrote " + ", ".join(str(path) for path in written))

@@ -77,7 +77,7 @@ class DemoSettings:
     tau_mag: float = _TERMINATION_DEFAULTS.tau_mag
     tau_dir: float = _TERMINATION_DEFAULTS.tau_dir
     patience: int = _TERMINATION_DEFAULTS.patience
-    eps: float = _TERMINATION_DEFAULTS.eps
+    eps: float | None = None  # each mode's default (termination.DEFAULT_EPS)
     min_pages: int = _TERMINATION_DEFAULTS.min_pages
     relative_to: str = _TERMINATION_DEFAULTS.relative_to
     seed: int = 0
@@ -741,7 +741,7 @@ def _header(report: dict, settings: DemoSettings) -> list:
         f"  {run['dtype']} on {run['device']}, {run['backend']} backend; dense visit order "
         "(sink page, current page, newest to oldest)",
         f"  stability: tau_mag {settings.tau_mag:g}, tau_dir {settings.tau_dir:g}, patience {settings.patience}"
-        f" | bound: eps {settings.eps:g} relative to {settings.relative_to}"
+        f" | bound: eps {settings.termination('bound').eps:g} relative to {settings.relative_to}"
         f" | min_pages {settings.min_pages}, checks every {block_pages} pages",
     ]
 

@@ -10,8 +10,9 @@ setting) and against the exact dense model on the same prompts:
   logits are compared with dense logits *on the same prefix* (a dense cache is fed the
   configuration's own tokens in lockstep): top-1 agreement and ``KL(p_dense || p_config)``;
 * **perplexity**: teacher-forced over ``ppl_tokens`` tokens of held-out real text after a
-  ``ppl_context``-token prefix, from a third of the way into the text (past front matter);
-  every scored token is a decode step through ART;
+  ``ppl_context``-token prefix, in ``ppl_segments`` consecutive segments from a third of the
+  way into the text (past front matter), decoded as one batch; every scored token is a
+  decode step through ART;
 * **pages and bytes**: pages read per (layer, request, KV head) over pages in the context,
   and K+V (+ metadata) bytes over a dense read, from the decode records;
 * **captured attention** (optional): per-head attention-output error and pages read on
@@ -21,7 +22,9 @@ setting) and against the exact dense model on the same prompts:
 Per-head output error alone is not the quality measure (real attention is diffuse; pruners
 with good task scores still show large per-head errors): judge by the task and logit
 measures. Prefill is exact and shared: one prefill per prompt, cloned for each
-configuration (SnapKV, which scores the prompt at prefill, prefills its own).
+configuration (SnapKV, which scores the prompt at prefill, prefills its own). The samples of
+one (kind, length) are decoded as one batch: on the CPU the torch backend's cost per step
+hardly grows with the batch, and every request still stops on its own.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,10 +43,16 @@ import torch
 from .termination import TerminationConfig
 
 DEFAULT_KINDS = ("passkey", "single", "multikey", "multivalue")
+# tokens per prefill forward (see Evaluator._prefill)
+PREFILL_CHUNK = 1024
 # greedy tokens generated per answer: a space and one token per digit (SmolLM2, Qwen2.5), and a
 # separator between the numbers of a multi-value answer
 ANSWER_TOKENS = {"passkey": 6, "single": 8, "multikey": 8}
 MULTIVALUE_TOKENS_PER_NEEDLE = 10
+# The calibration rule of the defaults (issue 4): every task prompt scored as dense scores it and
+# perplexity within this relative change of dense's; among the settings that meet it, the one
+# reading the fewest pages.
+PPL_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -72,8 +81,8 @@ class EvalConfig:
         return get(self.policy, **dict(self.policy_kwargs))
 
 
-def build_configs(policies, modes, *, tau_mags=(1e-3,), patience: int = 2, epss=(0.05,),
-                  relative_to: str = "output", budget_fraction: float = 0.25, min_pages: int | None = None,
+def build_configs(policies, modes, *, tau_mags=(1e-3,), patience=(2,), epss=(0.05,),
+                  relative_to=("output",), settings=(), budget_fraction: float = 0.25, min_pages: int | None = None,
                   block_pages: int | None = None, context_tokens: int = 2048, page_size: int = 16) -> list[EvalConfig]:
     """Every policy alone (except dense) and with every ART setting.
 
@@ -83,8 +92,15 @@ def build_configs(policies, modes, *, tau_mags=(1e-3,), patience: int = 2, epss=
         Registered policy names (``dense``, ``quest``, ``streaming_llm``, ``snapkv``, ``h2o``).
     modes : sequence of str
         Termination modes to add on top of each policy. ``stability`` gets one setting per
-        ``tau_mags`` value (``tau_dir = tau_mag**2``, the paper's choice); every other mode
-        (``bound``, and any mode ``TerminationConfig`` accepts) one per ``epss`` value.
+        (``tau_mags``, ``patience``) pair (``tau_dir = tau_mag**2``, the paper's choice);
+        ``bound`` one per (``epss``, ``relative_to``) pair; every other mode (``mass``, and
+        any mode ``TerminationConfig`` accepts) one per ``epss`` value.
+    patience, relative_to : sequence
+        Stability patiences and bound ``relative_to`` values to sweep.
+    settings : sequence of str
+        More settings, each given whole in ``art-runtime analyze``'s syntax
+        (``MODE[:key=value,...]``, e.g. ``mass:eps=0.02``, ``bound:eps=0.5,rel=values``), after
+        the swept ones (``modes=["off"]`` sweeps none).
     budget_fraction : float
         Budgeted policies keep this fraction of the pages of a ``context_tokens`` context.
     """
@@ -95,13 +111,23 @@ def build_configs(policies, modes, *, tau_mags=(1e-3,), patience: int = 2, epss=
               "snapkv": (("budget", pages), ("window", 32)),
               "streaming_llm": (("sink_pages", 1), ("window_pages", pages - 1))}
     common = {k: v for k, v in (("min_pages", min_pages), ("block_pages", block_pages)) if v is not None}
-    settings = []
+    settings_specs, settings = settings, []
     for mode in modes:
         if mode == "stability":
-            settings += [TerminationConfig(mode=mode, tau_mag=t, tau_dir=t * t, patience=patience, **common)
-                         for t in tau_mags]
+            settings += [TerminationConfig(mode=mode, tau_mag=t, tau_dir=t * t, patience=p, **common)
+                         for p in patience for t in tau_mags]
+        elif mode == "bound":
+            settings += [TerminationConfig(mode=mode, eps=e, relative_to=r, **common) for r in relative_to for e in epss]
         elif mode != "off":
-            settings += [TerminationConfig(mode=mode, eps=e, relative_to=relative_to, **common) for e in epss]
+            settings += [TerminationConfig(mode=mode, eps=e, **common) for e in epss]
+    from .analysis import parse_setting
+
+    for spec in settings_specs:  # --min-pages and --block-pages apply where the spec sets neither
+        setting = parse_setting(spec, block_pages).config
+        if min_pages is not None and "min" not in spec:  # the key min_pages or its alias min
+            setting = replace(setting, min_pages=min_pages)
+        if setting not in settings and setting.mode != "off":
+            settings.append(setting)
     configs = []
     for policy in policies:
         if policy not in kwargs:
@@ -147,7 +173,8 @@ class Evaluator:
         tqdm bars on stderr.
     """
 
-    def __init__(self, model, tokenizer, configs, page_size: int = 16, progress: bool = True):
+    def __init__(self, model, tokenizer, configs, page_size: int = 16, progress: bool = True,
+                 prefill_chunk: int = PREFILL_CHUNK):
         from .integrations.transformers import enable_art
 
         self.model = enable_art(model)
@@ -155,6 +182,7 @@ class Evaluator:
         self.configs = list(configs)
         self.page_size = page_size
         self.progress = progress
+        self.prefill_chunk = prefill_chunk
 
     def _bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
@@ -163,12 +191,24 @@ class Evaluator:
 
     def _prefill(self, ids: torch.Tensor, termination: TerminationConfig = TerminationConfig(mode="off"),
                  policy=None):
-        """A cache holding ``ids`` (exact prefill), ready to clone or to decode with these settings."""
+        """A cache holding ``ids`` (exact prefill), ready to clone or to decode with these settings.
+
+        Chunked (``prefill_chunk`` tokens a forward) and without logits, so that memory stays
+        linear in the context: one 32K-token forward would hold a 32K x 32K mask and a
+        32K x vocabulary logit matrix. SnapKV's votes come from its window inside the last
+        chunk.
+        """
         from .integrations.transformers import ARTPagedCache, model_forward
 
         cache = ARTPagedCache(self.model, termination, policy=policy, page_size=self.page_size)
+        chunk = self.prefill_chunk
+        starts = list(range(0, ids.shape[1], chunk))
+        if len(starts) > 1 and ids.shape[1] - starts[-1] < chunk // 2:  # no short last chunk (SnapKV's window)
+            starts.pop()
+        bounds = starts[1:] + [ids.shape[1]]
         with torch.no_grad():
-            model_forward(self.model, ids, cache)
+            for start, end in zip(starts, bounds):
+                model_forward(self.model, ids[:, start:end], cache, logits_to_keep=1)
         return cache
 
     def _config_cache(self, prefilled, ids, config: EvalConfig):
@@ -177,61 +217,96 @@ class Evaluator:
             return self._prefill(ids, config.termination, policy)
         return prefilled.clone(config.termination, policy=policy)
 
-    def _account(self, stats: RunStats, cache) -> None:
+    @staticmethod
+    def _account(stats: RunStats, cache, request: int | None = None, steps: int | None = None) -> None:
+        """Add pages and bytes of ``cache``'s decode steps to ``stats``: of every request, or
+        of one ``request`` of the batch and its first ``steps`` steps. Bytes are counted per
+        batch: a request gets an even share (sums over the batch's requests stay exact)."""
         record = cache.decode_record()
-        per_step = record.visited_pages.shape[1] * record.visited_pages[0, 0].numel()
-        stats.pages_read += int(record.visited_pages.sum())
-        stats.pages_context += int(record.context_pages.sum()) * per_step
-        stats.bytes_read += int(record.kv_bytes_read.sum())
-        stats.bytes_dense += int(record.dense_kv_bytes.sum())
+        steps = record.steps if steps is None else steps
+        visited = record.visited_pages[:steps]
+        if request is not None:
+            visited = visited[:, :, request:request + 1]
+        share = 1 if request is None else record.visited_pages.shape[2]
+        stats.pages_read += int(visited.sum())
+        stats.pages_context += int(record.context_pages[:steps].sum()) * visited.shape[1] * visited[0, 0].numel()
+        stats.bytes_read += int(record.kv_bytes_read[:steps].sum()) // share
+        stats.bytes_dense += int(record.dense_kv_bytes[:steps].sum()) // share
 
-    def run_task(self, sample, answer_tokens: int) -> dict:
-        """Dense and every configuration on one task sample: ``{config name | "dense": RunStats}``."""
+    def run_tasks(self, samples, answer_tokens: int) -> list[dict]:
+        """Dense and every configuration on task samples of one length, decoded as one batch:
+        per sample ``{config name | "dense": RunStats}``.
+
+        A configuration's step is compared with dense on the configuration's own prefix,
+        request by request. While a request's prefix is dense's own greedy prefix, dense's
+        logits there are those of dense's greedy run (computed once); once the
+        configuration's answer departs from dense's, a dense cache follows the
+        configuration's tokens from then on. Each request of the batch decides its own
+        termination (ART works per request and KV head; on the CPU no row is split into chunks),
+        so batching changes no page read.
+        """
         from .integrations.transformers import greedy_decode, model_forward
 
-        ids = torch.tensor([sample.input_ids])
+        ids = torch.tensor([sample.input_ids for sample in samples])
+        if ids.ndim != 2:
+            raise ValueError("samples: a batch needs prompts of one length")
         prefilled = self._prefill(ids[:, :-1])
         last = ids[:, -1:]
-        tokens, _ = greedy_decode(self.model, last, prefilled.dense_cache(), answer_tokens)
-        dense_answer = self.tokenizer.decode(tokens[0])
-        out = {"dense": RunStats(score=sample.score(dense_answer), answer=dense_answer)}
+        dense_tokens, dense_logits = greedy_decode(self.model, last, prefilled.dense_cache(), answer_tokens)
+        out = []
+        for b, sample in enumerate(samples):
+            answer = self.tokenizer.decode(dense_tokens[b])
+            out.append({"dense": RunStats(score=sample.score(answer), answer=answer)})
         for config in self.configs:
             cache = self._config_cache(prefilled, ids[:, :-1], config)
-            dense = prefilled.dense_cache()
-            stats, token, generated = RunStats(), last, []
+            stats = [RunStats() for _ in samples]
+            inputs = [last]  # what this configuration fed so far: the prefix of its next step
+            dense, dense_fed = None, 0  # a dense cache on this configuration's tokens, once they differ
             with torch.no_grad():
-                for _ in range(answer_tokens):
-                    logits = model_forward(self.model, token, cache)[:, -1]
-                    reference = model_forward(self.model, token, dense)[:, -1]
-                    stats.top1.append(float((logits.argmax(-1) == reference.argmax(-1)).float().mean()))
-                    stats.kl.append(float(_kl(reference, logits).mean()))
-                    token = logits.argmax(-1, keepdim=True)
-                    generated.append(token)
-            stats.answer = self.tokenizer.decode(torch.cat(generated, 1)[0])
-            stats.score = sample.score(stats.answer)
-            self._account(stats, cache)
+                for step in range(answer_tokens):
+                    logits = model_forward(self.model, inputs[-1], cache)[:, -1]
+                    generated = torch.cat(inputs[1:], 1) if step else dense_tokens[:, :0]
+                    on_dense_path = (generated == dense_tokens[:, :step]).all(1)
+                    reference = dense_logits[:, step]
+                    if not bool(on_dense_path.all()):
+                        dense = prefilled.dense_cache() if dense is None else dense
+                        for fed in inputs[dense_fed:]:
+                            own = model_forward(self.model, fed, dense)[:, -1]
+                        dense_fed = len(inputs)
+                        reference = torch.where(on_dense_path[:, None], reference, own)
+                    top1 = (logits.argmax(-1) == reference.argmax(-1)).tolist()
+                    for row, agree, kl in zip(stats, top1, _kl(reference, logits).tolist()):
+                        row.top1.append(float(agree))
+                        row.kl.append(kl)
+                    inputs.append(logits.argmax(-1, keepdim=True))
+            answers = torch.cat(inputs[1:], 1)
+            for b, (sample, row) in enumerate(zip(samples, stats)):
+                row.answer = self.tokenizer.decode(answers[b])
+                row.score = sample.score(row.answer)
+                self._account(row, cache, request=b)
+                out[b][config.name] = row
             cache.release()
-            out[config.name] = stats
         return out
 
     def run_perplexity(self, ids: torch.Tensor, context: int) -> dict:
-        """Teacher-forced NLL of ``ids[0, context:]``, every token predicted by a decode step.
+        """Teacher-forced NLL of ``ids[:, context:]`` (a batch of text segments), every token
+        predicted by a decode step.
 
         The first ``context - 1`` tokens are prefilled; step ``s`` feeds token
         ``context - 1 + s`` and scores token ``context + s``. Each configuration's logits
         are also compared with dense's at every step (the same prefix by construction).
-        Returns ``{"dense" | config name: RunStats}``.
+        Returns ``{"dense" | config name: RunStats}``, the segments' tokens together.
         """
         from .integrations.transformers import model_forward
 
         prefilled = self._prefill(ids[:, :context - 1])
         steps = ids.shape[1] - context
-        targets = ids[0, context:]
+        targets = ids[:, context:].flatten()
 
         def run(cache):
             with torch.no_grad():
-                return torch.cat([model_forward(self.model, ids[:, context - 1 + s:context + s], cache)[:, -1]
-                                  for s in range(steps)])  # [steps, vocab]
+                return torch.stack([model_forward(self.model, ids[:, context - 1 + s:context + s], cache)[:, -1]
+                                    for s in range(steps)], 1).flatten(0, 1)  # [segments * steps, vocab]
 
         dense_logits = run(prefilled.dense_cache())
         nll = lambda logits: torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")  # noqa: E731
@@ -264,12 +339,14 @@ class EvalSettings:
     ppl_text: str = "jargon"
     ppl_context: int = 1024
     ppl_tokens: int = 32
+    ppl_segments: int = 1
     policies: tuple = ("dense", "quest")
     modes: tuple = ("stability", "bound")
     tau_mags: tuple = (1e-3,)
-    patience: int = 2
+    patience: tuple = (2,)
     epss: tuple = (0.05,)
-    relative_to: str = "output"
+    relative_to: tuple = ("output",)
+    settings: tuple = ()
     budget_fraction: float = 0.25
     min_pages: int | None = None
     block_pages: int | None = None
@@ -287,7 +364,7 @@ def _answer_tokens(kind: str, num_needles: int) -> int:
 def _check_settings(settings: EvalSettings) -> None:
     from .tasks import KINDS
 
-    for name in ("samples", "page_size", "capture_queries"):
+    for name in ("samples", "page_size", "capture_queries", "ppl_segments"):
         value = getattr(settings, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -313,35 +390,43 @@ def run_eval(settings: EvalSettings, argv: list | None = None) -> dict:
         torch.set_num_threads(settings.threads)
     configs = build_configs(settings.policies, settings.modes, tau_mags=settings.tau_mags,
                             patience=settings.patience, epss=settings.epss, relative_to=settings.relative_to,
+                            settings=settings.settings,
                             budget_fraction=settings.budget_fraction, min_pages=settings.min_pages,
                             block_pages=settings.block_pages, context_tokens=max(settings.lengths),
                             page_size=settings.page_size)
     model, tokenizer = load_model(settings.model, progress=False)
     evaluator = Evaluator(model, tokenizer, configs, settings.page_size)
     builder = TaskBuilder(tokenizer, load_filler(settings.filler), num_needles=settings.num_needles)
-    jobs = [(kind, length, depth) for length in settings.lengths for kind in settings.kinds
-            for depth in spread_depths(settings.samples)]
+    # one batch per (length, kind): its samples, needle depths spread, decoded together
+    batches = [(kind, length) for length in settings.lengths for kind in settings.kinds]
+    depths = spread_depths(settings.samples)
     tasks = []
     from tqdm.auto import tqdm
 
-    with tqdm(jobs, desc="tasks", file=sys.stderr, unit="prompt") as bar:
-        for index, (kind, length, depth) in enumerate(bar):
-            bar.set_postfix(kind=kind, length=length, depth=f"{depth:.2f}")
-            sample = builder.build(kind, length, depth, seed=settings.seed + index)
-            runs = evaluator.run_task(sample, _answer_tokens(kind, settings.num_needles))
-            tasks.append({"kind": kind, "length": length, "depth": depth, "answers": sample.answers,
-                          "runs": {name: asdict(stats) for name, stats in runs.items()}})
+    with tqdm(batches, desc="tasks", file=sys.stderr, unit="batch") as bar:
+        for batch, (kind, length) in enumerate(bar):
+            bar.set_postfix(kind=kind, length=length, samples=settings.samples)
+            samples = [builder.build(kind, length, depth, seed=settings.seed + batch * settings.samples + i)
+                       for i, depth in enumerate(depths)]
+            runs = evaluator.run_tasks(samples, _answer_tokens(kind, settings.num_needles))
+            tasks += [{"kind": kind, "length": length, "depth": depth, "answers": sample.answers,
+                       "runs": {name: asdict(stats) for name, stats in sample_runs.items()}}
+                      for depth, sample, sample_runs in zip(depths, samples, runs)]
     perplexity = None
     if settings.ppl_tokens:
-        print(f"art-runtime eval: perplexity on {settings.ppl_text}, {settings.ppl_tokens} tokens after "
-              f"{settings.ppl_context}", file=sys.stderr, flush=True)
+        print(f"art-runtime eval: perplexity on {settings.ppl_text}, {settings.ppl_segments} x {settings.ppl_tokens} "
+              f"tokens after {settings.ppl_context}", file=sys.stderr, flush=True)
         from .fetch import fetch_text
 
         text = Path(settings.ppl_text) if Path(settings.ppl_text).is_file() else fetch_text(settings.ppl_text,
                                                                                                 progress=False)
         ids = tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False)
         start = len(ids) // 3  # past the front matter (title pages, tables of contents)
-        ids = torch.tensor([ids[start:start + settings.ppl_context + settings.ppl_tokens]])
+        span = settings.ppl_context + settings.ppl_tokens
+        if start + settings.ppl_segments * span > len(ids):
+            raise ValueError(f"ppl_segments: {settings.ppl_segments} segments of {span} tokens do not fit in the "
+                             f"last two thirds of {settings.ppl_text} ({len(ids) - start} tokens)")
+        ids = torch.tensor([ids[start + i * span:start + (i + 1) * span] for i in range(settings.ppl_segments)])
         runs = evaluator.run_perplexity(ids, settings.ppl_context)
         perplexity = {name: asdict(stats) for name, stats in runs.items()}
     capture = _capture_errors(settings, configs) if settings.capture else None
@@ -417,6 +502,7 @@ def summarize(report: dict) -> dict:
         row["accuracy_all"] = sum(scores) / len(scores) if scores else None
         row["same_answer_as_dense"] = (sum(r["answer"] == t["runs"]["dense"]["answer"] for t, r in runs) / len(runs)
                                        if runs else None)
+        row["same_score_as_dense"] = all(r["score"] == t["runs"]["dense"]["score"] for t, r in runs)
         ppl = (report["perplexity"] or {}).get(name)
         steps = [r for _, r in runs] + ([ppl] if ppl else [])
         top1 = [x for r in steps for x in r["top1"]]
@@ -440,6 +526,7 @@ def summarize(report: dict) -> dict:
     for row in summary.values():
         if dense_ppl and row.get("perplexity"):
             row["perplexity_change"] = row["perplexity"] / dense_ppl - 1
+        row["meets_rule"] = row["same_score_as_dense"] and abs(row.get("perplexity_change", 0.0)) <= PPL_TOLERANCE
     return summary
 
 
@@ -449,7 +536,7 @@ def format_table(report: dict) -> str:
     kinds = list(next(iter(summary.values()))["accuracy"])
     lengths = list(next(iter(summary.values()))["accuracy_by_length"])
     head = (["config", "pages read", "KV bytes"] + [f"acc {k}" for k in kinds] + [f"acc {n}" for n in lengths]
-            + ["same answer", "top-1 agree", "KL mean", "KL max", "PPL", "PPL change"])
+            + ["same answer", "top-1 agree", "KL mean", "KL max", "PPL", "PPL change", "rule"])
     capture = report.get("capture")
     if capture:
         head += ["capture pages", "capture err p99", "capture err max"]
@@ -462,7 +549,8 @@ def format_table(report: dict) -> str:
         cells += [pct(row["same_answer_as_dense"]) if name != "dense" else "–",
                   pct(row["top1_agreement"]), num(row["kl_mean"]), num(row["kl_max"]),
                   num(row.get("perplexity"), "{:.3f}"),
-                  "–" if row.get("perplexity_change") is None or name == "dense" else f"{row['perplexity_change']:+.2%}"]
+                  "–" if row.get("perplexity_change") is None or name == "dense" else f"{row['perplexity_change']:+.2%}",
+                  "–" if name == "dense" else ("yes" if row["meets_rule"] else "no")]
         if capture:
             entry = row.get("capture")
             cells += ([pct(entry["pages_fraction"]), pct(entry["err_output_p99"]), pct(entry["err_output_max"])]
@@ -471,26 +559,53 @@ def format_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from runs of the same configurations on other prompts (e.g. one run per
+    context length, run side by side): their tasks together, the perplexity of the one run
+    that measured it, every run's command, settings, machine and duration under ``parts``."""
+    if not reports:
+        raise ValueError("reports: nothing to merge")
+    names = [c["name"] for c in reports[0]["configs"]]
+    for report in reports[1:]:
+        if [c["name"] for c in report["configs"]] != names or report["settings"]["model"] != reports[0]["settings"]["model"]:
+            raise ValueError("reports: every run must have the same model and configurations")
+    perplexity = [r["perplexity"] for r in reports if r.get("perplexity")]
+    if len(perplexity) > 1:
+        raise ValueError("reports: more than one run measured perplexity")
+    parts = [{key: r[key] for key in ("command", "settings", "machine", "date", "seconds")}
+             for r in reports if "parts" not in r] + [p for r in reports for p in r.get("parts", [])]
+    merged = {**reports[0], "command": [p["command"] for p in parts], "parts": parts,
+              "tasks": [t for r in reports for t in r["tasks"]], "perplexity": perplexity[0] if perplexity else None,
+              "capture": None, "seconds": sum(p["seconds"] for p in parts)}
+    merged["summary"] = summarize(merged)
+    return merged
+
+
 def write_report(report: dict, out_dir, plots: bool = True) -> list[Path]:
     """Write ``eval.json``, ``eval.md`` and (matplotlib) ``tradeoff.png``, ``accuracy.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "eval.json", out_dir / "eval.md"]
     written[0].write_text(json.dumps(report, indent=1) + "\n")
-    settings = report["settings"]
-    header = [
-        f"# ART quality on {settings['model']}", "",
-        f"* command: `{report['command']}`",
-        f"* machine: {report['machine']['platform']}, {report['machine']['cpu_threads']} CPU threads, "
-        f"torch {report['machine']['torch']}, transformers {report['machine']['transformers']}",
-        f"* date: {report['date']}, duration {report['seconds'] / 60:.1f} min",
-        f"* tasks: {', '.join(settings['kinds'])} at {', '.join(map(str, settings['lengths']))} tokens, "
-        f"{settings['samples']} sample(s) each (depths spread), filler {settings['filler']}; "
-        + (f"perplexity: {settings['ppl_tokens']} tokens of {settings['ppl_text']} after {settings['ppl_context']}"
-           if settings["ppl_tokens"] else "no perplexity"),
+    header = [f"# ART quality on {report['settings']['model']}", ""]
+    for part in report.get("parts") or [report]:
+        settings = part["settings"]
+        header += [
+            f"* command: `{part['command']}`",
+            f"* machine: {part['machine']['platform']}, {part['machine']['cpu_threads']} CPU threads, "
+            f"torch {part['machine']['torch']}, transformers {part['machine']['transformers']}",
+            f"* date: {part['date']}, duration {part['seconds'] / 60:.1f} min",
+            f"* tasks: {', '.join(settings['kinds'])} at {', '.join(map(str, settings['lengths']))} tokens, "
+            f"{settings['samples']} sample(s) each (depths spread), filler {settings['filler']}; "
+            + (f"perplexity: {settings.get('ppl_segments', 1)} x {settings['ppl_tokens']} tokens of "
+               f"{settings['ppl_text']} after {settings['ppl_context']}" if settings["ppl_tokens"] else "no perplexity"),
+        ]
+    header += [
         "* pages read: pages read / pages in the context, over every decode step, layer and KV head; "
         "KV bytes: read (K+V and page metadata) / a dense read",
         "* top-1 agree, KL: at every decode step (tasks and perplexity), against dense on the same prefix",
+        f"* rule: every task prompt scored as dense scores it, and perplexity within {PPL_TOLERANCE:.0%} of dense's "
+        "(the calibration rule of the defaults)",
         "* capture: attention-output error per query head relative to |o_exact| on the captured Q/K/V "
         f"({Path(report['capture']['_file']).name if report.get('capture') else 'none'}), every page in Quest "
         "order (dense + ART rows only)",
@@ -512,18 +627,35 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
 
     summary = report["summary"]
     names = list(summary)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    measures = [("accuracy_all", "task accuracy"), ("kl_mean", "mean KL to dense (nats)"),
-                ("perplexity_change", "perplexity change vs dense")]
+    # one curve per (policy, mode), its settings in order of pages read and labelled by what
+    # differs (thresholds); a filled marker where the setting meets the calibration rule
+    families: dict = {}
+    for name in names:
+        policy, _, setting = name.partition(" + ")
+        mode, _, knobs = setting.partition(" ")
+        families.setdefault(f"{policy} + {mode}" if setting else policy, []).append((name, knobs))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5))
+    measures = [("accuracy_all", "task accuracy"), ("top1_agreement", "next-token top-1 agreement with dense"),
+                ("kl_mean", "mean KL to dense (nats)"), ("perplexity_change", "perplexity change vs dense")]
     for ax, (key, label) in zip(axes, measures):
-        for index, name in enumerate(names):  # one colour per configuration in every panel
-            value = summary[name].get(key)
-            if value is not None:
-                ax.scatter(summary[name]["pages_fraction"], value, label=name, color=f"C{index % 10}")
+        for index, (family, members) in enumerate(families.items()):
+            points = sorted((summary[n]["pages_fraction"], summary[n].get(key), summary[n]["meets_rule"], knobs)
+                            for n, knobs in members if summary[n].get(key) is not None)
+            if not points:
+                continue
+            colour = f"C{index % 10}"
+            ax.plot([x for x, *_ in points], [y for _, y, *_ in points], color=colour, alpha=0.5, label=family)
+            for x, y, meets, knobs in points:
+                ax.scatter(x, y, color=colour, facecolors=colour if meets else "none", zorder=3)
+                if knobs:
+                    ax.annotate(knobs.replace("tau=", "").replace("eps=", ""), (x, y), fontsize=6,
+                                xytext=(3, 3), textcoords="offset points")
+        if key == "perplexity_change":
+            ax.axhline(PPL_TOLERANCE, color="grey", linestyle="--", linewidth=0.8)  # the rule's limit
         ax.set_xlabel("fraction of context pages read")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, title="filled: meets the rule", title_fontsize=7)
     fig.suptitle(f"ART on {report['settings']['model']}: pages read vs quality")
     fig.tight_layout()
     tradeoff = out_dir / "tradeoff.png"

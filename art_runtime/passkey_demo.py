@@ -41,7 +41,7 @@ class PasskeyDemoSettings:
     tau_mag: float = TerminationConfig().tau_mag
     tau_dir: float = TerminationConfig().tau_dir
     patience: int = TerminationConfig().patience
-    eps: float = TerminationConfig().eps
+    eps: float | None = None  # each mode's default (termination.DEFAULT_EPS)
     relative_to: str = TerminationConfig().relative_to
     min_pages: int = TerminationConfig().min_pages
     page_size: int = 16

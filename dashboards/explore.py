@@ -34,7 +34,7 @@ from art_runtime.analysis import build_batch, capture_info, exact_attention, loa
 from art_runtime.decode import BatchARTDecodeWrapper
 from art_runtime.page_metadata import PageMetadata
 from art_runtime.policies import REGISTRY, get
-from art_runtime.termination import MODES, RELATIVE_TO, TerminationConfig
+from art_runtime.termination import DEFAULT_EPS, MODES, RELATIVE_TO, TerminationConfig
 
 from .captures import capture_path
 from .figures import ViewWatch, figure, heatmap_figure, sync_late_views
@@ -262,7 +262,9 @@ class ExploreDashboard:
             "tau_dir": widgets.FloatLogSlider(value=config.tau_dir, min=-12, max=0, description="tau_dir", **slider),
             "patience": widgets.IntSlider(value=config.patience, min=1, max=8, description="patience",
                                           continuous_update=False),
-            "eps": widgets.FloatLogSlider(value=config.eps, min=-4, max=0, description="eps", **slider),
+            # a mode without eps (stability) starts the slider at mass's default
+            "eps": widgets.FloatLogSlider(value=config.eps if config.reads_page_metadata else DEFAULT_EPS["mass"],
+                                          min=-4, max=0, description="eps", **slider),
             "min_pages": widgets.IntSlider(value=config.min_pages, min=0, max=16, description="min_pages",
                                            continuous_update=False),
             "relative_to": widgets.Dropdown(options=list(RELATIVE_TO), value=config.relative_to,

@@ -177,7 +177,7 @@ def test_explore_notebook_recomputes_when_controls_move(monkeypatch):
     # scores on their torch path, as in the notebook's kernel, rather than the Triton interpreter).
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for fig, config in ((got["before"], TerminationConfig()),
-                        (got["after"], TerminationConfig(tau_mag=1e-2, tau_dir=1e-4))):
+                        (got["after"], TerminationConfig(mode="stability", tau_mag=1e-2, tau_dir=1e-4))):
         expected = analysis_depths(layers, got["queries"], config)
         for i, layer in enumerate(layers):
             depth, head_err = expected[layer]

@@ -203,7 +203,7 @@ def test_stability_at_the_defaults_keeps_the_dense_answer(smollm2, passkey):
 # relative to the output at the default eps, and relative to the value scale at an eps that
 # lets min/max key boxes stop early on some heads, so that the guarantee is exercised on real
 # attention (they are too loose to stop at small eps: see the termination issue)
-@pytest.mark.parametrize("relative_to, eps", [("output", TerminationConfig().eps), ("values", 0.5)])
+@pytest.mark.parametrize("relative_to, eps", [("output", TerminationConfig(mode="bound").eps), ("values", 0.5)])
 def test_bound_keeps_every_layer_within_eps(smollm2, passkey, relative_to, eps):
     model, tokenizer = smollm2
     sample, prefilled, dense_tokens, dense_logits = passkey

@@ -106,6 +106,18 @@ def test_termination_config_rejects_bad_values(kwargs, match):
         TerminationConfig(**kwargs)
 
 
+def test_eps_defaults_to_each_modes_calibrated_value():
+    from dataclasses import replace
+
+    from art_runtime.termination import DEFAULT_EPS
+
+    assert TerminationConfig(mode="bound").eps == DEFAULT_EPS["bound"]
+    assert TerminationConfig(mode="mass").eps == DEFAULT_EPS["mass"]
+    assert TerminationConfig(mode="stability").eps == TerminationConfig(mode="off").eps == 0.0  # read by neither
+    assert TerminationConfig(mode="mass", eps=0.2).eps == 0.2
+    assert replace(TerminationConfig(mode="bound"), mode="mass", eps=None).eps == DEFAULT_EPS["mass"]
+
+
 def test_wrapper_rejects_bad_layout_and_backend():
     with pytest.raises(ValueError, match="kv_layout"):
         BatchARTDecodeWrapper(kv_layout="NDH")

@@ -581,10 +581,12 @@ def _load_gguf(path: str, dtype: torch.dtype, device: str):
     return model.to(device).eval(), tokenizer
 
 
-def model_forward(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+def model_forward(model, input_ids: torch.Tensor, cache, logits_to_keep: int = 0) -> torch.Tensor:
     """One forward of ``input_ids [B, n]`` through ``model`` with ``cache``; the logits
-    ``[B, n, vocab]`` (float32)."""
-    return model(input_ids=input_ids, use_cache=True, **{cache_argument(model): cache}).logits.float()
+    ``[B, n, vocab]`` (float32), or of the last ``logits_to_keep`` positions only if it is
+    not 0 (a long prefill's full logits would take ``n * vocab`` floats)."""
+    return model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep,
+                 **{cache_argument(model): cache}).logits.float()
 
 
 def greedy_decode(model, input_ids: torch.Tensor, cache, max_new_tokens: int, *, prefill_chunk: int | None = None,

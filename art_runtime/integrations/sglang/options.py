@@ -56,6 +56,10 @@ def _parse_float(text: str) -> float:
     return value
 
 
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.lower() in ("", "none") else _parse_float(text)
+
+
 def _parse_optional_int(text: str) -> int | None:
     return None if text.lower() in ("", "none") else int(text)
 
@@ -117,7 +121,7 @@ class ARTOptions:
     tau_mag: float = _DEFAULT_TERMINATION.tau_mag
     tau_dir: float = _DEFAULT_TERMINATION.tau_dir
     patience: int = _DEFAULT_TERMINATION.patience
-    eps: float = _DEFAULT_TERMINATION.eps
+    eps: float | None = None  # the mode's default (termination.DEFAULT_EPS)
     min_pages: int = _DEFAULT_TERMINATION.min_pages
     relative_to: str = _DEFAULT_TERMINATION.relative_to
     block_pages: int | None = _DEFAULT_TERMINATION.block_pages
@@ -173,7 +177,7 @@ class ARTOptions:
 
 PARSERS = {
     "policy": str, "budget": _parse_optional_int, "order": _parse_optional_str, "mode": str, "tau_mag": _parse_float,
-    "tau_dir": _parse_float, "patience": _parse_int, "eps": _parse_float, "min_pages": _parse_int,
+    "tau_dir": _parse_float, "patience": _parse_int, "eps": _parse_optional_float, "min_pages": _parse_int,
     "relative_to": str, "block_pages": _parse_optional_int, "stats_address": _parse_optional_str,
     "stats_interval": _parse_int, "stats_allow_remote": _parse_bool,
 }
@@ -185,7 +189,8 @@ HELP = {
     "tau_mag": "stability: largest relative change of |o| between blocks",
     "tau_dir": "stability: largest 1 - cos between consecutive block outputs",
     "patience": "stability: consecutive stable blocks needed to stop",
-    "eps": "bound: certified error, relative to --art-relative-to",
+    "eps": "bound: certified error, relative to --art-relative-to; mass: estimated unread softmax share "
+           "(default: the mode's, termination.DEFAULT_EPS)",
     "min_pages": "visit-order positions always read",
     "relative_to": f"bound: what eps is relative to, one of {RELATIVE_TO}",
     "block_pages": "pages per termination check (default: 64 tokens' worth)",
