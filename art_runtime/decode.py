@@ -109,6 +109,7 @@ class BatchARTDecodeWrapper:
         self.backend = backend
         self._plan: DecodePlan | None = None
         self._raw_stats = None
+        self._last_run_inputs = None  # (cache element size, page metadata) of the last run
 
     def plan(
         self,
@@ -320,17 +321,23 @@ class BatchARTDecodeWrapper:
             self._visited_pages.copy_(visited)
             self._visited_tokens.copy_(tokens)
             self._stable_at[:, : plan.group_size].copy_(stable_at)
-        # Metadata read per selected page (bound, mass) and per page of the table (key-box scoring).
-        meta_bytes = (page_meta.nbytes_per_page() * plan.nnz if bound else 0) + (
-            page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
-            if self._policy is not None and self._policy[0].reads_key_boxes else 0)
         page_mass = self._page_mass(plan, lse) if self._record_page_mass else None
         if page_mass is not None and self._policy is not None and self._policy[0].needs_page_mass:
             policy, ctx, layout = self._policy
             policy.observe(ctx, layout, layer_id, self._selection.pages, page_mass)
-        self._raw_stats = (plan, k_cache.element_size(), meta_bytes, page_mass,
-                           page_meta.key_sketch_bytes_per_page() if plan.termination.mode == "bound" else 0)
+        self._record_stats(plan, k_cache.element_size(), page_meta, page_mass)
         return (out, lse) if return_lse else out
+
+    def _record_stats(self, plan: DecodePlan, elem_size: int, page_meta, page_mass) -> None:
+        """What ``last_stats`` needs besides the kernel's counters, for a run of ``plan``."""
+        bound = plan.termination.reads_page_metadata
+        # Metadata read per selected page (bound, mass) and per page of the table (key-box scoring).
+        meta_bytes = (page_meta.nbytes_per_page() * plan.nnz if bound else 0) + (
+            page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
+            if self._policy is not None and self._policy[0].reads_key_boxes else 0)
+        self._raw_stats = (plan, elem_size, meta_bytes, page_mass,
+                           page_meta.key_sketch_bytes_per_page() if plan.termination.mode == "bound" else 0)
+        self._last_run_inputs = (elem_size, page_meta)
 
     def _page_mass(self, plan: DecodePlan, lse: torch.Tensor) -> torch.Tensor:
         """``[nnz]`` softmax mass of each selected page, summed over its group's query heads."""

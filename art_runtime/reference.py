@@ -164,13 +164,18 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
 
     # Cut: before the first position where every head's estimated unread share is at most
     # SKETCH_CUT_SHARE * eps the bound is infinite; only the pages from there on need their sketch.
+    # Work items cover their [start, end) ranges of the visit order, not necessarily all of it
+    # (a fixed-capacity plan, e.g. SGLang's CUDA-graph buffers, leaves gaps between rows).
     starts, ends = plan.work_start.long(), plan.work_end.long()
     work_of = torch.repeat_interleave(torch.arange(plan.num_work, device=q.device), ends - starts)
+    covered = starts[work_of] + torch.arange(work_of.numel(), device=q.device) - \
+        torch.repeat_interleave(torch.cumsum(ends - starts, 0) - (ends - starts), ends - starts)
     threshold = estimate[starts] + math.log2(SKETCH_CUT_SHARE * plan.termination.eps) \
         if plan.termination.eps > 0 else torch.full_like(estimate[starts], float("-inf"))
-    early = (estimate > threshold[work_of]).any(-1)
+    early = (estimate[covered] > threshold[work_of]).any(-1)
     cut = starts + torch.zeros_like(starts).index_add_(0, work_of, early.long())
-    after_cut = torch.arange(plan.nnz, device=q.device) >= cut[work_of]
+    after_cut = torch.zeros(plan.nnz, dtype=torch.bool, device=q.device)
+    after_cut[covered] = covered >= cut[work_of]
     sketched = after_cut.nonzero().squeeze(1)
     upper = torch.full((plan.nnz, plan.group_size), float("-inf"), device=q.device)
     lower = torch.full_like(upper, float("-inf"))

@@ -121,7 +121,11 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
         self._plan = plan
         self._policy = None if self._step_policy is None else (self._step_policy, ctx, layout)
         self._selection = PageSelection(layout.indptr, self.buffers.visit_pages)
+        # A replayed graph runs no Python: last_stats reads the kernel's counters for this plan,
+        # with the last run's cache and metadata (the page mass of a replay stays on the device).
         self._raw_stats = None
+        if self._last_run_inputs is not None:
+            self._record_stats(plan, *self._last_run_inputs, None)
 
     def _select_pages(self, plan, layer_id: int, q, page_meta) -> None:
         """Per layer (inside the graph): score and order the pages of a query-dependent policy."""
