@@ -167,15 +167,18 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
     # Work items cover their [start, end) ranges of the visit order, not necessarily all of it
     # (a fixed-capacity plan, e.g. SGLang's CUDA-graph buffers, leaves gaps between rows).
     starts, ends = plan.work_start.long(), plan.work_end.long()
-    work_of = torch.repeat_interleave(torch.arange(plan.num_work, device=q.device), ends - starts)
-    covered = starts[work_of] + torch.arange(work_of.numel(), device=q.device) - \
-        torch.repeat_interleave(torch.cumsum(ends - starts, 0) - (ends - starts), ends - starts)
+    positions = torch.arange(plan.nnz, device=q.device)
+    work_of = torch.full((plan.nnz,), -1, dtype=torch.long, device=q.device)  # -1: a position no item covers
+    width = int((ends - starts).max()) if plan.num_work else 0
+    covered = starts[:, None] + torch.arange(width, device=q.device)[None, :]
+    inside = covered < ends[:, None]
+    work_of[covered[inside]] = torch.arange(plan.num_work, device=q.device)[:, None].expand_as(covered)[inside]
+    item = work_of.clamp(min=0)
     threshold = estimate[starts] + math.log2(SKETCH_CUT_SHARE * plan.termination.eps) \
         if plan.termination.eps > 0 else torch.full_like(estimate[starts], float("-inf"))
-    early = (estimate[covered] > threshold[work_of]).any(-1)
-    cut = starts + torch.zeros_like(starts).index_add_(0, work_of, early.long())
-    after_cut = torch.zeros(plan.nnz, dtype=torch.bool, device=q.device)
-    after_cut[covered] = covered >= cut[work_of]
+    early = (work_of >= 0) & (estimate > threshold[item]).any(-1)
+    cut = starts + torch.zeros_like(starts).index_add_(0, item, early.long())
+    after_cut = (work_of >= 0) & (positions >= cut[item])
     sketched = after_cut.nonzero().squeeze(1)
     upper = torch.full((plan.nnz, plan.group_size), float("-inf"), device=q.device)
     lower = torch.full_like(upper, float("-inf"))
