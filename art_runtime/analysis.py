@@ -22,8 +22,12 @@ each request's last, partial page private). Then, per layer:
   construction (an order can leave pages whose values average out), so the report counts the
   rows where it needs more pages than another order.
 * **Bound overshoot** -- per (query head, page): the page's key-box logit bound
-  ``scale * sum_d max(q_d kmax_d, q_d kmin_d)`` (``PageMetadata``, what ``bound`` and Quest
-  read) minus the true largest logit of the page's tokens, in nats.
+  ``scale * sum_d max(q_d kmax_d, q_d kmin_d)`` (``PageMetadata``, what Quest reads) minus
+  the true largest logit of the page's tokens, in nats; and the key sketch's bound of the
+  page's softmax mass (what ``bound`` reads, ``reference.sketch_page_log2_mass``) over the
+  true mass, in nats.
+* **Violations** -- for ``bound`` settings, the query heads whose error exceeds the
+  guarantee (``eps |o|`` or ``eps max|v|``, up to fp32 rounding); it must be 0.
 
 Visit orders: ``recency`` (sink, current page, newest to oldest), ``quest`` (sink, current
 page, then by the Quest bound) and ``mass`` (sink, current page, then by the estimated mass of
@@ -359,6 +363,8 @@ class CriterionResult:
     head_err_output: list  # [queries][H_q]
     head_err_values: list
     seconds: float
+    violations: int | None = None  # bound: query heads beyond the guarantee (None: no guarantee)
+    sketch_pages: int = 0  # bound: pages whose key sketch was read (after the cut)
 
     @property
     def pages_fraction(self) -> float:
@@ -435,6 +441,7 @@ class AnalysisReport:
     criteria: list = field(default_factory=list)  # CriterionResult
     hindsight: list = field(default_factory=list)  # HindsightResult
     overshoot: list = field(default_factory=list)  # OvershootResult
+    sketch_overshoot: list = field(default_factory=list)  # OvershootResult: page mass bound / true, nats
     seconds: float = 0.0
 
     def result(self, layer: int, order: str, setting: str) -> CriterionResult:
@@ -485,7 +492,8 @@ class AnalysisReport:
         width = max(len("setting"), *(len(r.setting) for r in self.criteria))
         header = (f"{'layer':>5} {'order':<7} {'setting':<{width}} {'pages':>6} {'bytes':>6} | "
                   f"{'err/|o| mean':>12} {'p99':>8} {'max':>8} {'grp max':>8} | "
-                  f"{'err/max|v| mean':>15} {'p99':>8} {'max':>8} | {'depth min':>9} {'med':>5} {'max':>5}")
+                  f"{'err/max|v| mean':>15} {'p99':>8} {'max':>8} | {'depth min':>9} {'med':>5} {'max':>5} | "
+                  "viol sketch")
         lines += [header, "-" * len(header)]
         for r in self.criteria:
             depth = torch.tensor(r.depth).flatten()
@@ -494,8 +502,11 @@ class AnalysisReport:
                 f"{100 * r.bytes_fraction:5.1f}% | {r.err_output['mean']:12.2e} {r.err_output['p99']:8.2e} "
                 f"{r.err_output['max']:8.2e} {r.err_output['group_max_mean']:8.2e} | "
                 f"{r.err_values['mean']:15.2e} {r.err_values['p99']:8.2e} {r.err_values['max']:8.2e} | "
-                f"{float(depth.min()):9.2f} {float(depth.median()):5.2f} {float(depth.max()):5.2f}")
-        lines.append("   (grp max: mean over (query, KV head) of the group's worst query head)")
+                f"{float(depth.min()):9.2f} {float(depth.median()):5.2f} {float(depth.max()):5.2f} | "
+                f"{'-' if r.violations is None else r.violations:>4} "
+                f"{100 * r.sketch_pages / r.pages_selected if r.sketch_pages else 0:5.1f}%")
+        lines.append("   (grp max: mean over (query, KV head) of the group's worst query head; viol: bound only, "
+                     "query heads whose error exceeds the guarantee; sketch: pages whose key sketch bound read)")
         lines += ["", "hindsight optimum: fewest pages in the order after which every query head of the group is "
                   "within the target (relative to |o_exact|): % of pages for the group (for each head alone)"]
         head = f"{'layer':>5} {'order':<7} " + " ".join(f"{'err <= ' + _key(t):>18}" for t in self.targets)
@@ -510,6 +521,11 @@ class AnalysisReport:
         lines += ["", "bound overshoot: key-box logit bound - true max logit, per (query, query head, page), nats",
                   f"{'layer':>5} {'median':>7} {'p90':>7} {'min':>7} {'max':>7}"]
         lines += [f"{o.layer:>5} {o.median:7.2f} {o.p90:7.2f} {o.min:7.2f} {o.max:7.2f}" for o in self.overshoot]
+        if self.sketch_overshoot:
+            lines += ["", "sketch overshoot: key-sketch bound of a page's softmax mass over its true mass, per (query, "
+                      "query head, page), nats", f"{'layer':>5} {'median':>7} {'p90':>7} {'min':>7} {'max':>7}"]
+            lines += [f"{o.layer:>5} {o.median:7.2f} {o.p90:7.2f} {o.min:7.2f} {o.max:7.2f}"
+                      for o in self.sketch_overshoot]
         return "\n".join(lines)
 
 
@@ -552,6 +568,24 @@ def _request_pages(data: CaptureLayer, batch: CaptureBatch, b: int):
     sv = torch.einsum("hct,hctd->hcd", e_pad, v_pad)
     o_exact = sv.sum(1) / z.sum(1, keepdim=True)
     return z, sv, page_max, o_exact, v.norm(dim=-1).amax(-1)
+
+
+def _sketch_log_mass(meta: PageMetadata, batch: CaptureBatch, b: int, scaling: float) -> torch.Tensor:
+    """``[H_q, c]`` the key sketch's bound of each page's ``log sum_t exp(s_t)`` for request ``b``, in nats."""
+    from .reference import LOG2E, sketch_page_log2_mass
+
+    num_kv = meta.key_codes.shape[1]
+    phys = batch.kv_indices[int(batch.kv_indptr[b]): int(batch.kv_indptr[b + 1])].long()
+    pages = phys.numel()
+    tokens = torch.full((pages,), batch.page_size, dtype=torch.long)
+    tokens[-1] = int(batch.kv_last_page_len[b])
+    q = batch.q[b].view(num_kv, -1, batch.q.shape[-1])  # [H_kv, G, D]
+    out = []
+    for h in range(num_kv):
+        upper, _ = sketch_page_log2_mass(q[h].expand(pages, -1, -1), meta.key_codes[phys, h], meta.key_grid_base[phys, h],
+                                         meta.key_grid_exponent[phys, h], tokens, scaling * LOG2E)
+        out.append(upper.T.double() / LOG2E)  # [G, c], nats
+    return torch.cat(out)  # [H_q, c]
 
 
 def _first_within(err: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -647,7 +681,7 @@ def analyze_capture(
         # Exact attention, the best order, the hindsight optimum and the overshoot: float64, per request.
         o_exact = torch.empty(num_req, num_qo, dim, dtype=torch.float64)
         vscale = torch.empty(num_req, num_qo, dtype=torch.float64)
-        best_pages, overshoot = [], []
+        best_pages, overshoot, sketch_overshoot = [], [], []
         hind = {o: {"group": [], "head": []} for o in orders}  # per request: [T, H_kv, rel] / [T, H_q, rel]
         for b in range(num_req):
             z, sv, page_max, o_exact[b], vscale[b] = _request_pages(data, batch, b)
@@ -658,6 +692,8 @@ def analyze_capture(
             qb = batch.q[b].double()[:, None, :]
             ub = (torch.maximum(qb * kmax, qb * kmin)).sum(-1) * data.scaling
             overshoot.append((ub - page_max).flatten())
+            true_log_mass = z.log() + page_max.amax(1, keepdim=True)  # z is relative to the head's largest logit
+            sketch_overshoot.append((_sketch_log_mass(meta, batch, b, data.scaling) - true_log_mass).flatten())
             mass = (z / z.sum(1, keepdim=True)).view(num_kv, group, pages).sum(1)  # [H_kv, c]
             order_of = {"best": torch.sort(mass, dim=1, descending=True, stable=True).indices}
             best_pages.append(order_of["best"])
@@ -675,10 +711,10 @@ def analyze_capture(
             counts = batch.kv_indptr.diff().long().repeat_interleave(num_kv)
             indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
             selections["best"] = PageSelection(indptr, torch.cat([p.flatten() for p in best_pages]).int())
-        over = torch.cat(overshoot)
-        report.overshoot.append(OvershootResult(
-            data.layer, float(over.median()), float(over.quantile(0.9)), float(over.min()), float(over.max()),
-            over.numel()))
+        for results, values in ((report.overshoot, overshoot), (report.sketch_overshoot, sketch_overshoot)):
+            over = torch.cat(values)
+            results.append(OvershootResult(data.layer, float(over.median()), float(over.quantile(0.9)),
+                                           float(over.min()), float(over.max()), over.numel()))
         pages_per_request = batch.kv_indptr.diff().tolist()
         layer_hind, group_ks = {}, {}
         for o in orders:
@@ -742,8 +778,16 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
     bound, scored = setting.config.reads_page_metadata, order in ("quest", "mass")
     meta32 = int(stats.kv_bytes_read) - tokens_read * 2 * dim * batch.cache.element_size()
     expected32 = selected * (meta.nbytes_per_page() * bound + meta.key_box_bytes_per_page() * scored)
+    sketch_pages = int(stats.sketch_pages.long().sum()) if stats.sketch_pages is not None else 0
+    expected32 += sketch_pages * meta.key_sketch_bytes_per_page()
     if meta32 != expected32:
         raise RuntimeError(f"kv_bytes_read holds {meta32} bytes of metadata, expected {expected32}")
+    violations = None
+    if setting.config.mode == "bound":
+        allowed = setting.config.eps * (out.norm(dim=-1) if setting.config.relative_to == "output" else vscale)
+        # fp32 rounding, as mode off has too (the same slack as the tests')
+        slack = 1e-5 * o_exact.norm(dim=-1) + 1e-6 * vscale
+        violations = int((err > allowed + slack).sum())
     dense_tokens = sum(batch.lengths) * num_kv
     return CriterionResult(
         layer=layer, order=order, setting=setting.name, config=asdict(setting.config),
@@ -754,7 +798,8 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
         err_output=summaries[0], err_values=summaries[1],
         depth=(stats.visited_pages.double() / stats.selected_pages.double()).tolist(),
         visited_pages=stats.visited_pages.tolist(),
-        head_err_output=rel_o.tolist(), head_err_values=rel_v.tolist(), seconds=seconds,
+        head_err_output=rel_o.tolist(), head_err_values=rel_v.tolist(), seconds=seconds, violations=violations,
+        sketch_pages=sketch_pages,
     )
 
 

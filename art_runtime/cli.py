@@ -272,12 +272,15 @@ orders (--orders):
 
 Reported per (layer, order, setting):
   pages    pages read / selected over all (query, KV head)
-  bytes    K+V bytes read / a dense read, in the capture's dtype (float16); bound also
-           reads every selected page's metadata (PageMetadata.nbytes_per_page), counted
+  bytes    K+V bytes read / a dense read, in the capture's dtype (float16); bound and mass
+           also read every selected page's key box and value norm
+           (PageMetadata.nbytes_per_page) and bound the key sketch of the pages after its
+           cut (DecodeStats.sketch_pages), counted
   err      per query head |o - o_exact| against exact float64 attention over the same
            pages, relative to |o_exact| and to the value scale max|v| (largest value norm
            of the head's selected pages): mean, p99 and max over (query, query head)
   depth    pages read / selected per (query, KV head): min, median, max (heatmap in plots)
+  viol     bound only: query heads whose error exceeds the guarantee (must be 0)
 Per (layer, order), plain float64 torch on the capture:
   hindsight optimum  for each error target (--targets, relative to |o_exact|): the fewest
            pages, read in that order, after which every query head of the group is within
@@ -286,8 +289,10 @@ Per (layer, order), plain float64 torch on the capture:
            needs more pages than this order (mass order is not optimal by construction).
 Per layer:
   bound overshoot  key-box logit bound scale*sum_d max(q_d kmax_d, q_d kmin_d) of each
-           page (the metadata bound and Quest use) minus the page's true largest logit,
-           per (query, query head, page), in nats: median, p90, min, max.
+           page (what Quest scores) minus the page's true largest logit, per (query,
+           query head, page), in nats: median, p90, min, max.
+  sketch overshoot  the key sketch's bound of each page's softmax mass (what bound reads)
+           over the page's true mass, in nats.
 
 Termination settings (--setting, repeatable) are MODE[:key=value,...] with MODE one of
 off, stability, bound and keys the TerminationConfig fields tau_mag, tau_dir, patience,

@@ -17,7 +17,8 @@ from .backend import resolve_backend, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
 from .plan import DecodePlan, build_plan, group_tile, next_power_of_two, physical_pages
-from .reference import LOG2E, VALUE_NORM_SCALE, art_decode_torch, bound_terms_torch, row_value_scale
+from .reference import (LOG2_SLACK, LOG2E, OVERFLOW_LOG2, SKETCH_CUT_SHARE, VALUE_NORM_SCALE, art_decode_torch,
+                        bound_terms_torch)
 from .policies import PagePolicy, PolicyContext
 from .selection import PageSelection, dense_selection, validate_selection
 from .termination import TerminationConfig
@@ -27,6 +28,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GROUP_SIZE = 64
 MAX_PAGE_SIZE = 256
 BOUND_TILE = 32
+SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
 NUM_WARPS = 4
@@ -59,13 +61,16 @@ class DecodeStats:
         query head first met the criterion on its own (``-1``: never; always -1 in ``off``).
     kv_bytes_read : torch.Tensor
         0-d int64: K and V bytes read, plus the page metadata read (bound and mass modes:
-        every selected page's; key-box scoring policies such as Quest: every page's key box).
+        every selected page's key box and value norm, and in bound mode the key sketch of
+        ``sketch_pages``; key-box scoring policies such as Quest: every page's key box).
     selection : PageSelection
         The selected pages in visit order, read or not (for per-layer policies: the last run's).
     page_mass : torch.Tensor or None
         ``[nnz]`` float32 aligned with ``selection.pages``: the softmax mass each page got,
         summed over the query heads of its group (0 for pages not read); only when planned
         with ``record_page_mass=True`` or for a policy that needs it (H2O).
+    sketch_pages : torch.Tensor or None
+        ``[B, H_kv]`` int32: pages whose key sketch the bound read (``bound`` only).
     """
 
     visited_pages: torch.Tensor
@@ -75,6 +80,7 @@ class DecodeStats:
     kv_bytes_read: torch.Tensor
     selection: PageSelection
     page_mass: torch.Tensor | None
+    sketch_pages: torch.Tensor | None = None
 
 
 def _check_int(name: str, value, low: int, high: int) -> int:
@@ -103,6 +109,7 @@ class BatchARTDecodeWrapper:
         self.backend = backend
         self._plan: DecodePlan | None = None
         self._raw_stats = None
+        self._last_run_inputs = None  # (cache element size, page metadata) of the last run
 
     def plan(
         self,
@@ -235,6 +242,11 @@ class BatchARTDecodeWrapper:
         self._part_lse = torch.empty((num_work if split else 0, group_pad), dtype=torch.float32, device=device)
         bound = plan.termination.reads_page_metadata and self._backend == "triton"
         self._log2w = torch.empty((plan.nnz if bound else 0, group_pad), dtype=torch.float32, device=device)
+        certified = plan.termination.mode == "bound"
+        self._sketch_pages = torch.empty((num_work if certified else 0,), dtype=torch.int32, device=device)
+        certified = certified and self._backend == "triton"
+        self._log2w_low = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
+        self._log2wv = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._vrest = torch.empty((plan.nnz if bound else 0,), dtype=torch.float32, device=device)
         self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
         self._page_lse = torch.empty((plan.nnz if self._record_page_mass else 0, group_pad), dtype=torch.float32,
@@ -299,10 +311,9 @@ class BatchARTDecodeWrapper:
         if self._backend == "triton":
             self._run_triton(plan, q, k_cache, v_cache, page_meta, out, lse)
         else:
-            terms = None
-            if bound:
-                log2w, vrest = bound_terms_torch(plan, q, page_meta)
-                terms = (log2w, vrest, row_value_scale(plan, vrest))
+            terms = bound_terms_torch(plan, q, page_meta) if bound else None
+            if terms is not None and terms.sketch_pages is not None:
+                self._sketch_pages.copy_(terms.sketch_pages)
             o, o_lse, visited, tokens, stable_at = art_decode_torch(
                 plan, q, k_cache, v_cache, terms, self._page_lse if self._record_page_mass else None)
             out.copy_(o)
@@ -310,16 +321,23 @@ class BatchARTDecodeWrapper:
             self._visited_pages.copy_(visited)
             self._visited_tokens.copy_(tokens)
             self._stable_at[:, : plan.group_size].copy_(stable_at)
-        # Metadata read per selected page (bound, mass) and per page of the table (key-box scoring).
-        meta_bytes = (page_meta.nbytes_per_page() * plan.nnz if bound else 0) + (
-            page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
-            if self._policy is not None and self._policy[0].reads_key_boxes else 0)
         page_mass = self._page_mass(plan, lse) if self._record_page_mass else None
         if page_mass is not None and self._policy is not None and self._policy[0].needs_page_mass:
             policy, ctx, layout = self._policy
             policy.observe(ctx, layout, layer_id, self._selection.pages, page_mass)
-        self._raw_stats = (plan, k_cache.element_size(), meta_bytes, page_mass)
+        self._record_stats(plan, k_cache.element_size(), page_meta, page_mass)
         return (out, lse) if return_lse else out
+
+    def _record_stats(self, plan: DecodePlan, elem_size: int, page_meta, page_mass) -> None:
+        """What ``last_stats`` needs besides the kernel's counters, for a run of ``plan``."""
+        bound = plan.termination.reads_page_metadata
+        # Metadata read per selected page (bound, mass) and per page of the table (key-box scoring).
+        meta_bytes = (page_meta.nbytes_per_page() * plan.nnz if bound else 0) + (
+            page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
+            if self._policy is not None and self._policy[0].reads_key_boxes else 0)
+        self._raw_stats = (plan, elem_size, meta_bytes, page_mass,
+                           page_meta.key_sketch_bytes_per_page() if plan.termination.mode == "bound" else 0)
+        self._last_run_inputs = (elem_size, page_meta)
 
     def _page_mass(self, plan: DecodePlan, lse: torch.Tensor) -> torch.Tensor:
         """``[nnz]`` softmax mass of each selected page, summed over its group's query heads."""
@@ -387,15 +405,22 @@ class BatchARTDecodeWrapper:
         if term.reads_page_metadata:
             from .kernels.page_bounds import page_bound_suffix_kernel
 
+            estimate = term.mode == "mass"
+            page_size_pow2 = next_power_of_two(plan.page_size)
             page_bound_suffix_kernel[(plan.num_work,)](
                 q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, page_meta.value_norm_max,
+                page_meta.key_codes, page_meta.key_grid_base, page_meta.key_grid_exponent,
                 plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
-                self._log2w, self._vrest,
+                self._log2w, self._vrest, self._log2w_low, self._log2wv, self._sketch_pages,
                 q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
-                page_meta.value_norm_max.stride(0), qk_scale, plan.sm_scale, VALUE_NORM_SCALE,
+                page_meta.value_norm_max.stride(0), page_meta.key_codes.stride(0), page_meta.key_codes.stride(1),
+                page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
+                qk_scale, plan.sm_scale, VALUE_NORM_SCALE, LOG2_SLACK,
+                math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
                 NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
-                HEAD_DIM=plan.head_dim, TILE=BOUND_TILE, ESTIMATE=term.mode == "mass",
-                DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
+                HEAD_DIM=plan.head_dim, TILE=BOUND_TILE if estimate else max(16, SKETCH_TILE_TOKENS // page_size_pow2),
+                ESTIMATE=estimate, DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
+                PAGE_SIZE_POW2=page_size_pow2,
             )
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
         block_n = max(16, next_power_of_two(plan.block_pages * plan.page_size))
@@ -409,11 +434,11 @@ class BatchARTDecodeWrapper:
         art_decode_kernel[(plan.num_work,)](
             q, k_cache, v_cache, out, lse, self._part_out, self._part_lse,
             plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, plan.row_start,
-            self._log2w, self._vrest, self._vscale,
+            self._log2w, self._vrest, self._vscale, self._log2w_low, self._log2wv,
             self._visited_pages, self._visited_tokens, self._stable_at, self._page_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-            qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages,
+            qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages, OVERFLOW_LOG2,
             NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
@@ -443,7 +468,7 @@ class BatchARTDecodeWrapper:
         """Statistics of the last ``run`` (computed on access, on the device)."""
         if self._raw_stats is None:
             raise ValueError("last_stats: no run() since the last plan()")
-        plan, elem_size, meta_bytes, page_mass = self._raw_stats
+        plan, elem_size, meta_bytes, page_mass, sketch_bytes = self._raw_stats
         rows = plan.work_row.long()
         device = plan.visit_phys.device
         batch, hkv, hqo = plan.batch_size, plan.num_kv_heads, plan.num_qo_heads
@@ -455,6 +480,12 @@ class BatchARTDecodeWrapper:
         stable.scatter_reduce_(0, rows[:, None].expand_as(first), first, "amin")
         stable = torch.where(stable == never, -1, stable)
         kv_bytes = tokens.long().sum() * 2 * plan.head_dim * elem_size + meta_bytes
+        sketch_pages = None
+        if sketch_bytes:
+            sketch_pages = torch.zeros(plan.num_rows, dtype=torch.int32, device=device).index_add_(
+                0, rows, self._sketch_pages)
+            kv_bytes = kv_bytes + sketch_pages.long().sum() * sketch_bytes
+            sketch_pages = sketch_pages.view(batch, hkv)
         return DecodeStats(
             visited_pages=visited.view(batch, hkv),
             selected_pages=plan.selected_pages,
@@ -463,4 +494,5 @@ class BatchARTDecodeWrapper:
             kv_bytes_read=kv_bytes,
             selection=self._selection,
             page_mass=page_mass,
+            sketch_pages=sketch_pages,
         )

@@ -1,9 +1,10 @@
-"""Per-page summaries of the paged KV cache: key boxes and value norms.
+"""Per-page summaries of the paged KV cache: key boxes, key sketches and value norms.
 
 For every physical page and KV head: the per-dimension minimum and maximum of the page's keys
-(Quest's metadata) and the largest value-vector norm. Quest scoring and the ``bound``
-termination criterion read only these, never K/V. They are kept current on append (a Triton
-kernel on the GPU, scatter reductions on the CPU), from the appended tokens alone.
+(Quest's metadata), an 8-bit sketch of every token's key, and the largest value-vector norm.
+Quest scoring and the ``mass`` estimate read the boxes, the certified ``bound`` reads the
+sketch; none of them reads K/V. They are kept current on append (a Triton kernel on the GPU,
+scatter reductions on the CPU), from the appended tokens alone.
 
 Key boxes are stored in fp8 (e4m3) with one power-of-two scale per (page, KV head), rounded
 *outward* (the minimum down, the maximum up), so a box still contains every key of its page
@@ -15,6 +16,23 @@ so every box value keeps e4m3's 4 significant bits (at most 1/8 looser than exac
 dimensions reach down to 2^-16 of the largest. Scales only grow as tokens arrive, and the
 grids of larger power-of-two scales are subsets of smaller ones, so folding tokens in one at
 a time gives exactly the box a one-shot build gives.
+
+Key sketch (``build_key_sketch``): per (page, head, dim) a grid of 256 cells of a power-of-two
+step ``s`` from a base ``b`` that is a multiple of ``s``, and per token the 8-bit index of the
+cell holding its key, so every key lies in ``[b + c s, b + (c + 1) s]``: the certified
+per-token intervals the bound needs (logit upper and lower bounds, ``art_runtime.termination``).
+All of it is exact in fp32 (integers times powers of two; the quantization corrects its own
+division), the cells contain the keys as the cache stores them, and because coarser
+power-of-two grids are subsets of finer ones, folding tokens in as they arrive gives the
+sketch of a one-shot build. Why 8 bits (``benchmarks/sketch_design.py`` on the shared
+captures, ``benchmarks/results/bound_sketch_2026-11-26/README.md``): a token's logit bound
+overshoots by 7-8 nats (median) at 2 bits, 3.1-3.3 at 3, 1.4-1.6 at 4, 0.7 at 5, 0.34 at 6
+and 0.09 at 8; in bytes read (sketch included) at eps 0.05 on Qwen2.5 8 bits beat 4 (81-89%
+against 92-93% before the cut, ``art_runtime.termination``), and 6 bits, slightly better
+still, would need a packing across bytes. A free affine step would overshoot a third less
+but cannot be refined on append without re-reading the page's keys. Bytes per (page, head):
+``page_size * D`` of codes plus ``3 D`` of grid (int16 base, int8 exponent): 1216 at page
+size 16 and D 64, 30% of the page's fp16 K+V, read only for the pages after the bound's cut.
 """
 
 from __future__ import annotations
@@ -33,6 +51,9 @@ KEY_BOX_DTYPE = torch.float8_e4m3fn
 BOX_TOP_EXPONENT = 7
 _E4M3_MIN_EXPONENT = -6  # smallest normal exponent; below it the grid step stays 2^-9
 _E4M3_MANTISSA_BITS = 3
+SKETCH_BITS = 8
+SKETCH_LEVELS = 2**SKETCH_BITS
+SKETCH_FLOOR_SHIFT = -6  # smallest sketch cell: key_scale * 2^-6 = 2^-13 of the page's top power of two
 
 
 def key_box_scale(max_abs: torch.Tensor) -> torch.Tensor:
@@ -60,6 +81,92 @@ def quantize_key_box(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor):
             (torch.ceil(x_hi / step_hi) * step_hi).to(KEY_BOX_DTYPE))
 
 
+# --------------------------------------------------------------------------------------------
+# Key sketch: every token's key as an 8-bit cell of a per-(page, head, dim) power-of-two grid
+
+
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    return torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent.to(torch.int32))
+
+
+def _floor_log2(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2 x) for x > 0 (float32), exactly."""
+    return torch.frexp(x).exponent - 1
+
+
+def sketch_step_floor(key_scale: torch.Tensor) -> torch.Tensor:
+    """The smallest sketch cell of a (page, head) whose box scale is ``key_scale``: 2^-13 of the
+    power of two below the page's largest |key| (``key_scale * 2^-6``), at least 2^-126."""
+    return torch.clamp(key_scale * 2.0**SKETCH_FLOOR_SHIFT, min=2.0**-126)
+
+
+def sketch_cells(points: torch.Tensor, base: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``floor((points - base) / step)``, exactly, as int32 (``base``/``step`` broadcast).
+
+    ``base`` is a multiple of the power of two ``step``, so ``base + c * step`` is exact in
+    fp32; the division may round, and one correction step each way makes the result exact.
+    """
+    codes = torch.floor((points - base) * (1.0 / step))
+    codes = torch.where(base + codes * step > points, codes - 1, codes)
+    codes = torch.where(base + (codes + 1) * step <= points, codes + 1, codes)
+    return codes.to(torch.int32)
+
+
+def build_key_sketch(points, is_key, valid, step_floor, old_step):
+    """The grid and the cells of one or more (page, head)s, from keys and already-coded cells.
+
+    Parameters
+    ----------
+    points : torch.Tensor
+        ``[n, P, H, D]`` float32: a key (``is_key``) or the lower end of a token's old cell
+        (whose upper end is ``points + old_step``); anything where not ``valid``.
+    is_key, valid : torch.Tensor
+        ``[n, P]`` bool.
+    step_floor : torch.Tensor
+        ``[n, H]`` float32 power of two: the smallest allowed cell (``sketch_step_floor``).
+    old_step : torch.Tensor
+        ``[n, H, D]`` float32: the grid the old cells are on (anything where none is old).
+
+    Returns
+    -------
+    tuple
+        ``(codes [n, P, H, D] uint8, base [n, H, D] int16, exponent [n, H, D] int8)``: the
+        step is ``2^exponent``, the base ``base * step``; token ``t``'s key lies in
+        ``[(base + code) * step, (base + code + 1) * step]``.
+
+    The grid is the smallest power-of-two step ``s >= step_floor`` (and ``>= old_step``)
+    whose base ``b = floor(min / s) * s`` puts every key strictly below ``b + 16 s``. That
+    condition is monotone in ``s``, and on a grid of step ``s >= old_step`` an old cell's
+    lower end decides it exactly as the key inside it would (both grids are multiples of
+    ``old_step``), so folding tokens in at any time gives the grid and cells of a one-shot
+    build: the sketch depends on the page's keys only, never on how they were appended.
+    """
+    valid4 = valid[:, :, None, None]
+    key4 = (valid & is_key)[:, :, None, None]
+    old4 = (valid & ~is_key)[:, :, None, None]
+    low = torch.where(valid4, points, float("inf")).amin(1)  # [n, H, D]
+    top_key = torch.where(key4, points, float("-inf")).amax(1)  # keys must lie below b + 16 s
+    top_cell = torch.where(old4, points + old_step[:, None], float("-inf")).amax(1)  # cells must fit
+    has_old = old4.any(1)
+    least = torch.maximum(step_floor[..., None].expand_as(low), torch.where(has_old, old_step, 0.0))
+    top = torch.maximum(top_key, top_cell)
+    span = torch.where(torch.isfinite(low), top - low, 0.0).clamp(min=0.0)
+    # A power of two >= span / (levels - 1) always fits (b > low - s); the smallest fitting one is >= wide / 4.
+    wide = torch.maximum(_power_of_two(_floor_log2(torch.clamp(span * (1.0 / (SKETCH_LEVELS - 1)), min=2.0**-126)) + 1),
+                         least)
+    safe_low = torch.where(torch.isfinite(low), low, 0.0)
+    step = wide * 2  # fits even if the division rounded down
+    for shrink in (1.0, 0.5, 0.25):
+        candidate = wide * shrink
+        top_of = torch.floor(safe_low / candidate) * candidate + SKETCH_LEVELS * candidate
+        fits = (candidate >= least) & (top_key < top_of) & (top_cell <= top_of)
+        step = torch.where(fits, candidate, step)
+    base = torch.floor(safe_low / step)
+    codes = sketch_cells(points, (base * step)[:, None], step[:, None])
+    codes = torch.where(valid4, codes, 0).clamp(0, SKETCH_LEVELS - 1)
+    return codes.to(torch.uint8), base.to(torch.int16), _floor_log2(step).to(torch.int8)
+
+
 @dataclass
 class PageMetadata:
     """Key boxes and value norms of every physical page.
@@ -74,6 +181,13 @@ class PageMetadata:
         ``[max_pages, H_kv]`` float32 power of two; 0 for a page that holds no token.
     value_norm_max : torch.Tensor
         ``[max_pages, H_kv]`` float32: the largest ``|v|`` of the page's tokens (0: no token).
+    key_codes : torch.Tensor
+        ``[max_pages, H_kv, page_size, D]`` uint8: each token's key sketch, a cell index per
+        dimension.
+    key_grid_base, key_grid_exponent : torch.Tensor
+        ``[max_pages, H_kv, D]`` int16 and int8: the sketch grid of each (page, head, dim),
+        step ``s = 2^exponent`` and base ``base * s``: a token with code ``c`` has its key in
+        ``[(base + c) s, (base + c + 1) s]`` (``build_key_sketch``; ``key_cells`` decodes).
     page_size : int
         Tokens per page of the cache these pages belong to.
     """
@@ -82,6 +196,9 @@ class PageMetadata:
     key_max: torch.Tensor
     key_scale: torch.Tensor
     value_norm_max: torch.Tensor
+    key_codes: torch.Tensor
+    key_grid_base: torch.Tensor
+    key_grid_exponent: torch.Tensor
     page_size: int
 
     @classmethod
@@ -95,6 +212,9 @@ class PageMetadata:
             key_max=boxes[:, :, 1],
             key_scale=torch.zeros(max_pages, num_kv_heads, dtype=torch.float32, device=device),
             value_norm_max=torch.zeros(max_pages, num_kv_heads, dtype=torch.float32, device=device),
+            key_codes=torch.zeros(max_pages, num_kv_heads, page_size, head_dim, dtype=torch.uint8, device=device),
+            key_grid_base=torch.zeros(max_pages, num_kv_heads, head_dim, dtype=torch.int16, device=device),
+            key_grid_exponent=torch.zeros(max_pages, num_kv_heads, head_dim, dtype=torch.int8, device=device),
         )
 
     def clone(self) -> "PageMetadata":
@@ -107,14 +227,30 @@ class PageMetadata:
     def copy_pages_from(self, other: "PageMetadata") -> None:
         """Copy ``other``'s summaries into this metadata's first pages (e.g. after growing a pool)."""
         count = other.key_scale.shape[0]
-        for mine, theirs in ((self.key_min, other.key_min), (self.key_max, other.key_max),
-                             (self.key_scale, other.key_scale), (self.value_norm_max, other.value_norm_max)):
-            mine[:count] = theirs
+        for name in ("key_min", "key_max", "key_scale", "value_norm_max", "key_codes", "key_grid_base",
+                     "key_grid_exponent"):
+            getattr(self, name)[:count] = getattr(other, name)
 
     def key_bounds(self, pages: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
         """The boxes of ``(pages, heads)`` (broadcast together) as float32 ``(lo, hi)``, ``[..., D]``."""
         scale = self.key_scale[pages, heads][..., None]
         return self.key_min[pages, heads].float() * scale, self.key_max[pages, heads].float() * scale
+
+    def key_cells(self, pages: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's sketch cell of ``(pages, heads)`` (broadcast): float32 ``(lo, hi)``,
+        ``[..., page_size, D]`` (slots past a page's tokens hold meaningless cells)."""
+        codes = self.key_codes[pages, heads].float()  # [..., P, D]
+        step = _power_of_two(self.key_grid_exponent[pages, heads])[..., None, :]
+        lo = (self.key_grid_base[pages, heads].float()[..., None, :] + codes) * step
+        return lo, lo + step
+
+    def _store_sketch(self, pages, points, is_key, valid, old_step) -> None:
+        """Build and store the sketch of ``pages`` (``build_key_sketch``; boxes stored first)."""
+        codes, base, exponent = build_key_sketch(points, is_key, valid, sketch_step_floor(self.key_scale[pages]),
+                                                 old_step)
+        self.key_codes[pages] = codes.transpose(1, 2)
+        self.key_grid_base[pages] = base
+        self.key_grid_exponent[pages] = exponent
 
     @classmethod
     def from_cache(cls, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout="NHD") -> "PageMetadata":
@@ -155,6 +291,8 @@ class PageMetadata:
         hi = keys.masked_fill(~valid, float("-inf")).amax(1)
         meta._store_boxes(pages, lo, hi, key_box_scale(torch.maximum(lo.abs(), hi.abs()).amax(-1)))
         meta.value_norm_max[pages] = values.norm(dim=-1).masked_fill(~valid[..., 0], 0.0).amax(1)
+        token_ok = valid[:, :, 0, 0]
+        meta._store_sketch(pages, keys, torch.ones_like(token_ok), token_ok, torch.zeros_like(lo))
         return meta
 
     def _store_boxes(self, pages, lo, hi, scale) -> None:
@@ -191,9 +329,12 @@ class PageMetadata:
 
             page_metadata_update_kernel[(nnz, append_key.shape[1])](
                 append_key, append_value, batch_indices, positions, append_indptr,
-                kv_indices, kv_indptr, self.key_min, self.key_max, self.key_scale, self.value_norm_max, nnz,
+                kv_indices, kv_indptr, self.key_min, self.key_max, self.key_scale, self.value_norm_max,
+                self.key_codes, self.key_grid_base, self.key_grid_exponent, nnz,
                 append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
                 self.key_min.stride(0), self.key_min.stride(1), self.key_scale.stride(0),
+                self.key_codes.stride(0), self.key_codes.stride(1), self.key_grid_base.stride(0),
+                self.key_grid_base.stride(1),
                 PAGE_SIZE=page_size, PAGE_SIZE_POW2=next_power_of_two(page_size), HEAD_DIM=append_key.shape[2],
             )
         else:
@@ -223,11 +364,32 @@ class PageMetadata:
         norms = torch.zeros(touched.numel(), heads, device=keys.device).scatter_reduce(
             0, inverse[:, None].expand(-1, heads), append_value.float().norm(dim=-1), "amax")
         self.value_norm_max[touched] = torch.where(keep[..., 0], torch.maximum(self.value_norm_max[touched], norms), norms)
+        # The sketch: the page's old tokens (slots before its first new one) as their cells, the new as keys.
+        slots = (positions % page_size).long()
+        first_new = torch.full((touched.numel(),), page_size, dtype=torch.long, device=keys.device).scatter_reduce(
+            0, inverse, slots, "amin")
+        old_lo, _ = self.key_cells(touched[:, None], torch.arange(heads, device=keys.device))  # [n, H, P, D]
+        points = old_lo.transpose(1, 2).clone()
+        points[inverse, slots] = keys
+        slot_ids = torch.arange(page_size, device=keys.device)[None, :]
+        is_old = (slot_ids < first_new[:, None]) & ~fresh[:, None]
+        is_new = torch.zeros_like(is_old)
+        is_new[inverse, slots] = True
+        old_step = _power_of_two(self.key_grid_exponent[touched])
+        self._store_sketch(touched, points, is_new, is_old | is_new, old_step)
 
     def key_box_bytes_per_page(self) -> int:
         """Bytes of key box per (page, KV head) that Quest scoring reads: min, max and scale."""
         return 2 * self.key_min.shape[-1] * self.key_min.element_size() + self.key_scale.element_size()
 
+    def key_sketch_bytes_per_page(self) -> int:
+        """Bytes of key sketch per (page, KV head): the codes and the grid."""
+        return (self.key_codes[0, 0].numel() * self.key_codes.element_size()
+                + self.key_grid_base.shape[-1] * (self.key_grid_base.element_size()
+                                                  + self.key_grid_exponent.element_size()))
+
     def nbytes_per_page(self) -> int:
-        """Bytes of metadata per (page, KV head) that the bound criterion reads (box and norm)."""
+        """Bytes of metadata per (page, KV head) that ``bound`` and ``mass`` read for every
+        selected page (key box and value norm); ``bound`` reads the key sketch of some pages
+        too (``key_sketch_bytes_per_page``, counted by the wrapper)."""
         return self.key_box_bytes_per_page() + self.value_norm_max.element_size()

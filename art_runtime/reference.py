@@ -9,11 +9,12 @@ requests, and ends as soon as every work item has stopped.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from .kernels.page_bounds import ROUNDING_MARGIN as _KERNEL_ROUNDING_MARGIN
-from .page_metadata import PageMetadata
+from .page_metadata import SKETCH_LEVELS, PageMetadata
 from .plan import DecodePlan
 
 LOG2E = math.log2(math.e)
@@ -21,6 +22,17 @@ LOG2E = math.log2(math.e)
 # wrapper passes to it.
 ROUNDING_MARGIN = float(_KERNEL_ROUNDING_MARGIN.value)
 VALUE_NORM_SCALE = 1.0 + 2.0**-16
+# Base-2 slack on the suffix sums of mass bounds (upper: added; lower: subtracted): covers the
+# fp32 rounding of the log-sum-exps and scans (relative errors far below 2^-14).
+LOG2_SLACK = 2.0**-9
+# Above this (base 2, relative to the running max) the mass-weighted error term counts as
+# infinite instead of overflowing fp32.
+OVERFLOW_LOG2 = 100.0
+# bound: the pre-pass reads the key sketch only from the first visit position at which the
+# mass estimate (mode mass's) puts every head's unread share at most this many times eps;
+# before it the unread mass bound is infinite (only the trivial W / (L + W) <= 1 remains).
+# Measured on the shared captures against 4 and 1/4 (benchmarks/results/bound_sketch_2026-11-26).
+SKETCH_CUT_SHARE = 1.0
 
 
 def _work_queries(plan: DecodePlan, q: torch.Tensor) -> torch.Tensor:
@@ -57,52 +69,129 @@ def _gather_block(plan, k_cache, v_cache, work, pos, end):
     )
 
 
-def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata):
-    """Suffix sums of every visit-order position (what ``page_bound_suffix_kernel`` writes).
+class BoundTerms(NamedTuple):
+    """Suffix terms of every visit-order position: what the pre-pass (``page_bounds``) writes.
 
-    In ``bound`` mode each page's term is its certified logit bound ``ub_j``; in ``mass`` mode
-    its estimated log-mass (see ``art_runtime.termination``).
+    ``log2_rest_mass [nnz, G]``: base-2 log of the unread mass bound (``bound``) or estimate
+    (``mass``) of the positions ``>= p`` of p's work item, relative to no running max;
+    ``value_rest [nnz]``: the largest value norm over them. ``bound`` only (else None):
+    ``log2_rest_mass_low [nnz, G]``, a lower bound of the same mass, and
+    ``log2_rest_value_mass [nnz, G]``, the bound of ``sum_j W_j Vmax_j``, and
+    ``sketch_pages [W]``, the pages of each work item whose key sketch was read (before the
+    cut the terms are infinite: no stop; see ``art_runtime.termination``).
+    """
 
-    Returns
-    -------
-    log2_rest_mass : torch.Tensor
-        ``[nnz, G]`` float32: ``log2 sum_{j >= p in p's work item} n_j 2^(x_j)`` (base-2 logits).
-    value_rest : torch.Tensor
-        ``[nnz]`` float32: the largest value norm over the same suffix.
+    log2_rest_mass: torch.Tensor
+    value_rest: torch.Tensor
+    log2_rest_mass_low: torch.Tensor | None = None
+    log2_rest_value_mass: torch.Tensor | None = None
+    sketch_pages: torch.Tensor | None = None
+
+
+def sketch_page_log2_mass(q_pos, codes, base, exponent, tokens, qk_scale):
+    """Base-2 log bounds ``(upper, lower)`` ``[n, G]`` of pages' softmax mass from their key sketch.
+
+    ``q_pos [n, G, D]`` float32 queries, ``codes [n, P, D]``, ``base``/``exponent``
+    ``[n, D]`` the grid, ``tokens [n]``. Token ``t``'s logit ``q.k_t`` lies in
+    ``y_t + A + [-N, P]`` with ``y_t = sum_d q_d s_d c_td``, ``A = sum_d q_d s_d b_d``,
+    ``P``/``N`` the sums of ``q_d s_d`` over positive/negative ``q_d``; a relative margin
+    covers the fp32 rounding of these sums and of the decode kernel's own dot product.
+    """
+    step = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent.to(torch.int32))
+    base = base.float()
+    q_step = q_pos * step[:, None]
+    y = torch.einsum("ngd,npd->ngp", q_step, codes.float())
+    slot_ok = torch.arange(codes.shape[1], device=codes.device)[None, :] < tokens[:, None]
+    y = torch.where(slot_ok[:, None], y * qk_scale, float("-inf"))
+    offset = (q_step * base[:, None]).sum(-1)
+    up = (q_step.clamp(min=0)).sum(-1)
+    down = (q_step.clamp(max=0)).sum(-1)
+    reach = torch.maximum(base.abs(), (base + SKETCH_LEVELS).abs()) * step  # largest |cell end| a dim
+    margin = (q_pos.abs() * reach[:, None]).sum(-1) * ROUNDING_MARGIN
+    lse = torch.logsumexp(y / LOG2E, dim=-1) * LOG2E
+    return (offset + up + margin) * qk_scale + lse, (offset + down - margin) * qk_scale + lse
+
+
+def _suffix_log2_sum(plan, x):
+    """``[nnz, G]`` base-2 log of the sum of ``2^x`` over each position's suffix in its work item."""
+    starts, ends = plan.work_start.long(), plan.work_end.long()
+    width = int((ends - starts).max()) if plan.num_work else 0
+    pos = ends[:, None] - 1 - torch.arange(width, device=x.device)[None, :]  # reversed [W, width]
+    ok = pos >= starts[:, None]
+    safe = torch.where(ok, pos, 0)
+    x_rev = torch.where(ok[..., None], x[safe], float("-inf"))
+    scan = torch.logcumsumexp(x_rev / LOG2E, dim=1) * LOG2E  # natural-log scan, back to base 2
+    out = torch.empty_like(x)
+    out[pos[ok]] = scan[ok]
+    return out
+
+
+def _suffix_max(plan, v):
+    starts, ends = plan.work_start.long(), plan.work_end.long()
+    width = int((ends - starts).max()) if plan.num_work else 0
+    pos = ends[:, None] - 1 - torch.arange(width, device=v.device)[None, :]
+    ok = pos >= starts[:, None]
+    rest = torch.cummax(torch.where(ok, v[torch.where(ok, pos, 0)], 0.0), dim=1).values
+    out = torch.empty_like(v)
+    out[pos[ok]] = rest[ok]
+    return out
+
+
+def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata, chunk: int = 4096) -> BoundTerms:
+    """The suffix terms of every visit-order position (what ``page_bound_suffix_kernel`` writes).
+
+    In ``bound`` mode each page's terms are its certified mass bounds from the key sketch
+    (``sketch_page_log2_mass``); in ``mass`` mode its estimated log-mass from the key box
+    (see ``art_runtime.termination``). ``chunk`` positions are bounded at a time.
     """
     qk_scale = plan.sm_scale * LOG2E
     phys = plan.visit_phys.long()
     head = plan.visit_row % plan.num_kv_heads
-    kmin, kmax = page_meta.key_bounds(phys, head)  # [nnz, D]
     q_groups = q.float().view(plan.batch_size, plan.num_kv_heads, plan.group_size, plan.head_dim)
-    q_pos = q_groups[plan.visit_row // plan.num_kv_heads, head]  # [nnz, G, D]
-    if plan.termination.mode == "mass":
-        centre, spread = (kmin + kmax) / 2, (kmax - kmin) / 4
-        logit = (q_pos * centre[:, None]).sum(-1) * qk_scale + \
-            (q_pos.square() * spread.square()[:, None]).sum(-1) * (qk_scale * plan.sm_scale / 2)
-    else:
-        ub = (q_pos.clamp(min=0) * kmax[:, None]).sum(-1) + (q_pos.clamp(max=0) * kmin[:, None]).sum(-1)
-        margin = (q_pos.abs() * torch.maximum(kmin.abs(), kmax.abs())[:, None]).sum(-1) * ROUNDING_MARGIN
-        logit = (ub + margin) * qk_scale
-    x = logit + torch.log2(plan.visit_tokens.float())[:, None]
+    tokens = plan.visit_tokens.long()
     vnorm = page_meta.value_norm_max[phys, head] * VALUE_NORM_SCALE
+    value_rest = _suffix_max(plan, vnorm)
+    # The mass estimate from the key boxes: mode mass's criterion, and bound's sketch cut.
+    kmin, kmax = page_meta.key_bounds(phys, head)  # [nnz, D]
+    q_pos = q_groups[plan.visit_row // plan.num_kv_heads, head]  # [nnz, G, D]
+    centre, spread = (kmin + kmax) / 2, (kmax - kmin) / 4
+    logit = (q_pos * centre[:, None]).sum(-1) * qk_scale + \
+        (q_pos.square() * spread.square()[:, None]).sum(-1) * (qk_scale * plan.sm_scale / 2)
+    log2_tokens = torch.log2(tokens.float())[:, None]
+    estimate = _suffix_log2_sum(plan, logit + log2_tokens)
+    if plan.termination.mode == "mass":
+        return BoundTerms(estimate, value_rest)
 
-    # Suffix scans inside each work item: lay the items out as padded rows, reversed.
+    # Cut: before the first position where every head's estimated unread share is at most
+    # SKETCH_CUT_SHARE * eps the bound is infinite; only the pages from there on need their sketch.
+    # Work items cover their [start, end) ranges of the visit order, not necessarily all of it
+    # (a fixed-capacity plan, e.g. SGLang's CUDA-graph buffers, leaves gaps between rows).
     starts, ends = plan.work_start.long(), plan.work_end.long()
-    width = int((ends - starts).max()) if plan.num_work else 0
-    offsets = torch.arange(width, device=x.device)
-    pos = ends[:, None] - 1 - offsets[None, :]  # reversed positions [W, width]
-    ok = pos >= starts[:, None]
-    safe = torch.where(ok, pos, 0)
-    x_rev = torch.where(ok[..., None], x[safe], float("-inf"))
-    log2w = torch.logcumsumexp(x_rev / LOG2E, dim=1) * LOG2E  # natural-log scan, back to base 2
-    v_rev = torch.where(ok, vnorm[safe], 0.0)
-    vrest = torch.cummax(v_rev, dim=1).values
-    log2_rest_mass = torch.empty_like(x)
-    value_rest = torch.empty_like(vnorm)
-    log2_rest_mass[pos[ok]] = log2w[ok]
-    value_rest[pos[ok]] = vrest[ok]
-    return log2_rest_mass, value_rest
+    work_of = torch.repeat_interleave(torch.arange(plan.num_work, device=q.device), ends - starts)
+    covered = starts[work_of] + torch.arange(work_of.numel(), device=q.device) - \
+        torch.repeat_interleave(torch.cumsum(ends - starts, 0) - (ends - starts), ends - starts)
+    threshold = estimate[starts] + math.log2(SKETCH_CUT_SHARE * plan.termination.eps) \
+        if plan.termination.eps > 0 else torch.full_like(estimate[starts], float("-inf"))
+    early = (estimate[covered] > threshold[work_of]).any(-1)
+    cut = starts + torch.zeros_like(starts).index_add_(0, work_of, early.long())
+    after_cut = torch.zeros(plan.nnz, dtype=torch.bool, device=q.device)
+    after_cut[covered] = covered >= cut[work_of]
+    sketched = after_cut.nonzero().squeeze(1)
+    upper = torch.full((plan.nnz, plan.group_size), float("-inf"), device=q.device)
+    lower = torch.full_like(upper, float("-inf"))
+    for first in range(0, sketched.numel(), chunk):
+        part = sketched[first: first + chunk]
+        p, h = phys[part], head[part]
+        upper[part], lower[part] = sketch_page_log2_mass(
+            q_pos[part], page_meta.key_codes[p, h], page_meta.key_grid_base[p, h], page_meta.key_grid_exponent[p, h],
+            tokens[part], qk_scale)
+    before_cut = ~after_cut[:, None]
+    return BoundTerms(
+        (_suffix_log2_sum(plan, upper) + LOG2_SLACK).masked_fill(before_cut, float("inf")), value_rest,
+        (_suffix_log2_sum(plan, lower) - LOG2_SLACK).masked_fill(before_cut, float("-inf")),
+        (_suffix_log2_sum(plan, upper + torch.log2(vnorm)[:, None]) + LOG2_SLACK).masked_fill(before_cut, float("inf")),
+        (ends - cut).to(torch.int32),
+    )
 
 
 def row_value_scale(plan: DecodePlan, value_rest: torch.Tensor) -> torch.Tensor:
@@ -122,8 +211,8 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
         ``[B, H_qo, D]``.
     k_cache, v_cache : torch.Tensor
         ``[max_pages, P, H_kv, D]`` (NHD views; HND caches are passed transposed).
-    bound_terms : tuple or None
-        ``(log2_rest_mass [nnz, G], value_rest [nnz], value_scale [R])`` in bound mode.
+    bound_terms : BoundTerms or None
+        ``bound_terms_torch``'s output, in ``bound`` and ``mass`` modes.
     page_lse : torch.Tensor or None
         ``[nnz, >= G]`` filled with -inf; if given, each visited page's
         ``log2 sum_tokens 2^s`` (base-2 logits) is written into it.
@@ -152,8 +241,8 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
     pos = start.clone()
     visited_tokens = torch.zeros(num_work, dtype=torch.long, device=device)
     active = pos < end
-    if term.mode != "off":
-        log2_rest_mass, value_rest, value_scale = bound_terms if term.reads_page_metadata else (None, None, None)
+    if term.mode == "bound":
+        value_scale = row_value_scale(plan, bound_terms.value_rest)
 
     for block in range(plan.max_work_blocks):
         work = active.nonzero().squeeze(1)
@@ -187,17 +276,27 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
             prev_o[work], prev_norm[work] = o, o_norm
         else:
             at = torch.where(rest[:, 0], pos[work], 0)
-            log2_rest = torch.where(rest, log2_rest_mass[at], float("-inf"))
-            v_rest = torch.where(rest, value_rest[at][:, None], 0.0)
-            rest_fraction = 1.0 / (1.0 + l[work] * torch.exp2(m[work] - log2_rest))
+
+            def unread(x):  # the suffix term at the next position, relative to the running max
+                return torch.where(rest, x[at], float("-inf")) - m[work]
+
+            log2_rest = unread(bound_terms.log2_rest_mass)
+            # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
+            rest_fraction = 1.0 / (1.0 + l[work] * torch.exp2(-log2_rest))
             if term.mode == "mass":
                 head_ok = rest_fraction <= term.eps
-            elif term.relative_to == "values":
-                vscale = value_scale[plan.work_row.long()[work]][:, None]
-                spread = vscale if plan.split else o_norm
-                head_ok = rest_fraction * (v_rest + spread) <= term.eps * vscale
             else:
-                head_ok = rest_fraction * (v_rest + o_norm) <= term.eps * o_norm
+                v_rest = torch.where(rest, bound_terms.value_rest[at][:, None], 0.0)
+                vscale = value_scale[plan.work_row.long()[work]][:, None]
+                # |o| of the merged output: this chunk's own output only when the row is whole.
+                o_ref = vscale if plan.split else o_norm
+                weighted = unread(bound_terms.log2_rest_value_mass)
+                low = torch.minimum(unread(bound_terms.log2_rest_mass_low), log2_rest)
+                err_weighted = (torch.exp2(weighted) + torch.exp2(log2_rest) * o_ref) / (l[work] + torch.exp2(low))
+                err_weighted = torch.where(torch.maximum(weighted, log2_rest) > OVERFLOW_LOG2, float("inf"),
+                                           err_weighted)
+                err = torch.minimum(rest_fraction * (v_rest + o_ref), err_weighted)
+                head_ok = err <= term.eps * (vscale if term.relative_to == "values" else o_norm)
         head_ok = head_ok & rest
         stable_at[work] = torch.where(
             head_ok & (stable_at[work] < 0), (first_block[work, None] + block).to(torch.int32), stable_at[work]

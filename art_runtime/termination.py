@@ -10,18 +10,59 @@ that share a KV head share one traversal, so the group stops only when all of th
     blocks.
 
 ``bound`` (certified)
-    Per-page key boxes (``PageMetadata``) bound every unread logit of page ``j`` by
-    ``ub_j = scale * sum_d max(q_d kmax_jd, q_d kmin_jd)``, so the unread softmax mass is at
-    most ``W = sum_{j unread} n_j exp(ub_j - m)``. With ``L`` the visited mass and ``Vrest``
-    the largest value norm among unread pages::
+    For one query head after the visited blocks, with ``s_i`` the scaled logits, ``L`` the
+    read mass ``sum_{i read} e^{s_i}``, ``o_t`` the running output, ``U`` the unread tokens
+    of the selection and ``W = sum_{i in U} e^{s_i}``, exact attention over the selection is
+    ``o = (L o_t + sum_U e^{s_i} v_i) / (L + W)``, so exactly::
 
-        |o_exact - o_t| <= W / (L + W) * (Vrest + |o_t|)
+        o - o_t = sum_{i in U} e^{s_i} (v_i - o_t) / (L + W)                          (1)
 
-    Stop when that is ``<= eps * |o_t|`` (``relative_to="output"``) or
-    ``<= eps * Vscale`` with ``Vscale`` the largest value norm over the selected pages
-    (``relative_to="values"``). The returned output is then within that error of exact
-    attention over the selected pages, for every input (up to the floating-point error that
-    mode ``off`` has too).
+    *Mass bounds.* The key sketch (``PageMetadata``) holds every token's key as an 8-bit cell
+    per dimension, ``k_td in [lo_td, lo_td + s_jd]`` (power-of-two grid per page, head and
+    dim; the cells contain the keys as the cache stores them). Hence every unread logit
+    lies in ``[lb_t, ub_t]``, ``ub_t = scale sum_d max(q_d lo_td, q_d (lo_td + s_jd))`` and
+    ``lb_t`` the same with ``min``, each widened by a relative rounding margin that covers
+    the fp32 arithmetic of this bound and of the decode kernel's own ``q.k``. Summing over a
+    page's tokens: ``W_j^lo <= W_j <= W_j^hi``; over the unread pages ``W^lo <= W <= W^hi``.
+
+    *Two error bounds* follow from (1); ``V_j`` is page ``j``'s largest value norm (metadata,
+    rounded up) and ``Vrest`` the largest over the unread pages:
+
+    (a) ``(1) = W / (L + W) (vbar - o_t)`` with ``vbar`` the unread tokens' softmax-weighted
+        mean value, ``|vbar| <= Vrest``; ``W / (L + W)`` grows with ``W``, so
+        ``|o - o_t| <= W^hi / (L + W^hi) (Vrest + |o_t|)``.
+    (b) The triangle inequality on (1)'s numerator, page by page, and ``L + W >= L + W^lo``:
+        ``|o - o_t| <= (sum_{j unread} W_j^hi V_j + W^hi |o_t|) / (L + W^lo)``. Tighter than
+        (a) when the unread mass sits on pages whose values are smaller than the largest.
+
+    The check takes the smaller of the two and stops when it is ``<= eps * |o_t|``
+    (``relative_to="output"``) or ``<= eps * Vscale`` with ``Vscale`` the largest value norm
+    over the selected pages (``relative_to="values"``). The returned output is then within
+    that error of exact attention over the selected pages, for every input, up to the
+    floating-point error that mode ``off`` has too. Split rows (values only): a chunk ``k``
+    that stops with (a) or (b), ``|o_t|`` replaced by ``Vscale >= |o|``, has
+    ``|numerator_k of (1)| <= eps Vscale (L_k + W_k)``; the merged output is exactly
+    attention over the union of the tokens read, whose (1) numerator is the sum of the
+    chunks', so summing gives the row's guarantee. Rows relative to the output are never split.
+
+    *Pre-computed* (``page_bounds`` pre-pass, ``reference.bound_terms_torch``): per visit
+    position, base-2 logs of the suffix sums of ``W_j^hi``, ``W_j^lo`` and ``W_j^hi V_j``
+    (exact log-sum-exp scans, a ``2^-9`` slack for their fp32 rounding) and the suffix max
+    of ``V_j``; the in-kernel check is a few scalar operations per block.
+
+    *The cut.* The sketch is 30% of a page's fp16 K+V (a byte a key dimension plus 3 bytes
+    a dimension of grid), and the bound at position ``p`` needs the sketch of every page
+    from ``p`` on. Early positions cannot stop anyway, so the pre-pass first runs mode
+    ``mass``'s estimate from the key boxes (3% of a page) and reads sketches only from the
+    first position at which every head's *estimated* unread share is at most
+    ``SKETCH_CUT_SHARE * eps`` (``reference.SKETCH_CUT_SHARE``, 1); before it ``W^hi`` is
+    infinite (only the trivial ``W / (L + W) <= 1`` of (a) remains). The estimate only
+    moves the cut, never the guarantee: a
+    cut too late reads pages the bound could have skipped, one too early reads sketches for
+    nothing. Bytes (``kv_bytes_read``): every selected page's key box and value norm, and
+    the sketch of the pages from the cut on (``DecodeStats.sketch_pages``). Per-page key boxes, by contrast, overshoot the true largest logit by
+    11-15 nats on real attention and never stop (issue 8); measured numbers for the sketch:
+    ``benchmarks/results/bound_sketch_2026-11-26/README.md``.
 
 ``mass`` (estimated, no guarantee)
     The same per-page summaries give an *estimate* of each unread page's softmax mass: its
@@ -30,10 +71,10 @@ that share a KV head share one traversal, so the group stops only when all of th
     moment) the page's mass is about ``n_j exp(s q.c_j + s^2 / 2 sum_d q_d^2 (r_jd / 2)^2 - m)``
     (``s`` the softmax scale). ``West`` sums that over the unread pages; stop when
     ``West / (L + West) <= eps`` for every query head of the group: the estimated share of
-    the softmax mass not yet read. It reads no byte more than ``bound`` (the key boxes).
+    the softmax mass not yet read. It reads the key boxes (not the sketch).
     Measured on real attention (``../shared/data/captures``, page size 16, 8 queries a
     layer): the estimate of a page's log-mass has median error -0.2..+0.3 nats and
-    p10..p90 within about -1.5..+1.9 nats, where the bound's overshoot is 11-15 nats; at eps
+    p10..p90 within about -1.5..+1.9 nats, where the box bound's overshoot is 11-15 nats; at eps
     0.05 in the ``mass`` visit order the per-head output error relative to ``|o|`` averaged
     0.2-0.8 ``eps`` with maxima of 1.1-4 ``eps``
     (``benchmarks/results/termination_2026-11-26/README.md``). No guarantee: a page whose keys
@@ -83,9 +124,9 @@ class TerminationConfig:
     ----------
     mode : {"off", "stability", "bound", "mass"}
         ``off`` reads every selected page; ``stability`` is the ART paper's output-stability
-        rule; ``bound`` stops only when a certified error bound is below ``eps``; ``mass``
-        (the default: fewest pages under the calibration rule) stops when the estimated
-        unread share of the softmax mass is below ``eps``.
+        rule; ``bound`` stops only when a certified error bound (from the key sketch) is
+        below ``eps``; ``mass`` (the default: fewest pages under the calibration rule) stops
+        when the estimated unread share of the softmax mass is below ``eps``.
     tau_mag : float
         Stability: largest relative change of ``|o|`` between consecutive blocks.
     tau_dir : float

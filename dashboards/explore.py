@@ -21,6 +21,7 @@ modes: ``eps`` by ``s``) over :data:`SWEEP_SCALES`, the current setting being ``
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from art_runtime.policies import REGISTRY, get
 from art_runtime.termination import DEFAULT_EPS, MODES, RELATIVE_TO, TerminationConfig
 
 from .captures import capture_path
-from .figures import figure, heatmap_figure, sync_late_views
+from .figures import ViewWatch, figure, heatmap_figure, sync_late_views
 
 PAGE_SIZE = 16
 DEFAULT_QUERIES = 8
@@ -222,6 +223,12 @@ class ExploreDashboard:
         Default ``ExploreModel()`` (the SmolLM2 capture).
     config : TerminationConfig, optional
         The starting setting (default ``TerminationConfig()``).
+    view_timeout_s : float
+        How long a figure's browser view may leave an update unacknowledged before the figure
+        is rebuilt in its place (a page loaded on a busy machine can leave a plotly figure
+        deaf to updates: see :class:`~art_runtime.dashboards.figures.ViewWatch`); checked
+        ``view_timeout_s`` after each recompute when the dashboard was made in a notebook
+        (on the kernel's event loop), and at each recompute.
 
     Attributes
     ----------
@@ -229,11 +236,23 @@ class ExploreDashboard:
         ``mode``, ``tau_mag``, ``tau_dir``, ``patience``, ``eps``, ``min_pages``,
         ``relative_to``, ``policy``, ``budget``; setting one recomputes.
     heatmap, curve : plotly.graph_objects.FigureWidget
+        (a rebuilt figure replaces the attribute)
+    views_rebuilt : int
+        Figures rebuilt because their browser view had stopped applying updates.
     result : ExploreResult
         What the figures show.
     """
 
-    def __init__(self, model: ExploreModel | None = None, config: TerminationConfig | None = None):
+    def __init__(self, model: ExploreModel | None = None, config: TerminationConfig | None = None, *,
+                 view_timeout_s: float = 5.0):
+        if not isinstance(view_timeout_s, (int, float)) or not view_timeout_s > 0:
+            raise ValueError(f"view_timeout_s must be a number > 0, got {view_timeout_s!r}")
+        self._views = ViewWatch(view_timeout_s)
+        self.views_rebuilt = 0
+        try:  # the kernel's loop when made in a notebook cell: it runs the later checks of the views
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self.model = ExploreModel() if model is None else model
         config = TerminationConfig() if config is None else config
         slider = dict(continuous_update=False, readout_format=".1e", style={"description_width": "70px"})
@@ -268,14 +287,17 @@ class ExploreDashboard:
                                    customdata=[], hovertemplate="%{customdata}<br>pages %{x:.1f}%<br>error %{y:.2e}")
         self.curve.add_scatter(x=[], y=[], name="current setting", mode="markers",
                                marker=dict(size=14, symbol="star", color="#fde725", line=dict(width=1)))
+        for fig in (self.heatmap, self.curve):
+            self._views.watch(fig)
         for control in self.controls.values():
             control.observe(lambda _: self.recompute(), names="value")
         names = list(self.controls)
+        self._row = widgets.HBox([self.heatmap, self.curve])
         self.widget = widgets.VBox([
             widgets.HBox([widgets.VBox([self.controls[n] for n in names[:5]]),
                           widgets.VBox([self.controls[n] for n in names[5:]])]),
             self.status,
-            widgets.HBox([self.heatmap, self.curve]),
+            self._row,
         ])
         self.result: ExploreResult | None = None
         self.recompute()
@@ -299,7 +321,10 @@ class ExploreDashboard:
         start = time.perf_counter()
         result = self.model.run(config, policy, budget)
         sweep = self.model.sweep(config, policy, budget)
+        self._rebuild_frozen_figures()
         self._render(result, sweep, config.relative_to)
+        if self._loop is not None:
+            self._loop.call_later(self._views.timeout_s, self._rebuild_frozen_figures)
         self.result = result
         errors = result.errors(config.relative_to)
         self.status.value = (
@@ -332,6 +357,11 @@ class ExploreDashboard:
             current.y = [max(float(errors.max()), floor), max(float(errors.mean()), floor)]
             self.curve.layout.yaxis.title = f"error / {'|o_exact|' if relative_to == 'output' else 'max|v|'}"
         sync_late_views(self.heatmap, self.curve)
+        for fig in (self.heatmap, self.curve):
+            self._views.sent(fig)
+
+    def _rebuild_frozen_figures(self) -> None:
+        self.views_rebuilt += self._views.rebuild_stale(self, ("heatmap", "curve"), [self._row])
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)

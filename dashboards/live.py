@@ -9,14 +9,11 @@ that also handles the browser's replies to figure updates (plotly's ``FigureWidg
 thread-safe); outside an event loop (a script, a test) the receiver thread renders. Controls
 re-render at once from the state, paused or not.
 
-Known limitation (Voila 0.5, plotly 7 with anywidget 0.9): when Voila's page loads while the
-stream goes on, the browser view of a figure at times stays at the data it started with
-while the others follow the stream (in about half of the page loads while a step came every
-0.2-1 s, less often when the stream was quiet during the load). The view then gets no edit at
-all although the kernel sends them and plotly applies them when called by hand in the page;
-a reload fixes it. The layer x head heatmap always followed in these runs (about 20); the
-bytes and per-request figures were the ones left behind. Not seen when the page loaded after
-the stream ended (the live notebook's own replay, the committed screenshot).
+A figure whose browser view stops applying updates (plotly's ``FigureWidget`` on anywidget:
+a page that loads while the kernel is busy, e.g. on a running stream, can leave some figures
+frozen at the data they loaded with; see :class:`~art_runtime.dashboards.figures.ViewWatch`)
+is rebuilt as a new widget in its place, ``view_timeout_s`` after its view stopped
+acknowledging edits; ``views_rebuilt`` counts them.
 """
 
 from __future__ import annotations
@@ -30,10 +27,11 @@ import ipywidgets as widgets
 
 from art_runtime.stats import DEFAULT_ADDRESS, StatsSubscriber
 
-from .figures import figure, heatmap_figure, sync_late_views
+from .figures import ViewWatch, figure, heatmap_figure, sync_late_views
 from .state import LiveState, Snapshot
 
 ALL = "all requests"
+FIGURES = ("heatmap", "histogram", "bytes_figure", "request_figure")
 _MIB = 1 << 20
 
 
@@ -55,25 +53,35 @@ class LiveDashboard:
         Steps kept in the time series.
     start : bool
         Connect and start receiving now (else call :meth:`start`).
+    view_timeout_s : float
+        How long a figure's browser view may leave an update unacknowledged before the figure
+        is rebuilt (see the module docstring).
 
     Attributes
     ----------
     state : LiveState
         Everything received (testable without a UI).
     heatmap, histogram, bytes_figure, request_figure : plotly.graph_objects.FigureWidget
+        (a rebuilt figure replaces the attribute)
+    views_rebuilt : int
+        Figures rebuilt because their browser view had stopped applying updates.
     pause, request, layers, heads : ipywidgets controls
     widget : ipywidgets.VBox
         The whole dashboard; displaying the object displays it.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, refresh_s: float = 1.0, history: int = 500,
-                 start: bool = True):
+                 start: bool = True, view_timeout_s: float = 5.0):
         if not isinstance(address, str):
             raise ValueError(f"address must be a str, got {address!r}")
         if not isinstance(refresh_s, (int, float)) or not refresh_s > 0:
             raise ValueError(f"refresh_s must be a number > 0, got {refresh_s!r}")
+        if not isinstance(view_timeout_s, (int, float)) or not view_timeout_s > 0:
+            raise ValueError(f"view_timeout_s must be a number > 0, got {view_timeout_s!r}")
         self.address, self.refresh_s = address, float(refresh_s)
         self.state = LiveState(history)
+        self._views = ViewWatch(view_timeout_s)
+        self.views_rebuilt = 0
         self._render_lock = threading.Lock()  # the receiver thread and control callbacks both render
         self._rendered_version = -1
         self._stop = threading.Event()
@@ -100,7 +108,9 @@ class LiveDashboard:
         self.request_figure = heatmap_figure(
             "mean depth per request and step",
             "request %{y}, step %{x}<br>mean depth %{z:.3f}<extra></extra>", xtitle="step", ytitle="request")
-        sync_late_views(self.heatmap, self.histogram, self.bytes_figure, self.request_figure)
+        sync_late_views(*self._figures())
+        for fig in self._figures():
+            self._views.watch(fig)
 
         self.pause = widgets.ToggleButton(value=False, description="pause", icon="pause",
                                           tooltip="freeze the figures; messages keep being received")
@@ -114,11 +124,9 @@ class LiveDashboard:
             control.observe(lambda _: self.refresh(), names="value")
         self.pause.observe(self._on_pause, names="value")
         controls = widgets.HBox([widgets.VBox([self.pause, self.request, self.status]), self.layers, self.heads])
-        self.widget = widgets.VBox([
-            controls,
-            widgets.HBox([self.heatmap, self.histogram]),
-            widgets.HBox([self.bytes_figure, self.request_figure]),
-        ])
+        self._rows = (widgets.HBox([self.heatmap, self.histogram]),
+                      widgets.HBox([self.bytes_figure, self.request_figure]))
+        self.widget = widgets.VBox([controls, *self._rows])
         if start:
             self.start()
 
@@ -133,16 +141,15 @@ class LiveDashboard:
     def _receive(self) -> None:
         try:
             with StatsSubscriber(self.address) as sub:
-                last_render = 0.0
+                last_tick = 0.0
                 while not self._stop.is_set():
                     msg = sub.recv(timeout_s=self.refresh_s / 2)
                     if msg is not None:
                         self.state.add(msg)
                     now = time.monotonic()
-                    if now - last_render >= self.refresh_s and not self.pause.value \
-                            and self.state.version != self._rendered_version:
-                        last_render = now
-                        self._run_on_ui(lambda: self.refresh(force=False))
+                    if now - last_tick >= self.refresh_s:
+                        last_tick = now
+                        self._run_on_ui(self._tick)
         except BaseException as exc:  # shown in the status line: a thread cannot raise to the user
             self._error = exc
             self.status.value = f"<b>stream error:</b> {exc!r}"
@@ -161,6 +168,19 @@ class LiveDashboard:
             self._thread.join(2 * self.refresh_s + 1.0)
 
     # -- rendering ------------------------------------------------------------------------
+    def _figures(self) -> list:
+        return [getattr(self, name) for name in FIGURES]
+
+    def _tick(self) -> None:
+        """Every refresh period, on the UI thread: render what arrived, rebuild frozen figures."""
+        if not self.pause.value:
+            self.refresh(force=False)
+        self._rebuild_frozen_figures()
+
+    def _rebuild_frozen_figures(self) -> None:
+        with self._render_lock:
+            self.views_rebuilt += self._views.rebuild_stale(self, FIGURES, self._rows)
+
     def _on_pause(self, change) -> None:
         self.pause.icon = "play" if change["new"] else "pause"
         self.pause.description = "resume" if change["new"] else "pause"
@@ -220,7 +240,9 @@ class LiveDashboard:
         with self.request_figure.batch_update():
             requests = self.request_figure.data[0]
             requests.x, requests.y, requests.z = steps, [str(rid) for rid in snap.request_depth], rows
-        sync_late_views(self.heatmap, self.histogram, self.bytes_figure, self.request_figure)
+        sync_late_views(*self._figures())
+        for fig in self._figures():
+            self._views.sent(fig)
         self.status.value = (f"{snap.messages} messages from <code>{self.address}</code>; "
                              f"layers {snap.layers}, {len(snap.heads)} KV heads")
 

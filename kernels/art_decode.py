@@ -78,11 +78,12 @@ def art_decode_kernel(
     visit_phys_ptr, visit_tokens_ptr,   # [nnz] int32: physical page and its token count, visit order
     work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr,
     bound_log2w_ptr, bound_vrest_ptr, row_vscale_ptr,  # bound / mass modes: [nnz, GROUP_PAD], [nnz], [R]
+    bound_log2w_low_ptr, bound_log2wv_ptr,  # bound: [nnz, GROUP_PAD] each (page_bounds)
     visited_pages_ptr, visited_tokens_ptr, stable_at_ptr,  # stats: [W], [W], [W, GROUP_PAD]
     page_lse_ptr,                       # PAGE_MASS: [nnz, GROUP_PAD] log2 softmax mass of each page read
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ob, stride_oh,
-    qk_scale, tau_mag, tau_dir, eps, patience, min_pages,
+    qk_scale, tau_mag, tau_dir, eps, patience, min_pages, overflow_log2,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, VALUES_RELATIVE: tl.constexpr, SPLIT: tl.constexpr,
@@ -130,10 +131,11 @@ def art_decode_kernel(
         first_block = (start - row_start) // BLOCK_PAGES  # global index of this chunk's first block
         block = first_block
         pos = start
-        prev_o = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        prev_acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        prev_acc_norm = tl.zeros([GROUP_PAD], tl.float32)
         prev_norm = tl.zeros([GROUP_PAD], tl.float32)
         streak = tl.zeros([GROUP_PAD], tl.int32)
-        if VALUES_RELATIVE:
+        if MODE == 2:
             vscale = tl.load(row_vscale_ptr + row)
         live = pos < end
         go = live
@@ -154,33 +156,45 @@ def art_decode_kernel(
                 tokens_read += block_tokens
                 next_pos = block_pos + BLOCK_PAGES
                 rest = next_pos < end  # the criterion only means something while pages remain
-                o = acc / l_i[:, None]
-                o_norm = tl.sqrt(tl.sum(o * o, 1))
+                # o_t = acc / l is never divided out: |o_t| = |acc| / l, and o_t points where acc
+                # does (the cosine is scale-free), so each check costs two row reductions.
+                acc_norm = tl.sqrt(tl.sum(acc * acc, 1))
+                o_norm = acc_norm / l_i
                 if MODE == 1:
                     mag_change = tl.abs(o_norm - prev_norm) / tl.maximum(o_norm, 1e-30)
-                    dir_change = 1.0 - tl.sum(o * prev_o, 1) / tl.maximum(o_norm * prev_norm, 1e-30)
+                    dir_change = 1.0 - tl.sum(acc * prev_acc, 1) / tl.maximum(acc_norm * prev_acc_norm, 1e-30)
                     calm = (mag_change < tau_mag) & (dir_change < tau_dir) & (block > first_block)
                     streak = tl.where(live, tl.where(calm, streak + 1, 0), streak)
                     head_ok = streak >= patience
-                    prev_o = tl.where(live, o, prev_o)
+                    prev_acc = tl.where(live, acc, prev_acc)
+                    prev_acc_norm = tl.where(live, acc_norm, prev_acc_norm)
                     prev_norm = tl.where(live, o_norm, prev_norm)
                 else:
                     # Bound (MODE 2: certified) or estimate (MODE 3) of the unread rest of this chunk.
-                    log2_rest_mass = tl.load(bound_log2w_ptr + next_pos * GROUP_PAD + g, mask=rest & live,
-                                             other=float("-inf"))
+                    at = next_pos * GROUP_PAD + g
+                    log2_rest = tl.load(bound_log2w_ptr + at, mask=rest & live, other=float("-inf")) - m_i
                     # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
-                    rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(m_i - log2_rest_mass))
-                    v_rest = tl.load(bound_vrest_ptr + next_pos, mask=rest & live, other=0.0)
+                    rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(-log2_rest))
                     if MODE == 3:
                         head_ok = rest_fraction <= eps
-                    elif VALUES_RELATIVE:
-                        if SPLIT:
-                            err = rest_fraction * (v_rest + vscale)
-                        else:
-                            err = rest_fraction * (v_rest + o_norm)
-                        head_ok = err <= eps * vscale
                     else:
-                        head_ok = rest_fraction * (v_rest + o_norm) <= eps * o_norm
+                        v_rest = tl.load(bound_vrest_ptr + next_pos, mask=rest & live, other=0.0)
+                        # |o| of the merged output: this chunk's own output only when the row is whole.
+                        if SPLIT:
+                            o_ref = vscale + tl.zeros([GROUP_PAD], tl.float32)
+                        else:
+                            o_ref = o_norm
+                        weighted = tl.load(bound_log2wv_ptr + at, mask=rest & live, other=float("-inf")) - m_i
+                        low = tl.minimum(tl.load(bound_log2w_low_ptr + at, mask=rest & live,
+                                                 other=float("-inf")) - m_i, log2_rest)
+                        err_weighted = (tl.exp2(weighted) + tl.exp2(log2_rest) * o_ref) / (l_i + tl.exp2(low))
+                        err_weighted = tl.where(tl.maximum(weighted, log2_rest) > overflow_log2, float("inf"),
+                                                err_weighted)
+                        err = tl.minimum(rest_fraction * (v_rest + o_ref), err_weighted)
+                        if VALUES_RELATIVE:
+                            head_ok = err <= eps * vscale
+                        else:
+                            head_ok = err <= eps * o_norm
                 head_ok = head_ok & rest & live
                 stable_at = tl.where(head_ok & (stable_at < 0), block, stable_at)
                 group_ok = tl.min(tl.where(g_ok, head_ok, True).to(tl.int32), 0) == 1

@@ -1,4 +1,4 @@
-"""Triton kernel: keep per-page key boxes and value norms current on append.
+"""Triton kernel: keep per-page key boxes, key sketches and value norms current on append.
 
 One program per (appended token, KV head). Only the program of the *first* appended token
 of each touched page does work: it reads that page's new tokens (at most ``page_size``,
@@ -7,7 +7,9 @@ overwrites it when the page starts fresh (slot 0). Pages of different requests a
 disjoint, so no two programs write the same page: no atomics, deterministic, and nothing
 of the cache is re-read. Boxes are rounded outward onto the fp8 grid of a power-of-two scale
 per (page, head), exactly as ``art_runtime.page_metadata.quantize_key_box`` does (every step
-is exact in fp32, so the two agree bit for bit).
+is exact in fp32, so the two agree bit for bit). The key sketch is rebuilt from the page's old
+cells and its new keys exactly as ``art_runtime.page_metadata.build_key_sketch`` does (powers
+of two and exact corrections again: bit for bit).
 """
 
 import triton
@@ -16,6 +18,8 @@ import triton.language as tl
 BOX_TOP_EXPONENT = tl.constexpr(7)  # the largest |key| scales into [128, 256)
 E4M3_MIN_EXPONENT = tl.constexpr(-6)
 E4M3_MANTISSA_BITS = tl.constexpr(3)
+SKETCH_LEVELS = tl.constexpr(256)
+SKETCH_FLOOR_SHIFT = tl.constexpr(-6)
 
 
 @triton.jit
@@ -52,6 +56,54 @@ def _round_outward_to_e4m3(x, UP: tl.constexpr):
 
 
 @triton.jit
+def _key_sketch(key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
+                stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh,
+                HEAD_DIM: tl.constexpr, PAGE_SIZE_POW2: tl.constexpr):
+    """The key sketch of one (page, head): codes by slot ``[PAGE_SIZE_POW2, HEAD_DIM]`` int32,
+    base and exponent ``[HEAD_DIM]`` (``build_key_sketch``).
+
+    Slots before ``slot`` hold old tokens, read back as the lower ends of their cells; the
+    ``count`` new keys go to the slots from ``slot`` on.
+    """
+    slots = tl.arange(0, PAGE_SIZE_POW2)
+    dims = tl.arange(0, HEAD_DIM)
+    is_old = slots < slot
+    is_new = (slots >= slot) & (slots < slot + count)
+    keys = tl.load(key_ptr + (token + slots - slot)[:, None] * stride_kt + head * stride_kh + dims[None, :],
+                   mask=is_new[:, None], other=0.0).to(tl.float32)
+    old_codes = tl.load(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HEAD_DIM + dims[None, :],
+                        mask=is_old[:, None], other=0).to(tl.float32)
+    grid = page * stride_gp + head * stride_gh + dims
+    old_step = _power_of_two(tl.load(exponent_ptr + grid).to(tl.int32))
+    old_lo = (tl.load(base_ptr + grid).to(tl.float32)[None, :] + old_codes) * old_step[None, :]
+    points = tl.where(is_new[:, None], keys, old_lo)
+    valid = (is_new | is_old)[:, None]
+    low = tl.min(tl.where(valid, points, float("inf")), 0)
+    top_key = tl.max(tl.where(is_new[:, None], keys, float("-inf")), 0)
+    top_cell = tl.max(tl.where(is_old[:, None], old_lo + old_step[None, :], float("-inf")), 0)
+    floor = tl.maximum(scale * (2.0 ** SKETCH_FLOOR_SHIFT), 2.0 ** -126)
+    least = tl.maximum(floor, tl.where(slot > 0, old_step, 0.0))
+    span = tl.maximum(tl.maximum(top_key, top_cell) - low, 0.0)
+    wide = tl.maximum(_power_of_two(_floor_log2(tl.maximum(span * (1.0 / (SKETCH_LEVELS - 1)), 2.0 ** -126)) + 1),
+                      least)
+    step = wide * 2.0  # fits even if the division rounded down
+    for shrink in tl.static_range(3):
+        candidate = wide * (0.5 ** shrink)
+        top_of = tl.floor(low * _power_of_two(-_floor_log2(candidate))) * candidate + SKETCH_LEVELS * candidate
+        fits = (candidate >= least) & (top_key < top_of) & (top_cell <= top_of)
+        step = tl.where(fits, candidate, step)
+    exponent = _floor_log2(step)
+    inv_step = _power_of_two(-exponent)
+    base = tl.floor(low * inv_step)
+    origin = (base * step)[None, :]
+    codes = tl.floor((points - origin) * inv_step[None, :])
+    codes = tl.where(origin + codes * step[None, :] > points, codes - 1, codes)
+    codes = tl.where(origin + (codes + 1) * step[None, :] <= points, codes + 1, codes)
+    codes = tl.where(valid, tl.minimum(tl.maximum(codes, 0.0), SKETCH_LEVELS - 1), 0.0).to(tl.int32)
+    return codes, base, exponent
+
+
+@triton.jit
 def page_metadata_update_kernel(
     key_ptr, value_ptr,            # [nnz, H_kv, D] appended keys / values
     batch_indices_ptr, positions_ptr,  # [nnz] int32
@@ -59,9 +111,11 @@ def page_metadata_update_kernel(
     kv_indices_ptr, kv_indptr_ptr,  # page table (int32)
     kmin_ptr, kmax_ptr,            # [max_pages, H_kv, D] fp8 boxes
     kscale_ptr, vnorm_ptr,         # [max_pages, H_kv] fp32 box scales and value norms
+    codes_ptr,                     # [max_pages, H_kv, PAGE_SIZE, D] uint8 key sketch
+    base_ptr, exponent_ptr,        # [max_pages, H_kv, D] int16 / int8 sketch grid
     nnz,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_mp, stride_mh, stride_np,
+    stride_mp, stride_mh, stride_np, stride_cp, stride_ch, stride_gp, stride_gh,
     PAGE_SIZE: tl.constexpr, PAGE_SIZE_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -101,5 +155,14 @@ def page_metadata_update_kernel(
         box_max = _round_outward_to_e4m3(new_max * inv_scale, UP=True)
         tl.store(kmin_ptr + meta_offsets, box_min.to(kmin_ptr.dtype.element_ty))
         tl.store(kmax_ptr + meta_offsets, box_max.to(kmax_ptr.dtype.element_ty))
+        codes, base, exponent = _key_sketch(
+            key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
+            stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh, HEAD_DIM, PAGE_SIZE_POW2)
+        slots = tl.arange(0, PAGE_SIZE_POW2)
+        tl.store(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HEAD_DIM + dims[None, :],
+                 codes.to(codes_ptr.dtype.element_ty), mask=(slots < PAGE_SIZE)[:, None])
+        grid = page * stride_gp + head * stride_gh + dims
+        tl.store(base_ptr + grid, base.to(base_ptr.dtype.element_ty))
+        tl.store(exponent_ptr + grid, exponent.to(exponent_ptr.dtype.element_ty))
         tl.store(kscale_ptr + scalar_offset, scale)
         tl.store(vnorm_ptr + scalar_offset, new_vnorm)

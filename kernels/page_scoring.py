@@ -34,6 +34,9 @@ def quest_page_scores_kernel(
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP_SIZE
     phys = tl.load(kv_indices_ptr + first + pages, mask=ok, other=0).to(tl.int64)
+    # The scales first: a gather of its own whose latency then hides behind the box loads
+    # (loaded after the loop it cost 16-20% at batch 64 on an H100, benchmarks/NOTES.md p5).
+    scale = tl.load(key_scale_ptr + phys * stride_sp + head, mask=ok, other=0.0)
     ub = tl.zeros([GROUP_PAD, TILE], tl.float32)  # the bound, or the estimate's mean term
     variance = tl.zeros([GROUP_PAD, TILE], tl.float32)
     for d0 in range(0, HEAD_DIM, BLOCK_D):
@@ -63,7 +66,6 @@ def quest_page_scores_kernel(
             q = q.to(tl.float32)
             ub += tl.dot(tl.maximum(q, 0.0), tl.trans(kmax.to(tl.float32)), input_precision="ieee")
             ub += tl.dot(tl.minimum(q, 0.0), tl.trans(kmin.to(tl.float32)), input_precision="ieee")
-    scale = tl.load(key_scale_ptr + phys * stride_sp + head, mask=ok, other=0.0)
     ub = ub * scale[None, :]  # [GROUP_PAD, TILE]
     if ESTIMATE:  # natural-log mass per head, summed over the group
         log_mass = ub * sm_scale + variance * (scale * scale * (0.5 * sm_scale * sm_scale))[None, :]

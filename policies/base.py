@@ -101,7 +101,6 @@ class PagePolicy:
     per_layer: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     needs_page_mass: ClassVar[bool] = False  # if True, ``observe`` gets the mass of every run
-    reads_key_boxes: ClassVar[bool] = False  # scores read every page's key box (counted in kv_bytes_read)
 
     def observe(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int, pages, page_mass) -> None:
         """Receive the softmax mass each selected page got in a run (``needs_page_mass`` policies).
@@ -109,6 +108,19 @@ class PagePolicy:
         ``pages`` and ``page_mass`` are ``[nnz]`` aligned with ``layout`` (rows in CSR order).
         """
         raise NotImplementedError
+
+    def key_box_score(self) -> str | None:
+        """How ``page_scores`` comes from the key boxes alone, or None for other scores.
+
+        One of ``art_runtime.page_scores.KEY_BOX_SCORES``: ``"max"`` / ``"mean"`` (Quest's
+        bound reduced over the GQA group) or ``"mass"`` (the estimated log-mass). Such policies
+        read every page's key box (counted in ``kv_bytes_read``); the base class scores them.
+        """
+        return None
+
+    @property
+    def reads_key_boxes(self) -> bool:
+        return self.key_box_score() is not None
 
     def budget_pages(self, ctx: PolicyContext) -> torch.Tensor:
         """``[R]`` pages to keep per row (the forced pages included). Default: all."""
@@ -120,8 +132,14 @@ class PagePolicy:
         ``width`` is the longest row's page count (given, so that no policy has to ask the
         device for it); entries past a row's pages are ignored.
         ``q`` (``[B, H_qo, D]``) and ``page_meta`` are given to ``per_layer`` policies.
+        The default serves ``key_box_score`` policies.
         """
-        raise NotImplementedError
+        from art_runtime.page_scores import key_box_scores
+
+        score = self.key_box_score()
+        if score is None:
+            raise NotImplementedError
+        return key_box_scores(ctx, q, page_meta, width, score, _sm_scale(ctx, q))
 
     def layout(self, ctx: PolicyContext) -> SelectionLayout:
         """How many pages each row keeps: ``min(budget, pages)``. May synchronize (plan time)."""
@@ -141,6 +159,12 @@ class PagePolicy:
 
         scores = self.page_scores(ctx, layer_id, q, page_meta, layout.width).float()
         return order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout)
+
+
+def _sm_scale(ctx: PolicyContext, q) -> float | None:
+    if ctx.sm_scale is not None or q is None:
+        return ctx.sm_scale
+    return q.shape[-1] ** -0.5
 
 
 def check_budget(name: str, value, minimum: int = 2) -> None:

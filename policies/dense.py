@@ -49,16 +49,10 @@ class DensePolicy(PagePolicy):
     def per_layer(self) -> bool:  # the Quest and mass orders depend on the query
         return self.order != "recency"
 
-    @property
-    def reads_key_boxes(self) -> bool:
-        return self.order != "recency"
+    def key_box_score(self) -> str | None:
+        return {"quest": "max", "mass": "mass"}.get(self.order)
 
     def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         if self.order == "recency":
             return ctx.page_positions(width).float()
-        from art_runtime.page_scores import estimated_page_log_mass, quest_page_scores
-
-        if self.order == "mass":
-            sm_scale = ctx.sm_scale if ctx.sm_scale is not None else q.shape[-1] ** -0.5
-            return estimated_page_log_mass(ctx, q, page_meta, width, sm_scale)
-        return quest_page_scores(ctx, q, page_meta, width)
+        return super().page_scores(ctx, layer_id, q, page_meta, width)

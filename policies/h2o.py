@@ -15,6 +15,20 @@ RECENCY_TIE_BREAK = 1e-6
 RECENT_SCORE = 1e6
 
 
+def h2o_page_scores(mass: torch.Tensor, evicted: torch.Tensor, positions: torch.Tensor, pages: torch.Tensor,
+                    recent_pages: int) -> torch.Tensor:
+    """H2O's page scores from the accumulated mass (same shapes in, float32 out).
+
+    ``mass`` and ``evicted`` of each page, its logical ``positions`` and its request's
+    ``pages`` (broadcastable): the mass plus a tie-break toward newer pages, ``-inf`` once
+    evicted, and the ``recent_pages`` newest pages above any mass, newest first.
+    """
+    positions, pages = positions.float(), pages.float()
+    score = mass + RECENCY_TIE_BREAK * positions / pages
+    score = torch.where(evicted, float("-inf"), score)
+    return torch.where(positions >= pages - recent_pages, RECENT_SCORE + positions, score)
+
+
 @register
 @dataclass
 class H2OPolicy(PagePolicy):
@@ -78,11 +92,9 @@ class H2OPolicy(PagePolicy):
         scores = torch.full((ctx.num_rows, width), float("-inf"), device=device)
         for b, (request_id, pages) in enumerate(zip(ctx.request_ids, self._pages_per_request)):
             mass, evicted = self._request_state(request_id, layer_id, pages, heads, device)
-            positions = torch.arange(pages, device=device, dtype=torch.float32)
-            score = mass[:, :pages] + RECENCY_TIE_BREAK * positions / pages
-            score = torch.where(evicted[:, :pages], float("-inf"), score)
-            recent = positions >= pages - self.recent_pages
-            scores[b * heads:(b + 1) * heads, :pages] = torch.where(recent, RECENT_SCORE + positions, score)
+            positions = torch.arange(pages, device=device)
+            scores[b * heads:(b + 1) * heads, :pages] = h2o_page_scores(
+                mass[:, :pages], evicted[:, :pages], positions, torch.tensor(pages, device=device), self.recent_pages)
         return scores
 
     def observe(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int, pages, page_mass) -> None:

@@ -35,7 +35,6 @@ class QuestPolicy(PagePolicy):
 
     name = "quest"
     per_layer = True
-    reads_key_boxes = True
     budget: int | None = 64
     token_budget: int | None = None
     group_reduce: str = "max"
@@ -53,7 +52,5 @@ class QuestPolicy(PagePolicy):
         pages = self.budget if self.token_budget is None else max(2, math.ceil(self.token_budget / ctx.page_size))
         return torch.full_like(ctx.pages_per_row, pages)
 
-    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
-        from art_runtime.page_scores import quest_page_scores
-
-        return quest_page_scores(ctx, q, page_meta, width, self.group_reduce)
+    def key_box_score(self) -> str:
+        return self.group_reduce

@@ -26,6 +26,42 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+@torch.no_grad()
+def prompt_page_votes(queries: torch.Tensor, keys: torch.Tensor, page_size: int, kernel_size: int, pooling: str,
+                      scale: float) -> torch.Tensor:
+    """SnapKV's page votes of a prompt from its last queries (the observation window).
+
+    Parameters
+    ----------
+    queries : torch.Tensor
+        ``[window, H_qo, D]`` the queries of the prompt's last ``window`` positions.
+    keys : torch.Tensor
+        ``[n_prompt, H_kv, D]`` every key of the prompt (``n_prompt >= window``).
+    page_size, kernel_size : int
+    pooling : {"max", "avg"}
+    scale : float
+        Logit scale.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[H_kv, ceil(n_prompt / page_size)]`` float32: each page's largest pooled vote (>= 0).
+    """
+    window, num_qo_heads, head_dim = queries.shape
+    n_prompt, num_kv_heads = keys.shape[:2]
+    group = num_qo_heads // num_kv_heads
+    q = queries.float().view(window, num_kv_heads, group, head_dim)
+    logits = torch.einsum("wkgd,nkd->kgwn", q, keys.float()) * scale  # [H_kv, G, window, n_prompt]
+    query_pos = torch.arange(n_prompt - window, n_prompt, device=q.device)
+    future = torch.arange(n_prompt, device=q.device)[None, :] > query_pos[:, None]  # [window, n_prompt]
+    votes = logits.masked_fill_(future, float("-inf")).softmax(-1).sum((1, 2))  # [H_kv, n_prompt]
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    pooled = pool(votes[:, None], kernel_size, stride=1, padding=kernel_size // 2)[:, 0]
+    prompt_pages = -(-n_prompt // page_size)
+    pooled = F.pad(pooled, (0, prompt_pages * page_size - n_prompt), value=float("-inf"))
+    return pooled.view(num_kv_heads, prompt_pages, page_size).amax(-1)
+
+
 @register
 @dataclass
 class SnapKVPolicy(PagePolicy):
@@ -122,17 +158,7 @@ class SnapKVPolicy(PagePolicy):
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
 
-        group = num_qo_heads // num_kv_heads
-        q = queries[-self.window:].float().view(self.window, num_kv_heads, group, head_dim)
-        logits = torch.einsum("wkgd,nkd->kgwn", q, keys.float()) * scale  # [H_kv, G, window, n_prompt]
-        query_pos = torch.arange(n_prompt - self.window, n_prompt, device=q.device)
-        future = torch.arange(n_prompt, device=q.device)[None, :] > query_pos[:, None]  # [window, n_prompt]
-        votes = logits.masked_fill_(future, float("-inf")).softmax(-1).sum((1, 2))  # [H_kv, n_prompt]
-        pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
-        pooled = pool(votes[:, None], self.kernel_size, stride=1, padding=self.kernel_size // 2)[:, 0]
-        prompt_pages = -(-n_prompt // page_size)
-        pooled = F.pad(pooled, (0, prompt_pages * page_size - n_prompt), value=float("-inf"))
-        page_votes = pooled.view(num_kv_heads, prompt_pages, page_size).amax(-1)  # [H_kv, prompt_pages]
+        page_votes = prompt_page_votes(queries[-self.window:], keys, page_size, self.kernel_size, self.pooling, scale)
         self._state.setdefault(request_id, {})[layer_id] = _PromptVotes(page_votes, n_prompt, page_size)
 
     def release(self, request_id) -> None:

@@ -21,7 +21,9 @@ from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOAT_ARGS = {"qk_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale"}
+FLOAT_ARGS = {"qk_scale", "sm_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale", "log2_slack", "log2_cut_share",
+              "overflow_log2"}
+SKETCH_PTRS = {"codes_ptr": "u8", "base_ptr": "i16", "exponent_ptr": "i8"}
 
 
 def signature(kernel, constexprs, pointer_types):
@@ -67,15 +69,17 @@ def main():
                           DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_MASS=page_mass, PASS_BLOCKS=8)
         compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=4, num_stages=2)
         count += 1
-        if mode in (2, 3):
+        if mode in (2, 3) and not split:  # the pre-pass does not depend on the split
+            page_pow2 = 1 << (page - 1).bit_length()
             compile_kernel(page_bound_suffix_kernel,
-                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, TILE=32,
-                                ESTIMATE=mode == 3, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
-                           dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
+                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
+                                TILE=32 if mode == 3 else max(16, 256 // page_pow2), ESTIMATE=mode == 3,
+                                DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
+                           dict(int_ptrs, **SKETCH_PTRS, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
             count += 1
         if mode == 2:
             compile_kernel(quest_page_scores_kernel,
-                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=32,
+                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=min(64, dim),
                                 TILE=64, REDUCE_MAX=not split, ESTIMATE=values, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
                            dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
             count += 1
@@ -84,14 +88,14 @@ def main():
                            dict(int_ptrs, out_ptr=dtype))
             count += 1
     for dtype, page, dim in [("bf16", 1, 64), ("fp16", 3, 128), ("fp32", 16, 256), ("bf16", 64, 128)]:
-        ptrs = dict(int_ptrs, key_ptr=dtype, value_ptr=dtype, kmin_ptr="fp8e4nv", kmax_ptr="fp8e4nv")
+        ptrs = dict(int_ptrs, **SKETCH_PTRS, key_ptr=dtype, value_ptr=dtype, kmin_ptr="fp8e4nv", kmax_ptr="fp8e4nv")
         compile_kernel(page_metadata_update_kernel,
                        dict(PAGE_SIZE=page, PAGE_SIZE_POW2=1 << (page - 1).bit_length(), HEAD_DIM=dim), ptrs)
         count += 1
-    for width_pow2 in (16, 2048, 8192):
-        compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=max(16, width_pow2),
-                                                    KEPT_POW2=max(16, width_pow2 // 16)), dict(int_ptrs, keys_ptr="i64"),
-                       num_warps=min(16, max(4, width_pow2 // 256)))
+    for width_pow2, kept_pow2 in ((16, 16), (2048, 128), (8192, 8192)):
+        compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2,
+                                                    CAND_POW2=max(kept_pow2, min(2 * kept_pow2, width_pow2))),
+                       dict(int_ptrs, scratch_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
     print(f"compiled {count} kernel variants for sm_90")
 

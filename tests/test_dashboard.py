@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from art_runtime.dashboards import (
-    CAPTURES_DIR, CaptureReplay, DecodeStatsStreamer, ExploreModel, LiveDashboard, LiveState, capture_path,
-    start_replay,
+    CAPTURES_DIR, CaptureReplay, DecodeStatsStreamer, ExploreDashboard, ExploreModel, LiveDashboard, LiveState,
+    capture_path, start_replay,
 )
 from art_runtime.dashboards.explore import budget_applies, explore_policies, make_policy
+from art_runtime.dashboards.live import FIGURES
 from art_runtime.policies import REGISTRY, DensePolicy, H2OPolicy
 from art_runtime.stats import StatsPublisher, StatsSubscriber, StepStats
 from art_runtime.termination import TerminationConfig
@@ -117,7 +118,53 @@ def test_live_dashboard_follows_the_stream_and_pauses():
             dash.close()
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(address=5557), "address"), (dict(refresh_s=0), "refresh_s")])
+class BrowserView:
+    """What a plotly figure's browser view sends the kernel: its first drawing and then every
+    edit it applies, acknowledged with the edit's id (``_js2py_traceDeltas``). ``frozen``: the
+    view of an anywidget model that missed its 2 s to load (see ``ViewWatch``), which draws the
+    state the page loaded with and then applies no edit."""
+
+    def __init__(self, fig, frozen: bool = False):
+        self.fig, self.frozen, self.applied = fig, frozen, []
+        fig.observe(self._on_edit, names=["_py2js_update", "_py2js_restyle"])
+        self._acknowledge(fig._last_trace_edit_id)
+
+    def _on_edit(self, change):
+        if change["new"] is not None and not self.frozen:
+            self.applied.append(change["new"]["trace_edit_id"])
+            self._acknowledge(change["new"]["trace_edit_id"])
+
+    def _acknowledge(self, edit_id):
+        self.fig.set_state({"_js2py_traceDeltas": {"trace_deltas": [], "trace_edit_id": edit_id}})
+
+
+def test_live_dashboard_rebuilds_a_figure_whose_view_froze():
+    with StatsPublisher("tcp://127.0.0.1:*") as pub:
+        dash = LiveDashboard(pub.address, refresh_s=0.05, view_timeout_s=0.5)
+        try:
+            join(pub, dash)
+            figures = {name: getattr(dash, name) for name in FIGURES}
+            views = {name: BrowserView(fig, frozen=name == "bytes_figure") for name, fig in figures.items()}
+            for step in range(40):
+                pub.publish(message(step, 0, [[1 + step % 3, 2], [3, 4]], [[4, 4], [4, 4]], read=100 + step))
+                time.sleep(0.05)
+            wait_until(lambda: dash.state.messages > 40 and dash.views_rebuilt == 1, "the frozen figure rebuilt")
+            time.sleep(1.0)  # twice the timeout: the views that applied every edit are left alone
+        finally:
+            dash.close()
+    assert dash.views_rebuilt == 1
+    assert all(getattr(dash, name) is fig for name, fig in figures.items() if name != "bytes_figure")
+    assert all(len(view.applied) > 5 for name, view in views.items() if name != "bytes_figure")
+    new, old = dash.bytes_figure, figures["bytes_figure"]
+    assert new is not old and old.comm is None and new.comm is not None  # a new browser model, the old one closed
+    assert dash.widget.children[2].children == (new, dash.request_figure)  # in the frozen one's place
+    snap = dash.snapshot()
+    assert list(new.data[0].x) == snap.steps and snap.steps[-1] == 39  # with everything received
+    assert list(new.data[1].y) == pytest.approx([b / (1 << 20) for b in snap.bytes_read])
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(address=5557), "address"), (dict(refresh_s=0), "refresh_s"),
+                                          (dict(view_timeout_s=0), "view_timeout_s")])
 def test_live_dashboard_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         LiveDashboard(**{"start": False, **kwargs})
@@ -247,3 +294,39 @@ def test_explore_sweep_scales_the_mode_thresholds(model):
     bound = model.sweep(TerminationConfig(mode="bound", eps=0.05), scales=(1.0, 2.0))
     assert [r.config.eps for r in bound] == pytest.approx([0.05, 0.1])
     assert len(model.sweep(TerminationConfig(mode="off"))) == 1
+
+
+def test_explore_dashboard_rebuilds_a_figure_whose_view_froze(model):
+    dash = ExploreDashboard(model, TerminationConfig(mode="off"), view_timeout_s=0.3)
+    heatmap, curve = dash.heatmap, dash.curve
+    views = [BrowserView(heatmap), BrowserView(curve, frozen=True)]
+    dash.controls["mode"].value = "bound"  # an edit that the frozen view never applies
+    assert dash.views_rebuilt == 0 and views[0].applied
+    time.sleep(0.4)
+    dash.controls["eps"].value = 0.1  # the next recompute finds the curve stale and rebuilds it first
+    assert dash.views_rebuilt == 1 and dash.heatmap is heatmap and dash.curve is not curve and curve.comm is None
+    assert dash.widget.children[2].children == (heatmap, dash.curve)
+    sweep = model.sweep(dash.config(), "dense", dash.controls["budget"].value)
+    assert list(dash.curve.data[0].x) == pytest.approx([100 * r.pages_fraction for r in sweep])
+    assert dash.curve.data[2].x[0] == pytest.approx(100 * dash.result.pages_fraction)
+
+
+def test_explore_dashboard_controls_set_what_is_computed(model):
+    dash = ExploreDashboard(model, TerminationConfig(mode="off"))
+    controls = dash.controls
+    controls["policy"].value = "quest"
+    assert not controls["budget"].disabled
+    controls["budget"].value = 8
+    controls["min_pages"].value = 4
+    controls["patience"].value = 3
+    controls["tau_mag"].value = 1e-2
+    controls["mode"].value = "stability"
+    result = dash.result
+    assert (result.policy, result.budget) == ("quest", 8)
+    assert (result.config.mode, result.config.patience, result.config.min_pages) == ("stability", 3, 4)
+    assert result.config.tau_mag == pytest.approx(1e-2)
+    assert result is model.run(dash.config(), "quest", 8)  # the figures show the controls' setting
+    assert [list(row) for row in dash.heatmap.data[0].z] == result.depth
+    assert result.selected == [[2 * 8] * len(result.selected[0])]  # quest keeps the budget's 8 pages per query
+    controls["policy"].value = "dense"
+    assert controls["budget"].disabled and dash.result.policy == "dense"

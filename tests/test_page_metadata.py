@@ -1,10 +1,12 @@
-"""Page metadata: outward-rounded fp8 key boxes, kept equal to a from-scratch build on append.
+"""Page metadata: outward-rounded fp8 key boxes and 4-bit key sketches, kept equal to a
+from-scratch build on append.
 
 Both update paths (torch reductions, Triton kernel) are checked against
 ``PageMetadata.from_cache``, bit for bit, including pages that are freed and handed to another
 request (their summary must restart, not merge with the previous owner's); ``from_cache`` is
 checked against brute force: each box contains its page's keys and is the tightest such box
-on the fp8 grid.
+on the fp8 grid; each token's sketch cell contains its key and the grid is the finest the
+rule of ``build_key_sketch`` allows.
 """
 
 import pytest
@@ -14,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from art_runtime import PageMetadata
-from art_runtime.page_metadata import KEY_BOX_DTYPE, key_box_scale, quantize_key_box
+from art_runtime.page_metadata import (KEY_BOX_DTYPE, SKETCH_LEVELS, key_box_scale, quantize_key_box,
+                                      sketch_step_floor)
 from art_runtime.backend import triton_runs_on
 from art_runtime.paged_cache import allocate_paged_kv_cache, append_paged_kv_cache, get_batch_indices_positions
 
@@ -25,6 +28,8 @@ def assert_same_metadata(meta, expected, pages):
     assert torch.equal(meta.key_min[pages].view(torch.uint8), expected.key_min[pages].view(torch.uint8))
     assert torch.equal(meta.key_max[pages].view(torch.uint8), expected.key_max[pages].view(torch.uint8))
     assert torch.allclose(meta.value_norm_max[pages], expected.value_norm_max[pages], rtol=1e-6)
+    for name in ("key_grid_base", "key_grid_exponent", "key_codes"):
+        assert torch.equal(getattr(meta, name)[pages], getattr(expected, name)[pages]), name
 
 
 class Growing:
@@ -171,3 +176,45 @@ def test_quantized_boxes_contain_keys_and_are_tightest(seed, magnitude, tokens):
     meta = PageMetadata.allocate(1, 16, 2, 32, device="cpu")
     meta.key_min[0], meta.key_max[0], meta.key_scale[0] = lo8, hi8, scale
     assert_tightest_box(meta, 0, keys)
+
+
+def assert_finest_sketch(meta, page, keys):
+    """Every key of ``page`` (``[tokens, H, D]``) lies in its cell, and the grid is the finest allowed."""
+    tokens, heads = keys.shape[:2]
+    lo, hi = meta.key_cells(torch.full((heads,), page), torch.arange(heads))  # [H, P, D]
+    keys = keys.transpose(0, 1).double()  # [H, tokens, D]
+    lo, hi = lo[:, :tokens].double(), hi[:, :tokens].double()
+    assert (lo <= keys).all() and (keys <= hi).all()
+    step = (hi - lo)[:, 0]  # [H, D]
+    assert ((hi - lo) == step[:, None]).all()
+    assert (torch.log2(step) == torch.log2(step).round()).all()  # powers of two
+    floor = sketch_step_floor(meta.key_scale[page]).double()[:, None]
+    assert (step >= floor).all()
+    kmin, kmax = keys.amin(1), keys.amax(1)
+    base = torch.floor(kmin / step) * step
+    assert torch.equal(base, meta.key_grid_base[page].double() * step)
+    assert (kmax < base + SKETCH_LEVELS * step).all()
+    # Half the step breaks the rule or the floor.
+    half = step / 2
+    fits_half = kmax < torch.floor(kmin / half) * half + SKETCH_LEVELS * half
+    assert (~fits_half | (half < floor)).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(1e-6, 1e6), st.integers(1, 16),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.floats(0, 1e3))
+def test_sketch_cells_contain_keys_and_are_finest(seed, magnitude, tokens, dtype, offset):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(tokens, 2, 32, generator=gen, dtype=torch.float64) * magnitude
+    keys[:, :, :4] *= 1e-4  # small dimensions next to large ones
+    keys[:, :, 4:8] = keys[:, :, 4:8] * 1e-3 + offset * magnitude  # nearly constant, far from zero
+    keys[:, 1, 8:12] = keys[0, 1, 8:12].clone()  # identical tokens: a zero range
+    keys[:, :, 12] = 0.0
+    keys = keys.to(dtype)  # the cache's dtype: its values are what the sketch must contain
+    if not keys.isfinite().all():
+        return
+    cache = torch.zeros(1, 2, 16, 2, 32, dtype=dtype)
+    cache[0, 0, :tokens] = keys
+    meta = PageMetadata.from_cache(cache, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+                                   torch.tensor([tokens], dtype=torch.int32))
+    assert_finest_sketch(meta, 0, keys.float())

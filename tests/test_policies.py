@@ -93,16 +93,32 @@ def test_selection_kernel_equals_torch_ordering(budget, device):
         assert row == forced_then(rest, n)[:min(budget, n)]
 
 
+@pytest.mark.parametrize("values, budget", [(1000, 7), (2, 7), (2, 600), (1, 1000)],
+                         ids=["spread", "ties-fallback", "ties-large-budget", "all-equal-dense"])
+def test_selection_kernel_wide_rows(values, budget, device):
+    """Rows of 1000 pages: the sort of the kept and the candidates sharing the threshold's top
+    16 bits, and the exact four-round path when too many share them (many ties)."""
+    from art_runtime import selection
+
+    case = make_case([16 * 1000 - 3, 16 * 900], 4, 2, 16, 16, device=device, seed=values)
+    ctx = context(case)
+    layout = QuestPolicy(budget=budget).layout(ctx)
+    gen = torch.Generator().manual_seed(budget)
+    scores = torch.randint(0, values, (ctx.num_rows, layout.width), generator=gen).float().to(case.q.device)
+    kernel = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=True)
+    assert torch.equal(kernel, selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=False))
+
+
 def test_key_box_kernel_scores_equal_torch_scores(case):
-    from art_runtime.page_scores import _page_scores_torch, estimated_page_log_mass, quest_page_scores
+    from art_runtime.page_scores import _key_box_scores_torch, estimated_page_log_mass, quest_page_scores
 
     ctx, meta = context(case), case.page_meta()
     for reduce in ("max", "mean"):
         kernel = quest_page_scores(ctx, case.q, meta, 19, reduce)
-        reference = _page_scores_torch(ctx, case.q, meta, 19, 4, reduce)
+        reference = _key_box_scores_torch(ctx, case.q, meta, 19, reduce)
         assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-4)
     kernel = estimated_page_log_mass(ctx, case.q, meta, 19, 0.125)
-    reference = _page_scores_torch(ctx, case.q, meta, 19, 4, "logsumexp", 0.125)
+    reference = _key_box_scores_torch(ctx, case.q, meta, 19, "mass", 0.125)
     assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-4)
 
 
@@ -258,12 +274,12 @@ def test_stateful_policy_needs_request_ids(case):
 @pytest.mark.parametrize("head_dim", [16, 32, 128])
 def test_key_box_scores_for_every_head_dim(head_dim, device):
     """Head dims below the scoring kernel's D slice (16) must not read past q."""
-    from art_runtime.page_scores import _page_scores_torch, estimated_page_log_mass, quest_page_scores
+    from art_runtime.page_scores import _key_box_scores_torch, estimated_page_log_mass, quest_page_scores
 
     case = make_case([300, 40], 4, 2, head_dim, 16, device=device, seed=head_dim)
     ctx, meta = context(case), case.page_meta()
     kernel = quest_page_scores(ctx, case.q, meta, 19)
-    assert torch.allclose(kernel, _page_scores_torch(ctx, case.q, meta, 19, 2, "max"), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(kernel, _key_box_scores_torch(ctx, case.q, meta, 19, "max"), rtol=1e-5, atol=1e-4)
     kernel = estimated_page_log_mass(ctx, case.q, meta, 19, head_dim ** -0.5)
-    reference = _page_scores_torch(ctx, case.q, meta, 19, 2, "logsumexp", head_dim ** -0.5)
+    reference = _key_box_scores_torch(ctx, case.q, meta, 19, "mass", head_dim ** -0.5)
     assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-4)

@@ -22,7 +22,8 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 from sglang.srt.plugins import load_plugins  # noqa: E402
 from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit  # noqa: E402
 
-from art_runtime import PageMetadata  # noqa: E402
+from art_runtime import BatchARTDecodeWrapper, PageMetadata  # noqa: E402
+from art_runtime.policies import get as get_policy  # noqa: E402
 from art_runtime.integrations.sglang.backend import ARTAttnBackend  # noqa: E402
 from art_runtime.integrations.sglang.options import ARTOptions  # noqa: E402
 from art_runtime.integrations.sglang.paging import page_table  # noqa: E402
@@ -46,22 +47,30 @@ def clean_art_env(monkeypatch):
 class Scenario:
     """A mock runner (its KV pool), one attention layer, and forward batches over fixed slots."""
 
-    def __init__(self, prefix_lens=PREFIX_LENS, page_size=PAGE):
+    def __init__(self, prefix_lens=PREFIX_LENS, page_size=PAGE, tp_size=1, heads=(HQ, HKV)):
+        """``heads``: the model's query and KV heads; this rank holds its ``tp_size``-th share (SGLang's rule)."""
         self.prefix_lens, self.page_size = prefix_lens, page_size
+        self.model_heads = heads
+        self.heads = (heads[0] // tp_size, max(1, heads[1] // tp_size))
         case = self.case(ForwardMode.DECODE)
         self.runner = kit.MockModelRunner(
-            case=case, model_config=kit.TinyModelConfig(num_heads=HQ, num_kv_heads=HKV, head_dim=DIM, hidden_size=DIM,
-                                                        context_len=MAX_CONTEXT),
+            case=case, model_config=kit.TinyModelConfig(num_heads=heads[0], num_kv_heads=heads[1], head_dim=DIM,
+                                                        hidden_size=DIM, context_len=MAX_CONTEXT),
             dtype=DTYPE, device=DEVICE, max_context_len=MAX_CONTEXT, head_dim=DIM)
-        self.layer = RadixAttention(num_heads=HQ, head_dim=DIM, scaling=DIM ** -0.5, num_kv_heads=HKV, layer_id=0)
-        self.loc_fn = kit.make_loc_fn("shuffled_pages", batch_size=case.batch_size, seq_lens=case.seq_lens,
-                                      prefix_lens=case.prefix_lens, page_size=page_size,
-                                      max_context_len=MAX_CONTEXT, seed=SEED)
+        # The kit's config asserts that the KV heads divide among the ranks; SGLang's ModelConfig
+        # replicates them when they don't (get_num_kv_heads: max(1, kv_heads // tp)).
+        self.runner.model_config.get_num_kv_heads = lambda tp, dcp=1: max(1, heads[1] // (tp // dcp))
+        self.layer = RadixAttention(num_heads=self.heads[0], head_dim=DIM, scaling=DIM ** -0.5,
+                                    num_kv_heads=self.heads[1], layer_id=0)
+        # Every position of every request mapped, so that batches of other lengths reuse the slots.
+        self.loc_fn = kit.make_loc_fn("shuffled_pages", batch_size=case.batch_size,
+                                      seq_lens=(MAX_CONTEXT,) * case.batch_size, prefix_lens=case.prefix_lens,
+                                      page_size=page_size, max_context_len=MAX_CONTEXT, seed=SEED)
 
     def case(self, mode, prefix_lens=None, extend_lens=()):
-        return kit.DenseAttentionCase(name="art", backend="art", forward_mode=mode, num_heads=HQ, num_kv_heads=HKV,
-                                      page_size=self.page_size, prefix_lens=prefix_lens or self.prefix_lens,
-                                      extend_lens=extend_lens)
+        return kit.DenseAttentionCase(name="art", backend="art", forward_mode=mode, num_heads=self.heads[0],
+                                      num_kv_heads=self.heads[1], page_size=self.page_size,
+                                      prefix_lens=prefix_lens or self.prefix_lens, extend_lens=extend_lens)
 
     def batch(self, mode=ForwardMode.DECODE, prefix_lens=None, extend_lens=()):
         return kit._make_forward_batch(self.case(mode, prefix_lens, extend_lens), self.runner,
@@ -80,19 +89,39 @@ class Scenario:
         locs = [self.loc_fn(r, p) for r, n in enumerate(self.prefix_lens) for p in range(n)]
         self.runner.token_to_kv_pool.set_kv_buffer(self.layer, torch.tensor(locs), keys, values)
 
-    def decode(self, backend, q, k, v, graph=False):
-        """One decode step of ``backend``; ``graph``: through the CUDA-graph metadata path."""
-        batch = self.batch()
+    def decode(self, backend, q, k, v, graph=False, prefix_lens=None):
+        """One decode step of ``backend``; ``graph``: through the CUDA-graph metadata path (buffers made once)."""
+        batch = self.batch(prefix_lens=prefix_lens)
         with torch.no_grad():
             if graph:
-                backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+                if backend.graph_decode is None:
+                    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
                 backend.init_forward_metadata_out_graph(batch)
             else:
                 backend.init_forward_metadata(batch)
-            return backend.forward_decode(q.reshape(len(self.prefix_lens), -1), k, v, self.layer, batch).view_as(q)
+            return backend.forward_decode(q.reshape(q.shape[0], -1), k, v, self.layer, batch).view_as(q)
+
+    def fill_pool(self, gen):
+        """Random K/V in every slot of the pool; returns the pool as FlashInfer NHD pages."""
+        pool = self.runner.token_to_kv_pool
+        for buffer in (pool.get_key_buffer(0), pool.get_value_buffer(0)):
+            buffer.copy_(torch.randn(buffer.shape, generator=gen))
+        return self.paged_pool()
+
+    def paged_pool(self):
+        pool = self.runner.token_to_kv_pool
+        return tuple(b.view(-1, self.page_size, *b.shape[1:]) for b in (pool.get_key_buffer(0), pool.get_value_buffer(0)))
+
+    def pool_metadata(self):
+        """``PageMetadata`` of every page of the pool (a server keeps it current from prefill on)."""
+        cache = self.paged_pool()
+        pages = cache[0].shape[0]
+        every_page = (torch.tensor([0, pages], dtype=torch.int32), torch.arange(pages, dtype=torch.int32),
+                      torch.tensor([self.page_size], dtype=torch.int32))
+        return PageMetadata.from_cache(cache, *every_page)
 
     def page_table(self, seq_lens):
-        """Page table of requests ``0..B-1`` with ``seq_lens`` tokens, from the slot mapping."""
+        """Page table of requests ``0..B-1`` with ``seq_lens`` tokens, from the slot mapping (int32)."""
         pages = [self.loc_fn(r, j * self.page_size) // self.page_size
                  for r, n in enumerate(seq_lens) for j in range(-(-n // self.page_size))]
         indptr = torch.tensor([0] + list(torch.tensor([-(-n // self.page_size) for n in seq_lens]).cumsum(0)))
@@ -210,10 +239,189 @@ def test_cuda_graph_path_matches_eager():
     assert int(graph_acc[0, 0].sum()) == int(graph_visited.sum())  # visited pages reached the accumulator
 
 
-def test_policy_refuses_cuda_graphs():
-    backend = Scenario().backend("art", policy="quest", budget=4)
-    with pytest.raises(ValueError, match="--disable-cuda-graph"):
-        backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+POLICIES = [  # (ART options, the policy object the reference plans with)
+    ({"policy": "none"}, None),
+    ({"policy": "dense"}, get_policy("dense", order="quest")),
+    ({"policy": "dense", "order": "mass"}, get_policy("dense", order="mass")),
+    ({"policy": "dense", "order": "recency"}, get_policy("dense", order="recency")),
+    ({"policy": "quest", "budget": 5}, get_policy("quest", budget=5)),
+    ({"policy": "streaming_llm", "budget": 4}, get_policy("streaming_llm", sink_pages=1, window_pages=3)),
+]
+OTHER_LENS = (90, 410, 16)  # a second batch: other lengths, a longer and a one-page request
+
+
+@pytest.mark.parametrize("options, policy", POLICIES, ids=[" ".join(map(str, o.values())) for o, _ in POLICIES])
+def test_every_policy_graph_and_eager_paths_match_the_wrapper(options, policy):
+    """Graph path (fixed buffers refilled for two batches in turn) and eager path against ``plan(policy=...)``."""
+    scenario = Scenario()
+    gen = torch.Generator().manual_seed(SEED + 3)
+    scenario.fill_pool(gen)
+    termination = dict(mode="stability", tau_mag=0.3, tau_dir=0.2, patience=1, block_pages=1)
+    graph_backend = scenario.backend("art", **options, **termination)
+    eager_backend = scenario.backend("art", **options, **termination)
+    assert repr(graph_backend.policy) == repr(policy)
+    if graph_backend.page_meta is not None:
+        graph_backend.page_meta[0] = scenario.pool_metadata()
+        eager_backend.page_meta[0] = graph_backend.page_meta[0]  # one pool: one metadata
+    for prefix_lens in (PREFIX_LENS, OTHER_LENS):
+        q = torch.randn(3, HQ, DIM, generator=gen)
+        k, v = torch.randn(2, 3, HKV, DIM, generator=gen)
+        out = scenario.decode(graph_backend, q, k, v, graph=True, prefix_lens=prefix_lens)
+        stats = graph_backend.decode.last_stats
+        seq_lens = [n + 1 for n in prefix_lens]
+        expected = BatchARTDecodeWrapper(backend="triton")
+        expected.plan(*scenario.page_table(seq_lens), HQ, HKV, DIM, PAGE, termination=graph_backend.termination,
+                      policy=policy, chunk_pages=1 << 20)
+        meta = None if graph_backend.page_meta is None else graph_backend.page_meta[0]
+        reference = expected.run(q, scenario.paged_pool(), page_meta=meta)
+        reference_stats = expected.last_stats
+        torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+        assert torch.equal(stats.selected_pages, reference_stats.selected_pages)
+        assert torch.equal(stats.visited_pages, reference_stats.visited_pages)
+        assert bool((stats.visited_pages < stats.selected_pages).any())  # ART stopped early: the order matters
+        nnz = int(reference_stats.selection.indptr[-1])
+        assert torch.equal(stats.selection.indptr, reference_stats.selection.indptr)
+        assert torch.equal(stats.selection.pages[:nnz], reference_stats.selection.pages[:nnz])
+        if policy is not None and policy.name != "dense":
+            assert bool((stats.selected_pages < torch.tensor(seq_lens)[:, None] // PAGE).any())  # it did drop pages
+    # The eager path on the second batch (the step written again: same slots, same values).
+    eager = scenario.decode(eager_backend, q, k, v, prefix_lens=OTHER_LENS)
+    torch.testing.assert_close(eager, out, atol=0, rtol=0)
+    assert torch.equal(eager_backend.decode.last_stats.visited_pages, stats.visited_pages)
+
+
+def test_h2o_state_per_page_matches_the_library_policy_over_steps():
+    """H2O's page-keyed state (graph path) against ``H2OPolicy`` keyed by request, step after step."""
+    prefix_lens = (319, 47, 175)  # the second step of each request starts a new page
+    scenario = Scenario(prefix_lens=prefix_lens)
+    gen = torch.Generator().manual_seed(SEED + 5)
+    scenario.fill_pool(gen)
+    options = dict(policy="h2o", budget=10, mode="stability", tau_mag=0.3, tau_dir=0.2, patience=1, block_pages=1)
+    backend = scenario.backend("art", **options)
+    backend.page_meta[0] = scenario.pool_metadata()
+    # Stale state on the pages the steps will start: a page taken by a new request must start clean.
+    starting = [scenario.loc_fn(r, n + 1) // PAGE for r, n in enumerate(prefix_lens)]
+    backend.policy.mass[0, starting] = 5.0
+    backend.policy.evicted[0, starting] = True
+    library = get_policy("h2o", budget=10)
+    for step in range(3):
+        lens = tuple(n + step for n in prefix_lens)
+        q = torch.randn(3, HQ, DIM, generator=gen)
+        k, v = torch.randn(2, 3, HKV, DIM, generator=gen)
+        out = scenario.decode(backend, q, k, v, graph=True, prefix_lens=lens)
+        stats = backend.decode.last_stats
+        expected = BatchARTDecodeWrapper(backend="triton")
+        expected.plan(*scenario.page_table([n + 1 for n in lens]), HQ, HKV, DIM, PAGE,
+                      termination=backend.termination, policy=library, request_ids=[0, 1, 2], chunk_pages=1 << 20)
+        reference = expected.run(q, scenario.paged_pool(), page_meta=backend.page_meta[0])
+        torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+        assert torch.equal(stats.visited_pages, expected.last_stats.visited_pages)
+        nnz = int(expected.last_stats.selection.indptr[-1])
+        assert torch.equal(stats.selection.pages[:nnz], expected.last_stats.selection.pages[:nnz])
+        if step == 1:
+            assert not bool(backend.policy.evicted[0, starting].any())
+    assert bool((stats.selected_pages < stats.selected_pages.new_tensor([20, 4, 12])[:, None]).any())
+    assert bool(backend.policy.evicted[0].any())  # pages were evicted for good
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_snapkv_votes_at_prefill_match_the_library_policy(hybrid):
+    """SnapKV's votes, taken in chunked prefill (own or the hybrid prefill backend's), drive graph decode."""
+    chunks = ((200, 8, 100), (100, 40, 77))  # the second chunk holds the whole observation window
+    lens = tuple(map(sum, zip(*chunks)))
+    scenario = Scenario(prefix_lens=lens)
+    options = dict(policy="snapkv", budget=6, mode="stability", tau_mag=0.3, tau_dir=0.2, patience=1,
+                   block_pages=1)
+    art = scenario.backend("art", **options)
+    backend = HybridAttnBackend(scenario.runner, scenario.backend("triton"), art) if hybrid else art
+    gen = torch.Generator().manual_seed(SEED + 6)
+    queries, keys, prefix = [], [], (0, 0, 0)
+    for chunk in chunks:
+        n = sum(chunk)
+        q, k, v = torch.randn(n, HQ * DIM, generator=gen), *torch.randn(2, n, HKV, DIM, generator=gen)
+        batch = scenario.batch(ForwardMode.EXTEND, prefix_lens=prefix, extend_lens=chunk)
+        with torch.no_grad():
+            backend.init_forward_metadata(batch)
+            backend.forward(q, k, v, scenario.layer, batch)
+        queries.append(q.view(n, HQ, DIM).split(chunk))
+        keys.append(k.split(chunk))
+        prefix = tuple(map(sum, zip(prefix, chunk)))
+    library = get_policy("snapkv", budget=6)
+    for r in range(3):
+        library.prefill(r, 0, torch.cat([queries[0][r], queries[1][r]]), torch.cat([keys[0][r], keys[1][r]]), PAGE)
+    q = torch.randn(3, HQ, DIM, generator=gen)
+    k, v = torch.randn(2, 3, HKV, DIM, generator=gen)
+    out = scenario.decode(art, q, k, v, graph=True)
+    stats = art.decode.last_stats
+    expected = BatchARTDecodeWrapper(backend="triton")
+    expected.plan(*scenario.page_table([n + 1 for n in lens]), HQ, HKV, DIM, PAGE, termination=art.termination,
+                  policy=library, request_ids=[0, 1, 2], chunk_pages=1 << 20)
+    reference = expected.run(q, scenario.paged_pool(), page_meta=art.page_meta[0])
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+    nnz = int(expected.last_stats.selection.indptr[-1])
+    assert torch.equal(stats.selection.pages[:nnz], expected.last_stats.selection.pages[:nnz])
+    assert torch.equal(stats.visited_pages, expected.last_stats.visited_pages)
+    assert int(stats.selected_pages.max()) == 6 < -(-lens[0] // PAGE)  # prompt pages were dropped
+
+
+@pytest.mark.parametrize("tp_size, options", [
+    (2, {"policy": "quest", "budget": 5, "mode": "stability", "tau_mag": 0.3, "tau_dir": 0.2, "patience": 1,
+         "block_pages": 1}),
+    (4, {"policy": "none", "mode": "off"}),  # 2 KV heads on 4 ranks: each KV head replicated on 2 ranks
+])
+def test_tensor_parallel_ranks_run_their_heads(tp_size, options, tmp_path):
+    """Each rank's backend (SGLang's head split) gives the tp=1 output of its heads; stats per rank."""
+    from sglang.srt.runtime_context import get_parallel
+
+    from art_runtime.stats import StatsSubscriber
+
+    gen = torch.Generator().manual_seed(SEED + 4)
+    full = Scenario()
+    k_pool, v_pool = full.fill_pool(gen)
+    q = torch.randn(3, HQ, DIM, generator=gen)
+    k, v = torch.randn(2, 3, HKV, DIM, generator=gen)
+    whole = full.backend("art", **options)
+    if whole.page_meta is not None:
+        whole.page_meta[0] = full.pool_metadata()
+    expected = full.decode(whole, q, k, v)
+    expected_visits = whole.decode.last_stats.visited_pages
+    assert bool((expected_visits < whole.decode.last_stats.selected_pages).any()) or options["mode"] == "off"
+
+    address = f"ipc://{tmp_path}/art-stats"
+    heads_per_rank, kv_ranks = HQ // tp_size, tp_size // min(tp_size, HKV)  # ranks sharing one KV head
+    for rank in range(tp_size):
+        with get_parallel().override(tp_size=tp_size, tp_rank=rank, attn_tp_size=tp_size, attn_tp_rank=rank,
+                                     moe_tp_size=tp_size):
+            scenario = Scenario(tp_size=tp_size)
+            assert scenario.heads == (heads_per_rank, 1)
+            kv_head = rank // kv_ranks
+            k_rank, v_rank = scenario.paged_pool()
+            k_rank.copy_(k_pool[..., kv_head: kv_head + 1, :])
+            v_rank.copy_(v_pool[..., kv_head: kv_head + 1, :])
+            backend = scenario.backend("art", **options, stats_address=address, stats_interval=1)
+            assert (backend.num_head, backend.num_kv_head) == (heads_per_rank, 1)
+            if backend.page_meta is not None:
+                backend.page_meta[0] = scenario.pool_metadata()
+            heads = slice(rank * heads_per_rank, (rank + 1) * heads_per_rank)
+            out = scenario.decode(backend, q[:, heads].contiguous(), k[:, kv_head: kv_head + 1].contiguous(),
+                                  v[:, kv_head: kv_head + 1].contiguous())
+            torch.testing.assert_close(out, expected[:, heads], atol=1e-6, rtol=1e-6)
+            if tp_size <= HKV:  # the whole GQA group on the rank: the same termination decisions
+                assert torch.equal(backend.decode.last_stats.visited_pages, expected_visits[:, kv_head: kv_head + 1])
+            # Stats: this rank's endpoint, messages named after it.
+            telemetry = backend.telemetry
+            assert (telemetry.rank, telemetry.rank_name) == (rank, f"tp{rank}")
+            rank_address = address if rank == 0 else f"{address}.{rank}"
+            with StatsSubscriber(rank_address) as sub:
+                message = None
+                deadline = time.monotonic() + 10
+                while message is None or message.step < 0:
+                    assert time.monotonic() < deadline, f"no stats from rank {rank}"
+                    telemetry.step()  # read out (and, from the second call on, publish) every call
+                    message = sub.recv(0.1)
+            telemetry.close()
+            assert message.request_ids == [f"tp{rank}"]
+            assert len(message.visited_pages[0]) == 1  # this rank's one KV head
 
 
 def check_metadata_current(scenario, meta, seq_lens):
@@ -273,7 +481,7 @@ def test_telemetry_publishes_and_counts(tmp_path):
                                 metadata_bytes_per_page=0, device="cpu", stats_address=address, stats_interval=1,
                                 enable_metrics=True)
     counters = prometheus_counters()
-    before = counters["visited"].labels(tp_rank="0")._value.get()
+    before = counters["visited"].labels(rank="tp0")._value.get()
     with StatsSubscriber(address) as sub:
         deadline = time.monotonic() + 5
         while sub.recv(0.05) is None:  # beat the PUB/SUB slow joiner
@@ -296,4 +504,4 @@ def test_telemetry_publishes_and_counts(tmp_path):
     assert messages[1].kv_bytes_read == 14 * PAGE * 2 * DIM * 4
     assert messages[1].dense_kv_bytes == 190 * HKV * 2 * DIM * 4
     assert messages[0].visited_pages == [[0, 0]]
-    assert counters["visited"].labels(tp_rank="0")._value.get() - before == 14
+    assert counters["visited"].labels(rank="tp0")._value.get() - before == 14

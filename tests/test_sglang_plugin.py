@@ -65,13 +65,26 @@ def test_parsing_refuses_page_size_one_and_bad_options(monkeypatch):
     assert prepare_server_args(MODEL + ["--attention-backend", "triton"]).attention_backend == "triton"
 
 
+def test_page_state_policies_need_the_radix_cache_off(monkeypatch):
+    load_plugins()
+    monkeypatch.setenv("ART_POLICY", "h2o")
+    art = MODEL + ["--attention-backend", "art", "--page-size", "16"]
+    with pytest.raises(ValueError, match="--art-policy h2o .* pass --disable-radix-cache"):
+        prepare_server_args(art)
+    assert prepare_server_args(art + ["--disable-radix-cache"]).disable_radix_cache
+    monkeypatch.setenv("ART_POLICY", "snapkv")
+    with pytest.raises(ValueError, match="drop --enable-mixed-chunk"):
+        prepare_server_args(art + ["--disable-radix-cache", "--enable-mixed-chunk"])
+
+
 @pytest.mark.parametrize("env, message", [
     ({"ART_MODE": "certain"}, "--art-mode / ART_MODE: mode must be one of"),
     ({"ART_TAU_MAG": "nan"}, "--art-tau-mag / ART_TAU_MAG .*finite"),
     ({"ART_PATIENCE": "0"}, "--art-patience / ART_PATIENCE: patience must be >= 1"),
     ({"ART_MIN_PAGES": "two"}, "--art-min-pages / ART_MIN_PAGES .*cannot parse 'two'"),
     ({"ART_RELATIVE_TO": "input"}, "--art-relative-to / ART_RELATIVE_TO"),
-    ({"ART_POLICY": "h2o"}, "--art-policy / ART_POLICY: must be one of"),
+    ({"ART_POLICY": "lru"}, "--art-policy / ART_POLICY: must be one of"),
+    ({"ART_POLICY": "h2o", "ART_BUDGET": "8"}, "recent_pages \\(8\\) must be below budget"),
     ({"ART_POLICY": "quest", "ART_BUDGET": "1"}, "--art-budget / ART_BUDGET with --art-policy quest"),
     ({"ART_BUDGET": "8"}, "policy 'none' reads every page"),
     ({"ART_STATS_ADDRESS": "tcp://10.1.2.3:5557"}, "--art-stats-address / ART_STATS_ADDRESS: .*not loopback"),

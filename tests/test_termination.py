@@ -196,6 +196,26 @@ def test_bound_holds_on_adversarial_inputs(backend, stress, relative_to, chunk_p
         assert_bound_holds(case, out, termination)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cut_share", [1e-30, 1e30], ids=["cut-at-end", "cut-at-start"])
+def test_bound_holds_wherever_the_estimate_puts_the_cut(backend, cut_share, monkeypatch, device):
+    """The mass estimate only decides from which position on pages get their sketch bound
+    (before it, no stop but the trivial one): at both extremes the guarantee holds."""
+    import art_runtime.decode
+    import art_runtime.reference
+
+    for module in (art_runtime.decode, art_runtime.reference):
+        monkeypatch.setattr(module, "SKETCH_CUT_SHARE", cut_share)
+    case = adversarial_case(seq_lens=[150, 17, 90], group=4, page_size=8, logit_scale=10.0, tie=False,
+                            late_dominator=True, value_outlier=True, seed=23, device=device)
+    for relative_to in ("values", "output"):
+        termination = TerminationConfig(mode="bound", eps=0.1, relative_to=relative_to, min_pages=1, block_pages=1)
+        out, stats = run(case, backend, termination)
+        assert_bound_holds(case, out, termination)
+        if cut_share > 1:  # nothing before the cut: every selected page's sketch is read
+            assert torch.equal(stats.sketch_pages, stats.selected_pages)
+
+
 def concentrated_case(device, seed=31, background=0.05):
     """Keys small except the sink token, which the queries point at: the rest is provably negligible."""
     case = make_case([2000, 900], 8, 2, 64, 16, device="cpu", seed=seed)
@@ -221,8 +241,10 @@ def test_bound_stops_early_when_the_rest_is_provably_small(backend, relative_to,
     assert_bound_holds(case, out, termination)
     assert (stats.visited_pages < stats.selected_pages // 2).all()
     assert (stats.stable_at >= 0).all()
-    meta_bytes = case.page_meta().nbytes_per_page()
-    expected_bytes = stats.visited_tokens.long().sum() * 2 * 64 * 4 + stats.selected_pages.long().sum() * meta_bytes
+    meta = case.page_meta()
+    assert (stats.sketch_pages <= stats.selected_pages).all() and (stats.sketch_pages > 0).all()
+    expected_bytes = (stats.visited_tokens.long().sum() * 2 * 64 * 4 + stats.selected_pages.long().sum()
+                      * meta.nbytes_per_page() + stats.sketch_pages.long().sum() * meta.key_sketch_bytes_per_page())
     assert int(stats.kv_bytes_read) == int(expected_bytes)
 
 
@@ -253,10 +275,18 @@ def test_bound_suffix_terms_agree_between_backends(device):
     wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=8)  # split: suffixes end at chunk ends
     meta = case.page_meta()
     wrapper.run(case.q, case.cache, page_meta=meta)
-    log2w, vrest = bound_terms_torch(wrapper._plan, case.q, meta)
-    assert torch.allclose(wrapper._log2w[:, :7], log2w, rtol=1e-5, atol=1e-3)
-    assert torch.allclose(wrapper._vrest, vrest, rtol=1e-6)
-    assert math.isfinite(float(log2w.max()))
+    terms = bound_terms_torch(wrapper._plan, case.q, meta)
+    assert torch.equal(wrapper._sketch_pages, terms.sketch_pages)
+    sketched = terms.log2_rest_mass[:, 0] < float("inf")  # from the cut on; before it no stop
+    assert sketched.any() and not sketched.all()
+    for kernel, reference in ((wrapper._log2w, terms.log2_rest_mass), (wrapper._log2w_low, terms.log2_rest_mass_low),
+                              (wrapper._log2wv, terms.log2_rest_value_mass)):
+        assert torch.allclose(kernel[:, :7], reference, rtol=1e-5, atol=1e-3)
+        assert not reference.isnan().any()
+    assert terms.log2_rest_mass[sketched].isfinite().all()  # pages after the cut: box or sketch bounds
+    assert (terms.log2_rest_mass[~sketched] == float("inf")).all()
+    assert torch.allclose(wrapper._vrest, terms.value_rest, rtol=1e-6)
+    assert (terms.log2_rest_mass_low <= terms.log2_rest_mass).all()
 
 
 def simulate_mass(case, termination):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 
 BACKEND_NAME = "art"
+STATE_PER_PAGE = ("snapkv", "h2o")  # policies whose per-request state is kept per KV page
 
 
 def uses_art(server_args) -> bool:
@@ -36,7 +37,13 @@ def validate_server_args(server_args) -> None:
 
     if not uses_art(server_args):
         return
-    resolve_options()
+    options = resolve_options()
+    if options.policy in STATE_PER_PAGE and not getattr(server_args, "disable_radix_cache", False):
+        raise ValueError(f"--art-policy {options.policy} keeps its state per KV page, and the radix cache shares "
+                         "pages between requests: pass --disable-radix-cache")
+    if options.policy == "snapkv" and getattr(server_args, "enable_mixed_chunk", False):
+        raise ValueError("--art-policy snapkv votes at prefill and cannot tell a mixed batch's decode tokens from "
+                         "a prompt chunk: drop --enable-mixed-chunk")
     page_size = getattr(server_args, "page_size", None)
     if page_size is None or page_size <= 1:
         raise ValueError(f"--attention-backend art reads whole KV pages; --page-size is {page_size or 1}: "
@@ -60,7 +67,7 @@ def _record_prefill_writes(result, backend, *args, **kwargs):
         bound = _HYBRID_FORWARD_SIGNATURE.bind(backend, *args, **kwargs)
         forward_batch = bound.arguments["forward_batch"]
         if not forward_batch.forward_mode.is_decode() and bound.arguments.get("save_kv_cache", True):
-            decode.record_kv_write(bound.arguments["layer"], forward_batch)
+            decode.record_extend(bound.arguments["q"], bound.arguments["layer"], forward_batch)
     return result
 
 

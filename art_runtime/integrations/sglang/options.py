@@ -19,15 +19,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from art_runtime.policies import PagePolicy, get as get_policy
+from art_runtime.policies.dense import ORDERS as DENSE_ORDERS
 from art_runtime.stats import check_loopback
 from art_runtime.termination import MODES, RELATIVE_TO, TerminationConfig
 
 CONFIG_ENV = "ART_CONFIG"
 ENV_PREFIX = "ART_"
 FLAG_PREFIX = "--art-"
-# Policies the hook can drive: they need no per-request state (SnapKV votes at prefill and
-# H2O's evictions need request lifetimes that SGLang's backend interface does not expose).
-POLICIES = ("none", "dense", "quest", "streaming_llm")
+POLICIES = ("none", "dense", "quest", "streaming_llm", "snapkv", "h2o")
 TERMINATION_FIELDS = ("mode", "tau_mag", "tau_dir", "patience", "eps", "min_pages", "relative_to", "block_pages")
 
 
@@ -87,14 +86,22 @@ class ARTOptions:
 
     Attributes
     ----------
-    policy : {"none", "dense", "quest", "streaming_llm"}
-        Page selection (``art_runtime.policies``). ``none``: every page, recency order (sink,
-        current page, newest to oldest); the only one that runs inside CUDA graphs.
-        ``dense``: every page in Quest order. ``quest``: the ``budget`` pages with the highest
-        Quest bound. ``streaming_llm``: the sink page plus ``budget - 1`` recent pages.
+    policy : {"none", "dense", "quest", "streaming_llm", "snapkv", "h2o"}
+        Page selection (``art_runtime.policies``), eager and inside CUDA graphs alike.
+        ``none``: every page, recency order (sink, current page, newest to oldest), no page
+        metadata needed. ``dense``: every page in the ``order`` given. ``quest``: the
+        ``budget`` pages with the highest Quest bound, in that order. ``streaming_llm``: the
+        sink page plus ``budget - 1`` recent pages. ``snapkv``: the prompt pages the prompt's
+        last 32 queries attend to most, plus every decode page, ``budget`` in all. ``h2o``:
+        the pages with the most attention mass so far plus the 8 newest, ``budget`` in all.
+        ``snapkv`` and ``h2o`` keep their state per KV page
+        (:mod:`~art_runtime.integrations.sglang.page_state`) and need the radix cache off.
     budget : int or None
-        Pages per (request, KV head) that ``quest`` / ``streaming_llm`` keep (sink and
-        current page included); ``None``: the policy's default.
+        Pages per (request, KV head) that the policies other than ``none`` and ``dense`` keep
+        (sink and current page included); ``None``: the policy's default.
+    order : {"quest", "mass", "recency"} or None
+        Visit order of ``dense`` (``art_runtime.policies.DensePolicy``); ``None``: its default
+        (quest).
     mode, tau_mag, tau_dir, patience, eps, min_pages, relative_to, block_pages
         ``art_runtime.TerminationConfig`` (same defaults, same validation).
     stats_address : str or None
@@ -109,6 +116,7 @@ class ARTOptions:
 
     policy: str = "none"
     budget: int | None = None
+    order: str | None = None
     mode: str = _DEFAULT_TERMINATION.mode
     tau_mag: float = _DEFAULT_TERMINATION.tau_mag
     tau_dir: float = _DEFAULT_TERMINATION.tau_dir
@@ -129,6 +137,9 @@ class ARTOptions:
         except ValueError as exc:  # TerminationConfig's messages start with the field's name
             name = str(exc).split()[0]
             raise ValueError(f"{where(name) if name in TERMINATION_FIELDS else 'ART termination'}: {exc}") from None
+        if self.order is not None and (self.policy != "dense" or self.order not in DENSE_ORDERS):
+            raise ValueError(f"{where('order')}: one of {DENSE_ORDERS}, with {flag('policy')} dense only; "
+                             f"got {self.order!r} with {flag('policy')} {self.policy}")
         try:
             self.build_policy()
         except ValueError as exc:
@@ -154,9 +165,9 @@ class ARTOptions:
         if self.policy == "dense":
             if self.budget is not None:
                 raise ValueError("policy 'dense' reads every page and takes no budget")
-            return get_policy("dense")
-        if self.policy == "quest":
-            return get_policy("quest") if self.budget is None else get_policy("quest", budget=self.budget)
+            return get_policy("dense") if self.order is None else get_policy("dense", order=self.order)
+        if self.policy in ("quest", "snapkv", "h2o"):
+            return get_policy(self.policy) if self.budget is None else get_policy(self.policy, budget=self.budget)
         if self.budget is None:
             return get_policy("streaming_llm")
         if not isinstance(self.budget, int) or self.budget < 2:
@@ -165,14 +176,15 @@ class ARTOptions:
 
 
 PARSERS = {
-    "policy": str, "budget": _parse_optional_int, "mode": str, "tau_mag": _parse_float,
+    "policy": str, "budget": _parse_optional_int, "order": _parse_optional_str, "mode": str, "tau_mag": _parse_float,
     "tau_dir": _parse_float, "patience": _parse_int, "eps": _parse_optional_float, "min_pages": _parse_int,
     "relative_to": str, "block_pages": _parse_optional_int, "stats_address": _parse_optional_str,
     "stats_interval": _parse_int, "stats_allow_remote": _parse_bool,
 }
 HELP = {
     "policy": f"page selection, one of {POLICIES} (default none: every page, recency order)",
-    "budget": "pages per (request, KV head) kept by quest / streaming_llm (default: the policy's)",
+    "budget": "pages per (request, KV head) kept by quest / streaming_llm / snapkv / h2o (default: the policy's)",
+    "order": "visit order of --art-policy dense: quest (default), mass or recency",
     "mode": f"termination criterion, one of {MODES} (default {_DEFAULT_TERMINATION.mode})",
     "tau_mag": "stability: largest relative change of |o| between blocks",
     "tau_dir": "stability: largest 1 - cos between consecutive block outputs",

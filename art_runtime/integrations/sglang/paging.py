@@ -107,76 +107,142 @@ def block_pages(termination: TerminationConfig, page_size: int, head_dim: int) -
 
 @dataclass
 class StaticPlanBuffers:
-    """Fixed buffers of a dense (recency-order), unsplit decode plan for CUDA graphs.
+    """Fixed buffers of an unsplit decode plan: a batch's page table, its selection, its visit order.
 
-    Row ``r = b * H_kv + h`` is one work item covering visit positions
-    ``row_start[r] .. row_start[r + 1]``; the positions of all rows live in ``capacity``
-    entries. Refilled in place for every batch by :meth:`fill`, so a captured kernel reads
-    the new batch at replay.
+    Row ``r = b * H_kv + h`` keeps ``row_start[r + 1] - row_start[r]`` pages, its entries
+    ``row_start[r] .. row_start[r + 1]`` of the ``capacity``-long arrays (one work item per
+    row). Every method fills these tensors in place with device operations of fixed shapes
+    and never synchronizes with the host, so kernels captured in a CUDA graph read the batch
+    filled before each replay. Entries past the batch's last row are padding (``valid``
+    False, no page to read).
+
+    Attributes
+    ----------
+    page_indptr, page_indices, last_page_len : torch.Tensor
+        ``[B_max + 1]``, ``[table_capacity]``, ``[B_max]`` int32: the batch's FlashInfer page table.
+    row_start : torch.Tensor
+        ``[R_max + 1]`` int32 selection row pointers (``R_max = B_max * H_kv``).
+    entry_row, entry_rank : torch.Tensor
+        ``[capacity]`` int64: each entry's row and rank within the row (padding: the last row, 0).
+    valid : torch.Tensor
+        ``[capacity]`` bool.
+    visit_pages, visit_phys, visit_tokens : torch.Tensor
+        ``[capacity]`` int32: logical page, physical page and tokens of each entry, in visit order.
+    work_row : torch.Tensor
+        ``[R_max]`` int32 ``arange`` (work item ``r`` is row ``r``).
+    selected : torch.Tensor
+        ``[R_max]`` int32 pages kept per row.
+    num_kv_heads : int
+    width : int
+        Pages of the longest request the buffers hold (policies' score width).
+    kept : int
+        Pages any row keeps at most.
     """
 
-    row_start: torch.Tensor      # [R_max + 1] int32
-    visit_phys: torch.Tensor     # [capacity] int32
-    visit_tokens: torch.Tensor   # [capacity] int32
-    work_row: torch.Tensor       # [R_max] int32: arange
-    selected: torch.Tensor       # [R_max] int32: pages per row
+    page_indptr: torch.Tensor
+    page_indices: torch.Tensor
+    last_page_len: torch.Tensor
+    row_start: torch.Tensor
+    entry_row: torch.Tensor
+    entry_rank: torch.Tensor
+    valid: torch.Tensor
+    visit_pages: torch.Tensor
+    visit_phys: torch.Tensor
+    visit_tokens: torch.Tensor
+    work_row: torch.Tensor
+    selected: torch.Tensor
     num_kv_heads: int
+    width: int
+    kept: int
 
     @classmethod
-    def allocate(cls, max_batch: int, num_kv_heads: int, capacity: int, device) -> "StaticPlanBuffers":
+    def allocate(cls, max_batch: int, num_kv_heads: int, width: int, kept: int, device,
+                 capacity: int | None = None, table_capacity: int | None = None) -> "StaticPlanBuffers":
+        """Buffers for up to ``max_batch`` requests of up to ``width`` pages, ``kept`` visited per row.
+
+        ``capacity`` (default ``max_batch * num_kv_heads * kept``) and ``table_capacity``
+        (default ``max_batch * width``) may be given smaller when the batch is known.
+        """
         rows = max_batch * num_kv_heads
+        capacity = rows * kept if capacity is None else capacity
+        table_capacity = max_batch * width if table_capacity is None else table_capacity
+
+        def buffer(n, dtype=torch.int32):
+            return torch.zeros(n, dtype=dtype, device=device)
+
         return cls(
-            row_start=torch.zeros(rows + 1, dtype=torch.int32, device=device),
-            visit_phys=torch.zeros(capacity, dtype=torch.int32, device=device),
-            visit_tokens=torch.zeros(capacity, dtype=torch.int32, device=device),
-            work_row=torch.arange(rows, dtype=torch.int32, device=device),
-            selected=torch.ones(rows, dtype=torch.int32, device=device),
-            num_kv_heads=num_kv_heads,
+            page_indptr=buffer(max_batch + 1), page_indices=buffer(table_capacity),
+            last_page_len=torch.ones(max_batch, dtype=torch.int32, device=device),
+            row_start=buffer(rows + 1), entry_row=buffer(capacity, torch.long), entry_rank=buffer(capacity, torch.long),
+            valid=buffer(capacity, torch.bool), visit_pages=buffer(capacity), visit_phys=buffer(capacity),
+            visit_tokens=buffer(capacity), work_row=torch.arange(rows, dtype=torch.int32, device=device),
+            selected=buffer(rows), num_kv_heads=num_kv_heads, width=width, kept=kept,
         )
 
     @property
     def capacity(self) -> int:
+        """Entries of the visit order (all rows together)."""
         return self.visit_phys.numel()
 
-    def fill(self, kv_indptr, kv_indices, kv_last_page_len, page_size: int) -> None:
-        """Lay out batch ``kv_*`` (``B`` requests): sink, current page, newest to oldest, per row."""
-        hkv = self.num_kv_heads
+    @property
+    def table_capacity(self) -> int:
+        """Entries of the page table (all requests together)."""
+        return self.page_indices.numel()
+
+    def fill_page_table(self, kv_indptr, kv_indices, kv_last_page_len) -> None:
+        """Copy a batch's page table in (``kv_indices`` at most ``table_capacity`` long)."""
         batch = kv_last_page_len.numel()
-        rows = batch * hkv
-        pages = (kv_indptr[1:] - kv_indptr[:-1]).long()
-        row_pages = pages[:, None].expand(batch, hkv).reshape(rows)
-        self.selected[:rows].copy_(row_pages)
-        row_start = torch.zeros(rows + 1, dtype=torch.long, device=pages.device)
-        torch.cumsum(row_pages, 0, out=row_start[1:])
+        self.page_indptr[: batch + 1].copy_(kv_indptr)
+        self.page_indices[: kv_indices.numel()].copy_(kv_indices)
+        self.last_page_len[:batch].copy_(kv_last_page_len)
+
+    def fill_layout(self, kept_per_row: torch.Tensor) -> None:
+        """Lay out ``[R]`` kept pages per row (``R = B * H_kv``, each >= 1)."""
+        rows = kept_per_row.numel()
+        kept = kept_per_row.long()
+        self.selected[:rows].copy_(kept)
+        row_start = torch.zeros(rows + 1, dtype=torch.long, device=kept.device)
+        torch.cumsum(kept, 0, out=row_start[1:])
         self.row_start[: rows + 1].copy_(row_start)
-        entry = torch.arange(self.capacity, device=pages.device)
+        entry = torch.arange(self.capacity, device=kept.device)
         row = torch.searchsorted(row_start[1:], entry, right=True).clamp_max(rows - 1)
-        rank = entry - row_start[row]
-        count = row_pages[row]
-        logical = torch.where(rank == 0, 0, count - rank)
         valid = entry < row_start[-1]
-        request = row // hkv
-        phys = kv_indices[torch.where(valid, kv_indptr[request].long() + logical, 0)]
-        tokens = torch.where(logical == count - 1, kv_last_page_len[request].long(), page_size)
-        self.visit_phys.copy_(torch.where(valid, phys, 0))
-        self.visit_tokens.copy_(torch.where(valid, tokens, 0))
+        self.valid.copy_(valid)
+        self.entry_row.copy_(row)
+        self.entry_rank.copy_(torch.where(valid, entry - row_start[row], 0))
+
+    def recency_pages(self) -> torch.Tensor:
+        """``[capacity]`` the dense recency order: sink, current page, then newest to oldest."""
+        count = self.selected[self.entry_row].long()
+        rank = self.entry_rank
+        return torch.where(rank == 0, 0, count - rank).to(torch.int32)
+
+    def set_visits(self, pages: torch.Tensor, page_size: int) -> None:
+        """Point the visit order at ``[capacity]`` logical ``pages`` (padding entries ignored)."""
+        pages = torch.where(self.valid, pages.long(), 0)
+        request = self.entry_row // self.num_kv_heads
+        first = self.page_indptr[request].long()
+        count = self.page_indptr[request + 1].long() - first
+        phys = self.page_indices[torch.where(self.valid, first + pages, 0)]
+        tokens = torch.where(pages == count - 1, self.last_page_len[request].long(), page_size)
+        self.visit_pages.copy_(pages)
+        self.visit_phys.copy_(torch.where(self.valid, phys, 0))
+        self.visit_tokens.copy_(torch.where(self.valid, tokens, 0))
 
     def plan(self, batch: int, num_qo_heads: int, head_dim: int, page_size: int, termination: TerminationConfig,
              sm_scale: float, num_pages: int) -> DecodePlan:
-        """The ``DecodePlan`` of a ``batch``-request graph: views of these buffers."""
+        """The ``DecodePlan`` of a ``batch``-request step: views of these buffers."""
         rows = batch * self.num_kv_heads
         pages_per_block = block_pages(termination, page_size, head_dim)
-        longest = math.ceil(self.capacity / max(rows, 1))
         return DecodePlan(
             batch_size=batch, num_qo_heads=num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=head_dim,
             page_size=page_size, block_pages=pages_per_block, termination=termination, sm_scale=sm_scale,
             max_page_index=num_pages - 1,
             row_start=self.row_start[: rows + 1],
-            visit_phys=self.visit_phys, visit_tokens=self.visit_tokens,
-            visit_row=self.work_row[:0].long(),  # read only by page-mass recording and policies: neither runs here
+            visit_phys=self.visit_phys, visit_tokens=self.visit_tokens, visit_row=self.entry_row,
             work_row=self.work_row[:rows],
             work_start=self.row_start[:rows], work_end=self.row_start[1: rows + 1],
             row_work_indptr=torch.arange(rows + 1, dtype=torch.int32, device=self.row_start.device),
             selected_pages=self.selected[:rows].view(batch, self.num_kv_heads),
-            max_work_blocks=math.ceil(longest / pages_per_block),
+            max_work_blocks=math.ceil(self.kept / pages_per_block),
         )

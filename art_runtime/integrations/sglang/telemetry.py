@@ -7,7 +7,8 @@ without waiting and zeroed; the copy is read one interval later, when it has lon
 then published on the stats stream (``art_runtime.stats``, one message per layer) and added to
 Prometheus counters.
 
-A message aggregates the interval: its "batch" is one row named ``tp<rank>`` whose
+A message aggregates the interval: its "batch" is one row named after the rank (``tp1``;
+``pp1-tp0`` with pipeline stages, ``dp1-tp0`` with data-parallel replicas) whose
 ``visited_pages`` / ``selected_pages`` / ``visited_tokens`` are ``[H_kv]`` sums over the
 interval's requests and steps (termination depth per head = visited / selected),
 ``stable_at`` is ``[[]]`` (not aggregated), ``kv_bytes_read`` and ``dense_kv_bytes`` are the
@@ -46,7 +47,7 @@ def prometheus_counters() -> dict:
     if _COUNTERS is None:
         from prometheus_client import Counter
 
-        labels = ["tp_rank"]
+        labels = ["rank"]
         _COUNTERS = {
             "selected": Counter(PROMETHEUS_PREFIX + "selected_pages_total",
                                 "KV pages selected for ART decode, summed over layers, requests and KV heads", labels),
@@ -73,7 +74,9 @@ class DecodeTelemetry:
         Page-metadata bytes the bound criterion reads per selected (page, KV head); 0 otherwise.
     device : torch.device
     rank : int
-        Tensor-parallel rank (names the row, offsets the endpoint).
+        Index of this process among the server's ranks (offsets the endpoint).
+    rank_name : str
+        Its name in messages and the Prometheus label ``rank`` (default ``tp<rank>``).
     stats_address : str or None
         Publish on this endpoint; ``None``: don't.
     stats_interval : int
@@ -86,7 +89,8 @@ class DecodeTelemetry:
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, num_qo_heads: int, head_dim: int, element_size: int,
-                 metadata_bytes_per_page: int, device, rank: int = 0, stats_address: str | None = None,
+                 metadata_bytes_per_page: int, device, rank: int = 0, rank_name: str | None = None,
+                 stats_address: str | None = None,
                  stats_interval: int = 16, allow_remote: bool = False, enable_metrics: bool = False,
                  layer_offset: int = 0):
         self.accumulator = torch.zeros((num_layers, 5, num_kv_heads), dtype=torch.int64, device=device)
@@ -95,6 +99,7 @@ class DecodeTelemetry:
         self.num_qo_heads, self.head_dim, self.element_size = num_qo_heads, head_dim, element_size
         self.metadata_bytes_per_page = metadata_bytes_per_page
         self.layer_offset, self.rank, self.interval = layer_offset, rank, stats_interval
+        self.rank_name = f"tp{rank}" if rank_name is None else rank_name
         self.steps = 0
         self._pending = None  # (host copy, event or None, step)
         self.publisher = None
@@ -157,13 +162,13 @@ class DecodeTelemetry:
             totals["dense_bytes"] += dense
             if self.publisher is not None:
                 self.publisher.publish(StepStats(
-                    step=step, layer=index + self.layer_offset, request_ids=[f"tp{self.rank}"],
+                    step=step, layer=index + self.layer_offset, request_ids=[self.rank_name],
                     visited_pages=[layer[VISITED_PAGES]], selected_pages=[layer[SELECTED_PAGES]],
                     visited_tokens=[layer[VISITED_TOKENS]], stable_at=[[]], kv_bytes_read=kv_bytes,
                     dense_kv_bytes=dense))
         if self.counters is not None:
             for name, value in totals.items():
-                self.counters[name].labels(tp_rank=str(self.rank)).inc(value)
+                self.counters[name].labels(rank=self.rank_name).inc(value)
 
     def close(self) -> None:
         if self.publisher is not None:
