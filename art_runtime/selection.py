@@ -97,18 +97,11 @@ def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int
             if layout.width > 1 << 20:  # the radix select counts in 20 bits
                 raise ValueError(f"a request of {layout.width} pages: the selection kernel takes at most 2^20 pages")
             width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
-            kept_pow2 = max(16, 1 << (layout.kept - 1).bit_length())
-            # Sorting the candidates with the kept pages saves two radix rounds of latency, which
-            # pays when the rows leave SMs idle; with more rows than SMs the larger sort costs
-            # more throughput than the rounds (H100, benchmarks/NOTES.md p6).
-            cand_pow2 = kept_pow2
-            if scores.shape[0] <= _multiprocessors(scores.device):
-                cand_pow2 = max(kept_pow2, min(2 * kept_pow2, width_pow2))
             select_top_pages_kernel[(scores.shape[0],)](
-                scores, kv_indptr, layout.indptr,
-                torch.empty(scores.shape[0] * cand_pow2, dtype=torch.int64, device=scores.device), pages,
-                scores.stride(0), NUM_KV_HEADS=num_kv_heads, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2,
-                CAND_POW2=cand_pow2, num_warps=min(16, max(4, width_pow2 // 256)),  # <= 8 keys a thread: registers
+                scores, kv_indptr, layout.indptr, torch.empty(nnz, dtype=torch.int64, device=scores.device), pages,
+                scores.stride(0), NUM_KV_HEADS=num_kv_heads, WIDTH_POW2=width_pow2,
+                KEPT_POW2=max(16, 1 << (layout.kept - 1).bit_length()),
+                num_warps=min(16, max(4, width_pow2 // 256)),  # 8 keys a thread at most, to stay in registers
             )
         return pages
     num_pages = (kv_indptr[1:] - kv_indptr[:-1]).long().repeat_interleave(num_kv_heads)[:, None]
@@ -122,12 +115,6 @@ def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int
     keys = (ordered.to(torch.int64) << 32) | (layout.width - 1 - positions)  # unique: ties to the lower position
     order = torch.sort(keys, dim=1, descending=True).indices
     return order[layout.row, layout.rank].to(torch.int32)
-
-
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1 << 30  # the Triton interpreter: latency is not the question, exercise the candidate sort
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def validate_selection(selection: PageSelection, pages_per_request: torch.Tensor, num_kv_heads: int) -> None:

@@ -92,10 +92,10 @@ def main():
         compile_kernel(page_metadata_update_kernel,
                        dict(PAGE_SIZE=page, PAGE_SIZE_POW2=1 << (page - 1).bit_length(), HEAD_DIM=dim), ptrs)
         count += 1
-    for width_pow2, kept_pow2 in ((16, 16), (2048, 128), (8192, 8192)):
-        compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2,
-                                                    CAND_POW2=max(kept_pow2, min(2 * kept_pow2, width_pow2))),
-                       dict(int_ptrs, scratch_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
+    for width_pow2 in (16, 2048, 8192):
+        compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=max(16, width_pow2),
+                                                    KEPT_POW2=max(16, width_pow2 // 16)), dict(int_ptrs, keys_ptr="i64"),
+                       num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
     print(f"compiled {count} kernel variants for sm_90")
 

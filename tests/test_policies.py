@@ -96,8 +96,7 @@ def test_selection_kernel_equals_torch_ordering(budget, device):
 @pytest.mark.parametrize("values, budget", [(1000, 7), (2, 7), (2, 600), (1, 1000)],
                          ids=["spread", "ties-fallback", "ties-large-budget", "all-equal-dense"])
 def test_selection_kernel_wide_rows(values, budget, device):
-    """Rows of 1000 pages: the sort of the kept and the candidates sharing the threshold's top
-    16 bits, and the exact four-round path when too many share them (many ties)."""
+    """Rows of 1000 pages with spread scores, many ties, a large budget and all scores equal."""
     from art_runtime import selection
 
     case = make_case([16 * 1000 - 3, 16 * 900], 4, 2, 16, 16, device=device, seed=values)
