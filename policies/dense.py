@@ -30,9 +30,10 @@ class DensePolicy(PagePolicy):
 
     Why ``quest`` is the default (``benchmarks/results/visit_order_2026-11-26.md``: the
     shared captures of Qwen2.5-0.5B at 16K and SmolLM2-135M at 8K, 16 queries per layer):
-    the certified bound stops only in Quest order (SmolLM2: 93-98.5% of pages read at eps
-    0.05-0.1 on the values; Qwen: none saved with key boxes; in recency order it reads every
-    page of both); the paper's stability rule stops earlier in recency order (15-30% of pages
+    the certified bound, then built on key boxes, stops only in Quest order (SmolLM2:
+    93-98.5% of pages read at eps 0.05-0.1 on the values; Qwen: none saved; in recency order
+    it reads every page of both; the key-sketch bound that replaced it:
+    ``benchmarks/results/bound_sketch_2026-11-26/``); the paper's stability rule stops earlier in recency order (15-30% of pages
     against 17-43%) but with larger errors (max over heads relative to |o| up to 0.74 against
     0.44; 0.36 against 0.13 on SmolLM2 layer 15). ``plan(policy=None)`` stays a recency-
     ordered dense selection, which needs neither the query nor page metadata.
