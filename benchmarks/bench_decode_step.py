@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import L2Flusher, as_cuda_graph, copy_bandwidth_tbps, device_info, markdown_table, median_time_us, utc_now, write_results
+from common import L2Flusher, as_cuda_graph, copy_bandwidth_tbps, device_info, markdown_table, median_time_us, utc_now, report
 from real_batch import (DEFAULT_CAPTURES_DIR, DTYPE, PAGE_SIZE, build_real_batch, error_summary, exact_attention,
                         load_layer, plan_art, relative_errors, termination_settings)
 
@@ -347,14 +347,8 @@ def main(argv=None) -> int:
                    settings={label: dataclasses.asdict(config) for label, config in settings},
                    target_speedup=TARGET_SPEEDUP, rows=rows, failures=failures)
     stem = f"decode_step_{info.get('slug', 'cpu')}_{started.date().isoformat()}" + ("_dry_run" * args.dry_run)
-    paths = write_results(args.out_dir, stem, payload, markdown)
-    print(markdown)
-    print("wrote " + ", ".join(str(path) for path in paths))
-    if failures:
-        print(f"FAILED: ART off differs from exact attention by more than {MAX_OFF_ERROR} in {len(failures)} layers",
-              file=sys.stderr)
-        return 1
-    return 0
+    return report(args.out_dir, stem, payload, markdown, failures,
+                  f"ART off differs from exact attention by more than {MAX_OFF_ERROR}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import L2Flusher, as_cuda_graph, copy_bandwidth_tbps, device_info, markdown_table, median_time_us, utc_now, write_results
+from common import L2Flusher, as_cuda_graph, copy_bandwidth_tbps, device_info, markdown_table, median_time_us, utc_now, report
 from real_batch import (CAPTURES, DEFAULT_CAPTURES_DIR, PAGE_SIZE, build_real_batch, error_summary, exact_attention,
                         load_layer, plan_art, relative_errors, termination_settings)
 
@@ -225,14 +225,8 @@ def main(argv=None) -> int:
                    settings={label: dataclasses.asdict(config) for label, config in settings},
                    target_ratio=TARGET_RATIO, target_min_kv_len=TARGET_MIN_KV_LEN, rows=rows, failures=failures)
     stem = f"real_attention_{info.get('slug', 'cpu')}_{started.date().isoformat()}" + ("_dry_run" * args.dry_run)
-    paths = write_results(args.out_dir, stem, payload, markdown)
-    print(markdown)
-    print("wrote " + ", ".join(str(path) for path in paths))
-    if failures:
-        print(f"FAILED: mode off differs from exact attention by more than {MAX_OFF_ERROR} in {len(failures)} rows",
-              file=sys.stderr)
-        return 1
-    return 0
+    return report(args.out_dir, stem, payload, markdown, failures,
+                  f"mode off differs from exact attention by more than {MAX_OFF_ERROR}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import platform
 import re
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -191,3 +192,14 @@ def write_results(out_dir: Path, stem: str, payload: dict, markdown: str) -> lis
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     markdown_path.write_text(markdown + "\n")
     return [json_path, markdown_path]
+
+
+def report(out_dir: Path, stem: str, payload: dict, markdown: str, failures: Sequence, what: str) -> int:
+    """Write the results, print the table and where it went; exit status 1 (with ``what``) if any ``failures``."""
+    paths = write_results(out_dir, stem, payload, markdown)
+    print(markdown)
+    print("wrote " + ", ".join(str(path) for path in paths))
+    if failures:
+        print(f"FAILED: {what} in {len(failures)} {'row' if len(failures) == 1 else 'rows'}", file=sys.stderr)
+        return 1
+    return 0
