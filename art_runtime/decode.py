@@ -38,9 +38,14 @@ NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipel
 PROGRAMS_PER_SM = None
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256: 64 tokens)
-# Blocks per pipelined pass of the termination loop: the compiler pipelines a pass's `for`
-# loop; a group that stops mid-pass runs the rest of the pass masked (no memory read).
+# Blocks per pass of the termination loop (a `for` loop the compiler may pipeline, inside
+# the `while` loop that ends when the group stops).
 PASS_BLOCKS = 8
+# Up to this head_dim the termination loop reads each pass speculatively so that its loads
+# are pipelined (kernels/art_decode.py, SPECULATE). Measured on H100 (benchmarks/NOTES.md
+# v10): 14/2/64 stability 2.0-2.1x -> 1.5-1.6x of `off`; at head_dim 128 it cost 8-9% more
+# (1.11x -> 1.20x), the shared-memory pipeline taking occupancy that already hid the latency.
+SPECULATE_MAX_HEAD_DIM = 64
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight per program (H100/H200: 227 KiB)
 
 
@@ -60,7 +65,8 @@ class DecodeStats:
         ``[B, H_qo]`` int32: the visit-order block (``block_pages`` pages each) at which each
         query head first met the criterion on its own (``-1``: never; always -1 in ``off``).
     kv_bytes_read : torch.Tensor
-        0-d int64: K and V bytes read, plus the page metadata read (bound and mass modes:
+        0-d int64: K and V bytes of ``loaded_tokens``, plus the page metadata read (bound and
+        mass modes:
         every selected page's key box and value norm, and in bound mode the key sketch of
         ``sketch_pages``; key-box scoring policies such as Quest: every page's key box).
     selection : PageSelection
@@ -71,6 +77,11 @@ class DecodeStats:
         with ``record_page_mass=True`` or for a policy that needs it (H2O).
     sketch_pages : torch.Tensor or None
         ``[B, H_kv]`` int32: pages whose key sketch the bound read (``bound`` only).
+    loaded_tokens : torch.Tensor or None
+        ``[B, H_kv]`` int32: tokens whose K and V were read from memory: ``visited_tokens``
+        plus, in the Triton kernel's termination modes at ``head_dim <= 64``, the rest of the
+        pipelined pass in which a work item stopped (at most ``PASS_BLOCKS - 1`` blocks, read
+        speculatively and discarded).
     """
 
     visited_pages: torch.Tensor
@@ -81,6 +92,7 @@ class DecodeStats:
     selection: PageSelection
     page_mass: torch.Tensor | None
     sketch_pages: torch.Tensor | None = None
+    loaded_tokens: torch.Tensor | None = None
 
 
 def _check_int(name: str, value, low: int, high: int) -> int:
@@ -236,6 +248,7 @@ class BatchARTDecodeWrapper:
         num_work = plan.num_work
         self._visited_pages = torch.zeros(num_work, dtype=torch.int32, device=device)
         self._visited_tokens = torch.zeros(num_work, dtype=torch.int32, device=device)
+        self._loaded_tokens = torch.zeros(num_work, dtype=torch.int32, device=device)
         self._stable_at = torch.full((num_work, group_pad), -1, dtype=torch.int32, device=device)
         split = plan.split and self._backend == "triton"
         self._part_out = torch.empty((num_work if split else 0, group_pad, plan.head_dim), dtype=torch.float32, device=device)
@@ -320,6 +333,7 @@ class BatchARTDecodeWrapper:
             lse.copy_(o_lse)
             self._visited_pages.copy_(visited)
             self._visited_tokens.copy_(tokens)
+            self._loaded_tokens.copy_(tokens)
             self._stable_at[:, : plan.group_size].copy_(stable_at)
         page_mass = self._page_mass(plan, lse) if self._record_page_mass else None
         if page_mass is not None and self._policy is not None and self._policy[0].needs_page_mass:
@@ -435,7 +449,7 @@ class BatchARTDecodeWrapper:
             q, k_cache, v_cache, out, lse, self._part_out, self._part_lse,
             plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, plan.row_start,
             self._log2w, self._vrest, self._vscale, self._log2w_low, self._log2wv,
-            self._visited_pages, self._visited_tokens, self._stable_at, self._page_lse,
+            self._visited_pages, self._visited_tokens, self._loaded_tokens, self._stable_at, self._page_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
             qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages, OVERFLOW_LOG2,
@@ -443,6 +457,7 @@ class BatchARTDecodeWrapper:
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
             DOT_IN_INPUT_DTYPE=dot_in_input_dtype, PAGE_MASS=self._record_page_mass, PASS_BLOCKS=PASS_BLOCKS,
+            SPECULATE=plan.head_dim <= SPECULATE_MAX_HEAD_DIM,
             num_warps=NUM_WARPS, num_stages=self._num_stages(plan, block_n, k_cache.element_size()),
         )
         if plan.split:
@@ -479,7 +494,8 @@ class BatchARTDecodeWrapper:
         stable = torch.full((plan.num_rows, plan.group_size), never, dtype=torch.int32, device=device)
         stable.scatter_reduce_(0, rows[:, None].expand_as(first), first, "amin")
         stable = torch.where(stable == never, -1, stable)
-        kv_bytes = tokens.long().sum() * 2 * plan.head_dim * elem_size + meta_bytes
+        loaded = torch.zeros(plan.num_rows, dtype=torch.int32, device=device).index_add_(0, rows, self._loaded_tokens)
+        kv_bytes = loaded.long().sum() * 2 * plan.head_dim * elem_size + meta_bytes
         sketch_pages = None
         if sketch_bytes:
             sketch_pages = torch.zeros(plan.num_rows, dtype=torch.int32, device=device).index_add_(
@@ -495,4 +511,5 @@ class BatchARTDecodeWrapper:
             selection=self._selection,
             page_mass=page_mass,
             sketch_pages=sketch_pages,
+            loaded_tokens=loaded.view(batch, hkv),
         )

@@ -120,21 +120,22 @@ def build_plan(
     selection: PageSelection,
     chunk_pages: int | None,
     parallel_programs: int,
-    off_block_tokens: int,
+    tile_tokens: int,
 ) -> DecodePlan:
     """Flatten ``selection`` through the page table and cut it into work items.
 
     ``chunk_pages`` None lets ``parallel_programs`` decide; bound mode relative to the output
     is never split (its criterion needs the whole row's state, see ``TerminationConfig``).
-    Mode ``off`` checks nothing, so unless ``block_pages`` is set its tile is
-    ``off_block_tokens`` long, whatever reads fastest.
+    ``tile_tokens`` is the longest tile that reads fastest for this head_dim: mode ``off``
+    checks nothing, so unless ``block_pages`` is set its blocks are that long; the other
+    modes' default blocks (``DEFAULT_BLOCK_TOKENS``) are capped by it.
     """
     device = kv_indptr.device
     batch_size = kv_last_page_len.numel()
-    if termination.mode == "off":
-        block_pages = termination.pages_per_block(page_size, off_block_tokens)
+    if termination.mode == "off" and termination.block_pages is None:
+        block_pages = max(1, tile_tokens // page_size)
     else:
-        block_pages = termination.pages_per_block(page_size)
+        block_pages = termination.pages_per_block(page_size, tile_tokens)
     if block_pages * page_size > MAX_BLOCK_TOKENS:
         raise ValueError(
             f"termination.block_pages * page_size must be <= {MAX_BLOCK_TOKENS} tokens, "

@@ -112,7 +112,14 @@ RELATIVE_TO = ("output", "values")
 # Kernel-side integer codes (constexpr in the Triton kernel, branches in the torch backend).
 MODE_CODE = {"off": 0, "stability": 1, "bound": 2, "mass": 3}
 
-DEFAULT_BLOCK_TOKENS = 64
+# Tokens per termination check (one kernel block) when ``block_pages`` is None. The paper's
+# stability rule (patience counted in blocks, calibrated at 64 tokens) is checked every 64
+# tokens; mass and bound every 128: their criteria ease as pages are read (mass's estimated
+# unread share only falls), so a coarser check stops at most one block later, and the kernel's
+# time per block is mostly latency: on real attention at batch 64 (H100, benchmarks/NOTES.md
+# v10) 128-token checks took mass's decode kernel from 224 to 146 µs (SmolLM2 layer 25) and
+# from 326 to 230 µs (Qwen2.5 layer 12) for +0.4 points of pages read.
+DEFAULT_BLOCK_TOKENS = {"off": 64, "stability": 64, "mass": 128, "bound": 128}
 
 # eps of each mode that reads one, when TerminationConfig gets eps=None (its default); see
 # the module docstring and benchmarks/results/calibration_smollm2_2026-11-26/README.md.
@@ -149,8 +156,9 @@ class TerminationConfig:
     relative_to : {"output", "values"}
         What ``eps`` is relative to in bound mode.
     block_pages : int or None
-        Pages per termination check (one kernel tile). ``None``: as many pages as make
-        64 tokens (at least one page).
+        Pages per termination check (one kernel tile). ``None``: as many pages as make the
+        mode's ``DEFAULT_BLOCK_TOKENS`` (64 tokens for stability, 128 for mass and bound;
+        at least one page, and for head_dim 256 at most 64 tokens).
     """
 
     mode: str = "mass"
@@ -193,8 +201,12 @@ class TerminationConfig:
         """Whether the criterion reads every selected page's metadata (``bound``, ``mass``)."""
         return self.mode in ("bound", "mass")
 
-    def pages_per_block(self, page_size: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> int:
-        """Pages per block: ``block_pages`` if set, else ``block_tokens`` worth (at least one)."""
+    def pages_per_block(self, page_size: int, max_block_tokens: int | None = None) -> int:
+        """Pages per block: ``block_pages`` if set, else the mode's ``DEFAULT_BLOCK_TOKENS``
+        worth, at most ``max_block_tokens`` (at least one page)."""
         if self.block_pages is not None:
             return self.block_pages
-        return max(1, block_tokens // page_size)
+        tokens = DEFAULT_BLOCK_TOKENS[self.mode]
+        if max_block_tokens is not None:
+            tokens = min(tokens, max_block_tokens)
+        return max(1, tokens // page_size)

@@ -79,7 +79,7 @@ def art_decode_kernel(
     work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr,
     bound_log2w_ptr, bound_vrest_ptr, row_vscale_ptr,  # bound / mass modes: [nnz, GROUP_PAD], [nnz], [R]
     bound_log2w_low_ptr, bound_log2wv_ptr,  # bound: [nnz, GROUP_PAD] each (page_bounds)
-    visited_pages_ptr, visited_tokens_ptr, stable_at_ptr,  # stats: [W], [W], [W, GROUP_PAD]
+    visited_pages_ptr, visited_tokens_ptr, loaded_tokens_ptr, stable_at_ptr,  # stats: [W] x3, [W, GROUP_PAD]
     page_lse_ptr,                       # PAGE_MASS: [nnz, GROUP_PAD] log2 softmax mass of each page read
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ob, stride_oh,
@@ -88,6 +88,7 @@ def art_decode_kernel(
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, VALUES_RELATIVE: tl.constexpr, SPLIT: tl.constexpr,
     DOT_IN_INPUT_DTYPE: tl.constexpr, PAGE_MASS: tl.constexpr, PASS_BLOCKS: tl.constexpr,
+    SPECULATE: tl.constexpr,
 ):
     work = tl.program_id(0)
     row = tl.load(work_row_ptr + work)
@@ -108,7 +109,8 @@ def art_decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    tokens_read = start * 0
+    tokens_read = start * 0  # tokens folded into the output
+    loaded_tokens = start * 0  # tokens read from memory (termination modes: past the stop too)
     stable_at = tl.full([GROUP_PAD], -1, tl.int32)
 
     if MODE == 0:
@@ -126,6 +128,7 @@ def art_decode_kernel(
                 _store_page_lse(page_lse_ptr, s, pos, end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
             phys, tokens = next_phys, next_tokens
             tokens_read += block_tokens
+        loaded_tokens = tokens_read
         pos = end
     else:
         first_block = (start - row_start) // BLOCK_PAGES  # global index of this chunk's first block
@@ -141,16 +144,28 @@ def art_decode_kernel(
         go = live
         while go:
             # PASS_BLOCKS blocks per pass through a `for` loop, which the compiler software-
-            # pipelines (a `while` loop it does not): once the group stops, the rest of the
-            # pass is masked off (no memory is read) and changes nothing.
-            for block_pos in range(pos, tl.minimum(pos + PASS_BLOCKS * BLOCK_PAGES, end), BLOCK_PAGES):
+            # pipelines (a `while` loop it does not) if its loads do not depend on `live`
+            # (SPECULATE): block t+1's K/V are then in flight while block t is checked, and
+            # once the group stops the rest of the pass is still read (loaded_tokens) but
+            # changes nothing. Without SPECULATE the rest of the pass is masked off (no
+            # memory read) and each block's loads wait for the previous block's check.
+            pass_end = tl.minimum(pos + PASS_BLOCKS * BLOCK_PAGES, end)
+            for block_pos in range(pos, pass_end, BLOCK_PAGES):
                 live_end = tl.where(live, end, block_pos)
-                phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, block_pos, live_end,
-                                            PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
-                m_i, l_i, acc, block_tokens, s = _attend_block(
+                phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, block_pos,
+                                            end if SPECULATE else live_end, PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
+                m_new, l_new, acc_new, block_tokens, s = _attend_block(
                     q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
                     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
                     PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+                loaded_tokens += block_tokens
+                if SPECULATE:
+                    m_i = tl.where(live, m_new, m_i)
+                    l_i = tl.where(live, l_new, l_i)
+                    acc = tl.where(live, acc_new, acc)
+                    block_tokens = tl.where(live, block_tokens, 0)
+                else:  # a masked block changes nothing
+                    m_i, l_i, acc = m_new, l_new, acc_new
                 if PAGE_MASS:
                     _store_page_lse(page_lse_ptr, s, block_pos, live_end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
                 tokens_read += block_tokens
@@ -172,20 +187,20 @@ def art_decode_kernel(
                 else:
                     # Bound (MODE 2: certified) or estimate (MODE 3) of the unread rest of this chunk.
                     at = next_pos * GROUP_PAD + g
-                    log2_rest = tl.load(bound_log2w_ptr + at, mask=rest & live, other=float("-inf")) - m_i
+                    log2_rest = tl.load(bound_log2w_ptr + at, mask=rest, other=float("-inf")) - m_i
                     # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
                     rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(-log2_rest))
                     if MODE == 3:
                         head_ok = rest_fraction <= eps
                     else:
-                        v_rest = tl.load(bound_vrest_ptr + next_pos, mask=rest & live, other=0.0)
+                        v_rest = tl.load(bound_vrest_ptr + next_pos, mask=rest, other=0.0)
                         # |o| of the merged output: this chunk's own output only when the row is whole.
                         if SPLIT:
                             o_ref = vscale + tl.zeros([GROUP_PAD], tl.float32)
                         else:
                             o_ref = o_norm
-                        weighted = tl.load(bound_log2wv_ptr + at, mask=rest & live, other=float("-inf")) - m_i
-                        low = tl.minimum(tl.load(bound_log2w_low_ptr + at, mask=rest & live,
+                        weighted = tl.load(bound_log2wv_ptr + at, mask=rest, other=float("-inf")) - m_i
+                        low = tl.minimum(tl.load(bound_log2w_low_ptr + at, mask=rest,
                                                  other=float("-inf")) - m_i, log2_rest)
                         err_weighted = (tl.exp2(weighted) + tl.exp2(log2_rest) * o_ref) / (l_i + tl.exp2(low))
                         err_weighted = tl.where(tl.maximum(weighted, log2_rest) > overflow_log2, float("inf"),
@@ -206,6 +221,7 @@ def art_decode_kernel(
 
     tl.store(visited_pages_ptr + work, tl.minimum(pos, end) - start)
     tl.store(visited_tokens_ptr + work, tokens_read)
+    tl.store(loaded_tokens_ptr + work, loaded_tokens)
     tl.store(stable_at_ptr + work * GROUP_PAD + g, stable_at)
     o = acc / l_i[:, None]
     lse = m_i + tl.log2(l_i)

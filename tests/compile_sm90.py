@@ -52,6 +52,7 @@ def main():
     count = 0
     int_ptrs = {n: "i32" for n in ("visit_phys_ptr", "visit_tokens_ptr", "work_row_ptr", "work_start_ptr",
                                   "work_end_ptr", "row_start_ptr", "visited_pages_ptr", "visited_tokens_ptr",
+                                  "loaded_tokens_ptr",
                                   "stable_at_ptr", "row_work_indptr_ptr", "batch_indices_ptr", "positions_ptr",
                                   "append_indptr_ptr", "kv_indices_ptr", "kv_indptr_ptr", "sel_indptr_ptr", "pages_ptr")}
     # Every value of every parameter appears with every mode; the full product takes ~9 min.
@@ -66,7 +67,8 @@ def main():
         page_mass = block_n == page * block_pages and split  # H2O's page mass (power-of-two blocks only)
         constexprs = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, PAGE_SIZE=page,
                           BLOCK_PAGES=block_pages, BLOCK_N=block_n, MODE=mode, VALUES_RELATIVE=values, SPLIT=split,
-                          DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_MASS=page_mass, PASS_BLOCKS=8)
+                          DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_MASS=page_mass, PASS_BLOCKS=8,
+                          SPECULATE=dim <= 64)
         compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=4, num_stages=2)
         count += 1
         if mode in (2, 3) and not split:  # the pre-pass does not depend on the split

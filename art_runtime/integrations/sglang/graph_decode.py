@@ -25,7 +25,7 @@ from .paging import StaticPlanBuffers
 
 # Wrapper buffers with one entry per work item or row: viewed per batch size. The others
 # (bound terms per visit position) are sized by the fixed capacity and shared as they are.
-_PER_ROW = ("_visited_pages", "_visited_tokens", "_stable_at", "_vscale", "_sketch_pages")
+_PER_ROW = ("_visited_pages", "_visited_tokens", "_loaded_tokens", "_stable_at", "_vscale", "_sketch_pages")
 
 
 class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):

@@ -100,9 +100,10 @@ def appended_page_table(out_cache_loc, first_position, num_new, page_size: int):
 
 def block_pages(termination: TerminationConfig, page_size: int, head_dim: int) -> int:
     """Pages per kernel block, as ``BatchARTDecodeWrapper.plan`` picks them."""
-    if termination.mode == "off":
-        return termination.pages_per_block(page_size, min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim))
-    return termination.pages_per_block(page_size)
+    tile_tokens = min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim)
+    if termination.mode == "off" and termination.block_pages is None:
+        return max(1, tile_tokens // page_size)
+    return termination.pages_per_block(page_size, tile_tokens)
 
 
 @dataclass
