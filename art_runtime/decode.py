@@ -28,6 +28,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GROUP_SIZE = 64
 MAX_PAGE_SIZE = 256
 BOUND_TILE = 32
+# Positions per program of the mass/bound pre-pass (a work item's visit order is cut into
+# segments scanned in parallel, then joined by segment_carry_kernel).
+SEGMENT_PAGES = 64
 SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
@@ -261,6 +264,11 @@ class BatchARTDecodeWrapper:
         self._log2w_low = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._log2wv = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._vrest = torch.empty((plan.nnz if bound else 0,), dtype=torch.float32, device=device)
+        segments = self._prepass_segments(plan)[1] if bound else 0
+        self._seg_est = torch.empty((plan.num_work, segments, group_pad), dtype=torch.float32, device=device)
+        self._seg_vmax = torch.empty((plan.num_work, segments), dtype=torch.float32, device=device)
+        self._seg_bounds = torch.empty((3, plan.num_work, segments if certified else 0, group_pad),
+                                       dtype=torch.float32, device=device)
         self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
         self._page_lse = torch.empty((plan.nnz if self._record_page_mass else 0, group_pad), dtype=torch.float32,
                                      device=device)
@@ -410,6 +418,62 @@ class BatchARTDecodeWrapper:
         if page_meta.key_min.device != k_cache.device:
             raise ValueError(f"page_meta must be on {k_cache.device}, got {page_meta.key_min.device}")
 
+    @staticmethod
+    def _prepass_segments(plan: DecodePlan) -> tuple[int, int, int, int]:
+        """``(segment pages, segments per work item, estimate tile, sketch tile)`` of the pre-pass."""
+        sketch_tile = max(16, SKETCH_TILE_TOKENS // next_power_of_two(plan.page_size))
+        seg_pages = max(SEGMENT_PAGES, sketch_tile) if plan.termination.mode == "bound" else SEGMENT_PAGES
+        segments = max(1, math.ceil(plan.max_work_blocks * plan.block_pages / seg_pages))
+        return seg_pages, segments, min(BOUND_TILE, seg_pages), sketch_tile
+
+    def _run_bound_prepass(self, plan: DecodePlan, q, page_meta, qk_scale: float) -> None:
+        """Modes mass and bound: the per-position suffix terms the decode kernel's check reads
+        (``kernels/page_bounds.py``: segments of ``SEGMENT_PAGES`` positions, one program each)."""
+        from .kernels.page_bounds import (page_mass_estimate_kernel, page_sketch_bound_kernel,
+                                          segment_carry_kernel)
+
+        term = plan.termination
+        group_pad = self._group_pad
+        page_size_pow2 = next_power_of_two(plan.page_size)
+        seg_pages, segments, estimate_tile, sketch_tile = self._prepass_segments(plan)
+        grid = (plan.num_work, segments)
+        seg_est, seg_vmax, seg_bounds = self._seg_est, self._seg_vmax, self._seg_bounds
+        dot_in_input_dtype = q.dtype != torch.float32 and not triton_interpreter_enabled()
+        common = dict(NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
+                      HEAD_DIM=plan.head_dim, SEG_PAGES=seg_pages, SEGMENTS=segments)
+        page_mass_estimate_kernel[grid](
+            q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, page_meta.value_norm_max,
+            plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
+            self._log2w, self._vrest, seg_est, seg_vmax,
+            q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
+            page_meta.value_norm_max.stride(0), qk_scale, plan.sm_scale, VALUE_NORM_SCALE,
+            TILE=estimate_tile, DOT_IN_INPUT_DTYPE=dot_in_input_dtype, **common,
+        )
+        carry = dict(GROUP_PAD=group_pad, TILE=estimate_tile, SEG_PAGES=seg_pages, SEGMENTS=segments,
+                     SEGMENTS_POW2=next_power_of_two(segments))
+        segment_carry_kernel[grid](
+            self._log2w, self._log2w_low, self._log2wv, self._vrest, seg_est, seg_est, seg_est, seg_vmax,
+            plan.work_start, plan.work_end, 0.0, CERTIFIED=False, **carry,
+        )
+        if term.mode == "bound":
+            self._sketch_pages.zero_()
+            page_sketch_bound_kernel[grid](
+                q, page_meta.value_norm_max, page_meta.key_codes, page_meta.key_grid_base,
+                page_meta.key_grid_exponent, plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start,
+                plan.work_end, seg_est, self._log2w, self._log2w_low, self._log2wv, *seg_bounds,
+                self._sketch_pages, q.stride(0), q.stride(1), page_meta.value_norm_max.stride(0),
+                page_meta.key_codes.stride(0), page_meta.key_codes.stride(1),
+                page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
+                qk_scale, VALUE_NORM_SCALE,
+                math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
+                TILE=sketch_tile, SEGMENTS_POW2=next_power_of_two(segments), DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
+                PAGE_SIZE_POW2=page_size_pow2, **common,
+            )
+            segment_carry_kernel[grid](
+                self._log2w, self._log2w_low, self._log2wv, self._vrest, *seg_bounds, seg_vmax,
+                plan.work_start, plan.work_end, LOG2_SLACK, CERTIFIED=True, **carry,
+            )
+
     def _run_triton(self, plan, q, k_cache, v_cache, page_meta, out, lse) -> None:
         from .kernels.art_decode import art_decode_kernel, art_merge_kernel
 
@@ -417,25 +481,7 @@ class BatchARTDecodeWrapper:
         group_pad = self._group_pad
         qk_scale = plan.sm_scale * LOG2E
         if term.reads_page_metadata:
-            from .kernels.page_bounds import page_bound_suffix_kernel
-
-            estimate = term.mode == "mass"
-            page_size_pow2 = next_power_of_two(plan.page_size)
-            page_bound_suffix_kernel[(plan.num_work,)](
-                q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, page_meta.value_norm_max,
-                page_meta.key_codes, page_meta.key_grid_base, page_meta.key_grid_exponent,
-                plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
-                self._log2w, self._vrest, self._log2w_low, self._log2wv, self._sketch_pages,
-                q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
-                page_meta.value_norm_max.stride(0), page_meta.key_codes.stride(0), page_meta.key_codes.stride(1),
-                page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
-                qk_scale, plan.sm_scale, VALUE_NORM_SCALE, LOG2_SLACK,
-                math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
-                NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
-                HEAD_DIM=plan.head_dim, TILE=BOUND_TILE if estimate else max(16, SKETCH_TILE_TOKENS // page_size_pow2),
-                ESTIMATE=estimate, DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
-                PAGE_SIZE_POW2=page_size_pow2,
-            )
+            self._run_bound_prepass(plan, q, page_meta, qk_scale)
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
         block_n = max(16, next_power_of_two(plan.block_pages * plan.page_size))
         interpreted = triton_interpreter_enabled()

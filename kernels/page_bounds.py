@@ -1,21 +1,28 @@
-"""Triton kernel: per-page mass bounds (or estimates) and their suffix sums over a visit order.
+"""Triton kernels: per-page mass bounds (or estimates) and their suffix sums over a visit order.
 
-One program per work item (a chunk of one (request, KV head)'s visit order), three passes:
+The pre-pass of modes ``mass`` and ``bound``. Every work item (a chunk of one (request, KV
+head)'s visit order) is cut into segments of ``SEG_PAGES`` positions, one program each (grid
+``[W, segments]``), so that a long visit order is not a serial scan of one program:
 
-1. Backwards in tiles of ``TILE`` pages: each page's estimated log-mass from its key box
-   centre and half-width (``art_runtime.termination``, mode ``mass``), its suffix sums
-   (base 2, over the positions from ``p`` to the chunk's end) and the suffix max of the value
-   norms. Mode ``mass`` (``ESTIMATE``) stops here: the decode kernel reads these.
-2. Mode ``bound``: the cut, the first position at which every head's estimated unread share
-   is at most ``2^log2_cut_share``; positions before it get infinite terms (no stop there).
-3. Backwards from the end to the cut: every token's logit bounded from its 8-bit key sketch
-   (``art_runtime.reference.sketch_page_log2_mass``: one dot of the query with the token's
-   codes times the page's power-of-two steps, exact in bf16, plus per-page terms and a
-   rounding margin), giving each page's mass upper bound ``W_j`` and lower bound; written:
-   the base-2 logs of the suffix sums of ``W_j``, of the lower bounds and of ``W_j Vmax_j``.
+1. ``page_mass_estimate_kernel``: backwards in tiles of ``TILE`` pages, each page's estimated
+   log-mass from its key box centre and half-width (``art_runtime.termination``, mode
+   ``mass``), its suffix sums (base 2) within the segment, the suffix max of the value norms,
+   and the segment's totals.
+2. ``segment_carry_kernel``: adds to every position the totals of the work item's later
+   segments, which makes the segment-local suffixes suffixes over the whole work item. Mode
+   ``mass`` stops here: the decode kernel reads these.
+3. ``page_sketch_bound_kernel`` (mode ``bound``): the cut, the first position at which every
+   head's estimated unread share is at most ``2^log2_cut_share`` of the work item's estimated
+   mass (positions before it get infinite terms: no stop there); from the cut on, every
+   token's logit bounded from its 8-bit key sketch (``art_runtime.reference.
+   sketch_page_log2_mass``: one dot of the query with the token's codes times the page's
+   power-of-two steps, exact in bf16, plus per-page terms and a rounding margin), giving each
+   page's mass upper bound ``W_j`` and lower bound; their segment-local suffix sums and those
+   of ``W_j Vmax_j``, and the segment's totals. Then ``segment_carry_kernel`` again, with the
+   ``2^-9`` slack of the scans' fp32 rounding.
 
-The decode kernel's check is then a few scalar operations per block. Suffix sums use an
-exact log-sum-exp scan, so no range of logits underflows into a wrong zero.
+The decode kernel's check is then a few scalar operations per block. Suffix sums use exact
+log-sum-exp scans, so no range of logits underflows into a wrong zero.
 """
 
 import triton
@@ -63,43 +70,58 @@ def _dot(a, b, DOT_IN_INPUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def page_bound_suffix_kernel(
-    q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, value_norm_ptr,
-    codes_ptr, base_ptr, exponent_ptr,  # key sketch: [max_pages, H_kv, P, D] uint8, [max_pages, H_kv, D] x2
-    visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
-    log2w_ptr, vrest_ptr,               # out: [nnz, GROUP_PAD] fp32, [nnz] fp32
-    log2w_low_ptr, log2wv_ptr,          # out (bound): [nnz, GROUP_PAD] fp32 each
-    sketch_pages_ptr,                   # out (bound): [W] int32, pages whose key sketch was read (from the cut on)
-    stride_qb, stride_qh, stride_mp, stride_mh, stride_np, stride_cp, stride_ch, stride_gp, stride_gh,
-    qk_scale, sm_scale, value_norm_scale, log2_slack, log2_cut_share,
-    NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, ESTIMATE: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
-    PAGE_SIZE_POW2: tl.constexpr,
-):
-    work = tl.program_id(0)
+def _segment(work_start_ptr, work_end_ptr, work, segment, SEG_PAGES: tl.constexpr):
+    """``(start, end, seg_start, seg_end)`` of a work item and of its segment (empty past the end)."""
+    start = tl.load(work_start_ptr + work)
+    end = tl.load(work_end_ptr + work)
+    seg_start = tl.minimum(start + segment * SEG_PAGES, end)
+    seg_end = tl.minimum(seg_start + SEG_PAGES, end)
+    return start, end, seg_start, seg_end
+
+
+@triton.jit
+def _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
+                      NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):
     row = tl.load(work_row_ptr + work)
     request = row // NUM_KV_HEADS
     head = row % NUM_KV_HEADS
-    start = tl.load(work_start_ptr + work)
-    end = tl.load(work_end_ptr + work)
-
     g = tl.arange(0, GROUP_PAD)
-    g_ok = g < GROUP_SIZE
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
-                mask=g_ok[:, None], other=0.0)
-    q_input = q
+                mask=(g < GROUP_SIZE)[:, None], other=0.0)
+    return q, head
+
+
+@triton.jit
+def page_mass_estimate_kernel(
+    q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, value_norm_ptr,
+    visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
+    log2w_ptr, vrest_ptr,               # out: [nnz, GROUP_PAD] fp32, [nnz] fp32 (segment-local suffixes)
+    seg_log2w_ptr, seg_vmax_ptr,        # out: [W, SEGMENTS, GROUP_PAD], [W, SEGMENTS] segment totals
+    stride_qb, stride_qh, stride_mp, stride_mh, stride_np,
+    qk_scale, sm_scale, value_norm_scale,
+    NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr, SEGMENTS: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr,
+):
+    work = tl.program_id(0)
+    segment = tl.program_id(1)
+    start, end, seg_start, seg_end = _segment(work_start_ptr, work_end_ptr, work, segment, SEG_PAGES)
+    q, head = _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
+                                NUM_KV_HEADS, GROUP_SIZE, GROUP_PAD, HEAD_DIM)
+    dot_dtype = q.dtype if DOT_IN_INPUT_DTYPE else tl.float32
     q = q.to(tl.float32)
-    dot_dtype = q_input.dtype if DOT_IN_INPUT_DTYPE else tl.float32
+    g = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
     t = tl.arange(0, TILE)
 
-    # Pass 1: the mass estimate from the key boxes (mode mass's criterion; bound's cut), and Vrest.
     carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     carry_s = tl.zeros([GROUP_PAD], tl.float32)
     carry_v = tl.max(tl.zeros([TILE], tl.float32), 0)
-    for tile in range(0, tl.cdiv(end - start, TILE)):
-        pos = end - (tile + 1) * TILE + t
-        ok = pos >= start
+    for tile in range(0, tl.cdiv(seg_end - seg_start, TILE)):
+        pos = seg_end - (tile + 1) * TILE + t
+        ok = pos >= seg_start
         phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
         tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
         # log-mass of keys spread around the box centre with deviation half the half-width
@@ -119,77 +141,178 @@ def page_bound_suffix_kernel(
         vrest = tl.maximum(tl.associative_scan(vnorm, 0, _max_combine, reverse=True), carry_v)
         tl.store(vrest_ptr + pos, vrest, mask=ok)
         carry_v = tl.maximum(carry_v, tl.max(vnorm, 0))
+    at = work * SEGMENTS + segment
+    tl.store(seg_log2w_ptr + at * GROUP_PAD + g, carry_m + tl.log2(carry_s))
+    tl.store(seg_vmax_ptr + at, carry_v)
 
-    if not ESTIMATE:
-        # Pass 2, the cut: positions where some head's estimated unread share is above
-        # 2^log2_cut_share cannot stop (a prefix: suffix sums only shrink); they get no sketch.
-        threshold = carry_m + tl.log2(carry_s) + log2_cut_share
-        early_count = start * 0
-        for tile in range(0, tl.cdiv(end - start, TILE)):
-            pos = start + tile * TILE + t
-            ok = pos < end
-            estimate = tl.load(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], mask=ok[None, :] & g_ok[:, None],
-                               other=float("-inf"))
-            early = tl.max((estimate > threshold[:, None]).to(tl.int32), 0)
-            early_count += tl.sum(early, 0)
-            tl.store(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], float("inf"),
-                     mask=(ok & (early > 0))[None, :])
-            tl.store(log2w_low_ptr + pos[None, :] * GROUP_PAD + g[:, None], float("-inf"),
-                     mask=(ok & (early > 0))[None, :])
-            tl.store(log2wv_ptr + pos[None, :] * GROUP_PAD + g[:, None], float("inf"),
-                     mask=(ok & (early > 0))[None, :])
-        cut = start + early_count
-        tl.store(sketch_pages_ptr + work, end - cut)
 
-        # Pass 3: certified mass bounds from the key sketch (reference.sketch_page_log2_mass)
-        # of the positions from the cut on, and their suffix sums.
-        carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        carry_s = tl.zeros([GROUP_PAD], tl.float32)
-        low_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        low_s = tl.zeros([GROUP_PAD], tl.float32)
-        wv_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        wv_s = tl.zeros([GROUP_PAD], tl.float32)
-        slots = tl.arange(0, PAGE_SIZE_POW2)
-        for tile in range(0, tl.cdiv(end - cut, TILE)):
-            pos = end - (tile + 1) * TILE + t
-            ok = pos >= cut
-            phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
-            tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
-            vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
-            grid = phys[:, None] * stride_gp + head * stride_gh + dims[None, :]
-            exponent = tl.load(exponent_ptr + grid, mask=ok[:, None], other=0).to(tl.int32)
-            step = ((exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^exponent, exactly
-            base = tl.load(base_ptr + grid, mask=ok[:, None], other=0).to(tl.float32)
-            offset = _dot(q, tl.trans(step * base), False)  # [GROUP_PAD, TILE]; ieee: base has 16 bits
-            up = _dot(tl.maximum(q, 0.0), tl.trans(step), False)
-            down = _dot(tl.minimum(q, 0.0), tl.trans(step), False)
-            reach = tl.maximum(tl.abs(base), tl.abs(base + SKETCH_LEVELS)) * step
-            margin = _dot(tl.abs(q), tl.trans(reach), False) * ROUNDING_MARGIN
-            # Every token's y = sum_d q_d s_d c_d: codes times steps are exact in bf16 and fp32.
-            token_ok = ok[:, None] & (slots[None, :] < tokens[:, None])  # [TILE, P2]
-            code_at = phys[:, None, None] * stride_cp + head * stride_ch + slots[None, :, None] * HEAD_DIM + \
-                dims[None, None, :]
-            codes = tl.load(codes_ptr + code_at, mask=token_ok[:, :, None], other=0).to(tl.float32)
-            scaled = tl.reshape(codes * step[:, None, :], [TILE * PAGE_SIZE_POW2, HEAD_DIM])
-            if DOT_IN_INPUT_DTYPE:
-                scaled = scaled.to(tl.bfloat16)
-                q_high = q_input.to(tl.bfloat16)
-                y = tl.dot(q_high, tl.trans(scaled))
-                if q_ptr.dtype.element_ty == tl.float16:  # fp16 q: its last 3 bits in a second bf16 dot
-                    y += tl.dot((q - q_high.to(tl.float32)).to(tl.bfloat16), tl.trans(scaled))
-            else:
-                y = tl.dot(q, tl.trans(scaled), input_precision="ieee")
-            y = tl.reshape(y * qk_scale, [GROUP_PAD, TILE, PAGE_SIZE_POW2])
-            y = tl.where(token_ok[None, :, :], y, float("-inf"))
-            y_max = tl.max(y, 2)
-            y_safe = tl.where(ok[None, :], y_max, 0.0)
-            lse = y_safe + tl.log2(tl.sum(tl.exp2(y - y_safe[:, :, None]), 2))
-            upper = (offset + up + margin) * qk_scale + lse
-            lower = (offset + down - margin) * qk_scale + lse
-            log2w, carry_m, carry_s = _suffix_log2_sum(upper, ok, carry_m, carry_s)
-            log2w_low, low_m, low_s = _suffix_log2_sum(lower, ok, low_m, low_s)
-            log2wv, wv_m, wv_s = _suffix_log2_sum(upper + tl.log2(vnorm)[None, :], ok, wv_m, wv_s)
-            out = pos[None, :] * GROUP_PAD + g[:, None]
-            tl.store(log2w_ptr + out, log2w + log2_slack, mask=ok[None, :])
-            tl.store(log2w_low_ptr + out, log2w_low - log2_slack, mask=ok[None, :])
-            tl.store(log2wv_ptr + out, log2wv + log2_slack, mask=ok[None, :])
+@triton.jit
+def _later_segments_log2_sum(seg_ptr, work, segment, SEGMENTS: tl.constexpr, SEGMENTS_POW2: tl.constexpr,
+                             GROUP_PAD: tl.constexpr):
+    """``[GROUP_PAD]`` base-2 log-sum-exp of the totals of the work item's segments after ``segment``."""
+    s = tl.arange(0, SEGMENTS_POW2)
+    g = tl.arange(0, GROUP_PAD)
+    later = (s > segment) & (s < SEGMENTS)
+    totals = tl.load(seg_ptr + (work * SEGMENTS + s)[:, None] * GROUP_PAD + g[None, :], mask=later[:, None],
+                     other=float("-inf"))
+    top = tl.max(totals, 0)
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    return safe + tl.log2(tl.sum(tl.exp2(totals - safe[None, :]), 0))
+
+
+@triton.jit
+def _log2_add(a, b):
+    """``log2(2^a + 2^b)``, exact for infinite operands."""
+    top = tl.maximum(a, b)
+    safe = tl.where((top == float("-inf")) | (top == float("inf")), 0.0, top)
+    return tl.where(top == float("inf"), top, safe + tl.log2(tl.exp2(a - safe) + tl.exp2(b - safe)))
+
+
+@triton.jit
+def segment_carry_kernel(
+    log2w_ptr, log2w_low_ptr, log2wv_ptr, vrest_ptr,           # in/out: segment-local suffixes
+    seg_log2w_ptr, seg_low_ptr, seg_wv_ptr, seg_vmax_ptr,      # in: segment totals
+    work_start_ptr, work_end_ptr, log2_slack,
+    GROUP_PAD: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr, SEGMENTS: tl.constexpr,
+    SEGMENTS_POW2: tl.constexpr, CERTIFIED: tl.constexpr,
+):
+    """Turn segment-local suffix sums into suffix sums over the work item (see the module doc).
+
+    ``CERTIFIED`` (bound): the three sketch suffixes, positions before the cut (``+inf``) left as
+    they are, with ``log2_slack`` added to the upper sums and taken from the lower one; else
+    (mass) the estimate and the value-norm suffix max.
+    """
+    work = tl.program_id(0)
+    segment = tl.program_id(1)
+    start, end, seg_start, seg_end = _segment(work_start_ptr, work_end_ptr, work, segment, SEG_PAGES)
+    g = tl.arange(0, GROUP_PAD)
+    t = tl.arange(0, TILE)
+    carry = _later_segments_log2_sum(seg_log2w_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
+    if CERTIFIED:
+        carry_low = _later_segments_log2_sum(seg_low_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
+        carry_wv = _later_segments_log2_sum(seg_wv_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
+    else:
+        s = tl.arange(0, SEGMENTS_POW2)
+        carry_v = tl.max(tl.load(seg_vmax_ptr + work * SEGMENTS + s, mask=(s > segment) & (s < SEGMENTS),
+                                 other=0.0), 0)
+    for tile in range(0, tl.cdiv(seg_end - seg_start, TILE)):
+        pos = seg_start + tile * TILE + t
+        ok = pos < seg_end
+        at = pos[None, :] * GROUP_PAD + g[:, None]
+        local = tl.load(log2w_ptr + at, mask=ok[None, :], other=0.0)
+        if CERTIFIED:
+            sketched = ok[None, :] & (local < float("inf"))
+            tl.store(log2w_ptr + at, _log2_add(local, carry[:, None]) + log2_slack, mask=sketched)
+            low = tl.load(log2w_low_ptr + at, mask=sketched, other=0.0)
+            tl.store(log2w_low_ptr + at, _log2_add(low, carry_low[:, None]) - log2_slack, mask=sketched)
+            wv = tl.load(log2wv_ptr + at, mask=sketched, other=0.0)
+            tl.store(log2wv_ptr + at, _log2_add(wv, carry_wv[:, None]) + log2_slack, mask=sketched)
+        else:
+            tl.store(log2w_ptr + at, _log2_add(local, carry[:, None]), mask=ok[None, :])
+            vrest = tl.load(vrest_ptr + pos, mask=ok, other=0.0)
+            tl.store(vrest_ptr + pos, tl.maximum(vrest, carry_v), mask=ok)
+
+
+@triton.jit
+def page_sketch_bound_kernel(
+    q_ptr, value_norm_ptr,
+    codes_ptr, base_ptr, exponent_ptr,  # key sketch: [max_pages, H_kv, P, D] uint8, [max_pages, H_kv, D] x2
+    visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
+    seg_est_ptr,                        # in: [W, SEGMENTS, GROUP_PAD] the mass estimate's segment totals
+    log2w_ptr,                          # in: the estimate's suffixes; out: segment-local sketch bounds
+    log2w_low_ptr, log2wv_ptr,          # out: [nnz, GROUP_PAD] fp32 each
+    seg_log2w_ptr, seg_low_ptr, seg_wv_ptr,  # out: [W, SEGMENTS, GROUP_PAD] segment totals
+    sketch_pages_ptr,                   # out: [W] int32 (zeroed before), pages whose key sketch was read
+    stride_qb, stride_qh, stride_np, stride_cp, stride_ch, stride_gp, stride_gh,
+    qk_scale, value_norm_scale, log2_cut_share,
+    NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr, SEGMENTS: tl.constexpr,
+    SEGMENTS_POW2: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr, PAGE_SIZE_POW2: tl.constexpr,
+):
+    work = tl.program_id(0)
+    segment = tl.program_id(1)
+    start, end, seg_start, seg_end = _segment(work_start_ptr, work_end_ptr, work, segment, SEG_PAGES)
+    q_input, head = _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
+                                      NUM_KV_HEADS, GROUP_SIZE, GROUP_PAD, HEAD_DIM)
+    q = q_input.to(tl.float32)
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP_SIZE
+    dims = tl.arange(0, HEAD_DIM)
+    t = tl.arange(0, TILE)
+
+    # The cut: positions where some head's estimated unread share is above 2^log2_cut_share of
+    # the work item's estimated mass cannot stop (a prefix of the work item, so of each
+    # segment: suffix sums only shrink); they get infinite terms and no sketch.
+    total = _later_segments_log2_sum(seg_est_ptr, work, -1, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
+    threshold = total + log2_cut_share
+    early_count = start * 0
+    for tile in range(0, tl.cdiv(seg_end - seg_start, TILE)):
+        pos = seg_start + tile * TILE + t
+        ok = pos < seg_end
+        at = pos[None, :] * GROUP_PAD + g[:, None]
+        estimate = tl.load(log2w_ptr + at, mask=ok[None, :] & g_ok[:, None], other=float("-inf"))
+        early = tl.max((estimate > threshold[:, None]).to(tl.int32), 0)
+        early_count += tl.sum(early, 0)
+        before_cut = (ok & (early > 0))[None, :]
+        tl.store(log2w_ptr + at, float("inf"), mask=before_cut)
+        tl.store(log2w_low_ptr + at, float("-inf"), mask=before_cut)
+        tl.store(log2wv_ptr + at, float("inf"), mask=before_cut)
+    cut = seg_start + early_count
+    tl.atomic_add(sketch_pages_ptr + work, seg_end - cut)
+
+    # Certified mass bounds from the key sketch (reference.sketch_page_log2_mass) of the
+    # segment's positions from the cut on, and their segment-local suffix sums.
+    carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    carry_s = tl.zeros([GROUP_PAD], tl.float32)
+    low_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    low_s = tl.zeros([GROUP_PAD], tl.float32)
+    wv_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    wv_s = tl.zeros([GROUP_PAD], tl.float32)
+    slots = tl.arange(0, PAGE_SIZE_POW2)
+    for tile in range(0, tl.cdiv(seg_end - cut, TILE)):
+        pos = seg_end - (tile + 1) * TILE + t
+        ok = pos >= cut
+        phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
+        tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
+        vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
+        grid = phys[:, None] * stride_gp + head * stride_gh + dims[None, :]
+        exponent = tl.load(exponent_ptr + grid, mask=ok[:, None], other=0).to(tl.int32)
+        step = ((exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^exponent, exactly
+        base = tl.load(base_ptr + grid, mask=ok[:, None], other=0).to(tl.float32)
+        offset = _dot(q, tl.trans(step * base), False)  # [GROUP_PAD, TILE]; ieee: base has 16 bits
+        up = _dot(tl.maximum(q, 0.0), tl.trans(step), False)
+        down = _dot(tl.minimum(q, 0.0), tl.trans(step), False)
+        reach = tl.maximum(tl.abs(base), tl.abs(base + SKETCH_LEVELS)) * step
+        margin = _dot(tl.abs(q), tl.trans(reach), False) * ROUNDING_MARGIN
+        # Every token's y = sum_d q_d s_d c_d: codes times steps are exact in bf16 and fp32.
+        token_ok = ok[:, None] & (slots[None, :] < tokens[:, None])  # [TILE, P2]
+        code_at = phys[:, None, None] * stride_cp + head * stride_ch + slots[None, :, None] * HEAD_DIM + \
+            dims[None, None, :]
+        codes = tl.load(codes_ptr + code_at, mask=token_ok[:, :, None], other=0).to(tl.float32)
+        scaled = tl.reshape(codes * step[:, None, :], [TILE * PAGE_SIZE_POW2, HEAD_DIM])
+        if DOT_IN_INPUT_DTYPE:
+            scaled = scaled.to(tl.bfloat16)
+            q_high = q_input.to(tl.bfloat16)
+            y = tl.dot(q_high, tl.trans(scaled))
+            if q_ptr.dtype.element_ty == tl.float16:  # fp16 q: its last 3 bits in a second bf16 dot
+                y += tl.dot((q - q_high.to(tl.float32)).to(tl.bfloat16), tl.trans(scaled))
+        else:
+            y = tl.dot(q, tl.trans(scaled), input_precision="ieee")
+        y = tl.reshape(y * qk_scale, [GROUP_PAD, TILE, PAGE_SIZE_POW2])
+        y = tl.where(token_ok[None, :, :], y, float("-inf"))
+        y_max = tl.max(y, 2)
+        y_safe = tl.where(ok[None, :], y_max, 0.0)
+        lse = y_safe + tl.log2(tl.sum(tl.exp2(y - y_safe[:, :, None]), 2))
+        upper = (offset + up + margin) * qk_scale + lse
+        lower = (offset + down - margin) * qk_scale + lse
+        log2w, carry_m, carry_s = _suffix_log2_sum(upper, ok, carry_m, carry_s)
+        log2w_low, low_m, low_s = _suffix_log2_sum(lower, ok, low_m, low_s)
+        log2wv, wv_m, wv_s = _suffix_log2_sum(upper + tl.log2(vnorm)[None, :], ok, wv_m, wv_s)
+        out = pos[None, :] * GROUP_PAD + g[:, None]
+        tl.store(log2w_ptr + out, log2w, mask=ok[None, :])
+        tl.store(log2w_low_ptr + out, log2w_low, mask=ok[None, :])
+        tl.store(log2wv_ptr + out, log2wv, mask=ok[None, :])
+    at = (work * SEGMENTS + segment) * GROUP_PAD + g
+    tl.store(seg_log2w_ptr + at, carry_m + tl.log2(carry_s))
+    tl.store(seg_low_ptr + at, low_m + tl.log2(low_s))
+    tl.store(seg_wv_ptr + at, wv_m + tl.log2(wv_s))

@@ -15,7 +15,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  # noqa: E402
-from art_runtime.kernels.page_bounds import page_bound_suffix_kernel  # noqa: E402
+from art_runtime.kernels.page_bounds import (page_mass_estimate_kernel, page_sketch_bound_kernel,  # noqa: E402
+                                             segment_carry_kernel)
 from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
@@ -51,7 +52,7 @@ def compile_kernel(kernel, constexprs, pointer_types, **options):
 def main():
     count = 0
     int_ptrs = {n: "i32" for n in ("visit_phys_ptr", "visit_tokens_ptr", "work_row_ptr", "work_start_ptr",
-                                  "work_end_ptr", "row_start_ptr", "visited_pages_ptr", "visited_tokens_ptr",
+                                  "work_end_ptr", "row_start_ptr", "visited_pages_ptr", "visited_tokens_ptr", "sketch_pages_ptr",
                                   "loaded_tokens_ptr",
                                   "stable_at_ptr", "row_work_indptr_ptr", "batch_indices_ptr", "positions_ptr",
                                   "append_indptr_ptr", "kv_indices_ptr", "kv_indptr_ptr", "sel_indptr_ptr", "pages_ptr")}
@@ -73,12 +74,20 @@ def main():
         count += 1
         if mode in (2, 3) and not split:  # the pre-pass does not depend on the split
             page_pow2 = 1 << (page - 1).bit_length()
-            compile_kernel(page_bound_suffix_kernel,
-                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
-                                TILE=32 if mode == 3 else max(16, 256 // page_pow2), ESTIMATE=mode == 3,
-                                DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
-                           dict(int_ptrs, **SKETCH_PTRS, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
-            count += 1
+            segments = 3
+            common = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, SEG_PAGES=64,
+                          SEGMENTS=segments)
+            compile_kernel(page_mass_estimate_kernel, dict(common, TILE=32, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                           dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
+            compile_kernel(segment_carry_kernel, dict(GROUP_PAD=group_pad, TILE=32, SEG_PAGES=64, SEGMENTS=segments,
+                                                      SEGMENTS_POW2=4, CERTIFIED=mode == 2), int_ptrs)
+            count += 2
+            if mode == 2:
+                compile_kernel(page_sketch_bound_kernel,
+                               dict(common, TILE=max(16, 256 // page_pow2), SEGMENTS_POW2=4,
+                                    DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
+                               dict(int_ptrs, **SKETCH_PTRS, q_ptr=dtype))
+                count += 1
         if mode == 2:
             compile_kernel(quest_page_scores_kernel,
                            dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=min(64, dim),

@@ -271,15 +271,24 @@ def test_min_pages_is_always_read(device):
     assert (stats.visited_pages >= 37).all()
 
 
-def test_bound_suffix_terms_agree_between_backends(device):
+# (chunk_pages, pre-pass segment pages): split rows (suffixes end at chunk ends), and whole rows
+# scanned in several segments that segment_carry_kernel joins.
+PREPASS_LAYOUTS = [(8, 64), (None, 16)]
+
+
+@pytest.mark.parametrize("chunk_pages,segment_pages", PREPASS_LAYOUTS)
+def test_bound_suffix_terms_agree_between_backends(chunk_pages, segment_pages, device, monkeypatch):
     """The Triton bound pre-pass writes what the torch backend computes."""
+    import art_runtime.decode
     from art_runtime.reference import bound_terms_torch
 
+    monkeypatch.setattr(art_runtime.decode, "SEGMENT_PAGES", segment_pages)
+    # A late dominating page keeps a whole row's cut at its end; split rows cut inside chunks.
     case = adversarial_case(seq_lens=[500, 70], group=7, page_size=16, logit_scale=30.0, tie=False,
-                            late_dominator=True, value_outlier=True, seed=41, device=device)
+                            late_dominator=chunk_pages is not None, value_outlier=True, seed=41, device=device)
     termination = TerminationConfig(mode="bound", eps=0.05, relative_to="values", min_pages=1)
     wrapper = BatchARTDecodeWrapper(backend="triton")
-    wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=8)  # split: suffixes end at chunk ends
+    wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=chunk_pages)
     meta = case.page_meta()
     wrapper.run(case.q, case.cache, page_meta=meta)
     terms = bound_terms_torch(wrapper._plan, case.q, meta)
@@ -294,6 +303,26 @@ def test_bound_suffix_terms_agree_between_backends(device):
     assert (terms.log2_rest_mass[~sketched] == float("inf")).all()
     assert torch.allclose(wrapper._vrest, terms.value_rest, rtol=1e-6)
     assert (terms.log2_rest_mass_low <= terms.log2_rest_mass).all()
+
+
+@pytest.mark.parametrize("chunk_pages,segment_pages", PREPASS_LAYOUTS)
+def test_mass_suffix_terms_agree_between_backends(chunk_pages, segment_pages, device, monkeypatch):
+    """The Triton mass pre-pass (estimates and value-norm maxima) writes what the torch backend computes."""
+    import art_runtime.decode
+    from art_runtime.reference import bound_terms_torch
+
+    monkeypatch.setattr(art_runtime.decode, "SEGMENT_PAGES", segment_pages)
+    case = adversarial_case(seq_lens=[700, 70], group=4, page_size=16, logit_scale=10.0, tie=False,
+                            late_dominator=False, value_outlier=True, seed=43, device=device)
+    termination = TerminationConfig(mode="mass", eps=0.02, min_pages=1)
+    wrapper = BatchARTDecodeWrapper(backend="triton")
+    wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=chunk_pages)
+    meta = case.page_meta()
+    wrapper.run(case.q, case.cache, page_meta=meta)
+    terms = bound_terms_torch(wrapper._plan, case.q, meta)
+    assert torch.allclose(wrapper._log2w[:, :4], terms.log2_rest_mass, rtol=1e-5, atol=1e-3)
+    assert terms.log2_rest_mass.isfinite().all()
+    assert torch.allclose(wrapper._vrest, terms.value_rest, rtol=1e-6)
 
 
 def simulate_mass(case, termination):
