@@ -193,7 +193,7 @@ HELP = {
            "(default: the mode's, termination.DEFAULT_EPS)",
     "min_pages": "visit-order positions always read",
     "relative_to": f"bound: what eps is relative to, one of {RELATIVE_TO}",
-    "block_pages": "pages per termination check (default: 64 tokens' worth)",
+    "block_pages": "pages per termination check (default: 64 tokens' worth for stability, 128 for mass and bound)",
     "stats_address": "ZMQ endpoint of the stats stream, e.g. tcp://127.0.0.1:5557 (default: off)",
     "stats_interval": "decode steps per stats message",
     "stats_allow_remote": "allow a non-loopback --art-stats-address",
