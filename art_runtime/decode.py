@@ -37,8 +37,12 @@ SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the 
 NUM_WARPS = 4
 NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipeline), else 2
 # Work items per SM that the split heuristic aims for; None: 2 for head_dim <= 64, else 8
-# (H200 sweep: both land at ~9 chunks per row for batch 16 at 16K-32K tokens).
+# (H200 sweep: both land at ~9 chunks per row for batch 16 at 16K-32K tokens), and 2 for any
+# head_dim when a batch has at most FEW_ROWS (request, KV head) rows: on H100, 32/8/128 at
+# batch 1 / 32K took 66 µs at 2 against 90 at 8, and batch 4 at 16K-32K 0.99-1.0x FlashInfer
+# against 0.83-0.90x (benchmarks/NOTES.md v8, v12).
 PROGRAMS_PER_SM = None
+FEW_ROWS = 32
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256: 64 tokens)
 # Blocks per pass of the termination loop (a `for` loop the compiler may pipeline, inside
@@ -206,7 +210,8 @@ class BatchARTDecodeWrapper:
         self._selection = selection
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-            termination, float(sm_scale), selection, chunk_pages, self._parallel_programs(device, head_dim),
+            termination, float(sm_scale), selection, chunk_pages,
+            self._parallel_programs(device, head_dim, (kv_indptr.numel() - 1) * num_kv_heads),
             min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim),
         )
         self._plan = plan
@@ -234,14 +239,14 @@ class BatchARTDecodeWrapper:
         return PageSelection(layout.indptr, policy.select(ctx, layout))
 
     @staticmethod
-    def _parallel_programs(device: torch.device, head_dim: int) -> int:
+    def _parallel_programs(device: torch.device, head_dim: int, num_rows: int) -> int:
         """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU, none on a CPU.
 
-        It depends on the device only, so both backends plan the same chunks (and so give
-        the same results) on the same device.
+        It depends on the device and the batch's shape only, so both backends plan the same
+        chunks (and so give the same results) on the same device.
         """
         if device.type == "cuda":
-            per_sm = PROGRAMS_PER_SM or (2 if head_dim <= 64 else 8)
+            per_sm = PROGRAMS_PER_SM or (2 if head_dim <= 64 or num_rows <= FEW_ROWS else 8)
             return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
         return 1
 
