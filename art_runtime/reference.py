@@ -138,7 +138,7 @@ def _suffix_max(plan, v):
 
 
 def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata, chunk: int = 4096) -> BoundTerms:
-    """The suffix terms of every visit-order position (what ``page_bound_suffix_kernel`` writes).
+    """The suffix terms of every visit-order position (what the ``kernels/page_bounds.py`` pre-pass writes).
 
     In ``bound`` mode each page's terms are its certified mass bounds from the key sketch
     (``sketch_page_log2_mass``); in ``mass`` mode its estimated log-mass from the key box

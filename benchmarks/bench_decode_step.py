@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import L2Flusher, as_cuda_graph, copy_bandwidth_tbps, device_info, markdown_table, median_time_us, utc_now, report
+from common import command_line, run_header, L2Flusher, as_cuda_graph, copy_bandwidth_tbps, device_info, markdown_table, median_time_us, utc_now, report
 from real_batch import (DEFAULT_CAPTURES_DIR, DTYPE, PAGE_SIZE, build_real_batch, error_summary, exact_attention,
                         load_layer, plan_art, relative_errors, termination_settings)
 
@@ -303,21 +302,18 @@ def main(argv=None) -> int:
         attention += model_attention
         rows += step_rows(model, shape, model_attention, non_attention, args.batch)
 
-    command = shlex.join(["python3", *sys.argv]) if argv is None else shlex.join(["bench_decode_step.py", *argv])
     layer_table = markdown_table(attention, [
         ("model", "model", "s"), ("capture", "capture", "s"), ("layer", "layer", "d"), ("prefix x", "repeats", "d"),
         ("kv_len", "kv_len_range", "s"), ("attention", "attention", "s"), ("µs", "us", ".1f"),
         ("pages read", "read_fraction", ".3f"), ("err mean", "err_mean", ".1e"), ("err p99", "err_p99", ".1e"),
         ("err max", "err_max", ".1e")])
     shapes = "; ".join(f"{m}: {dataclasses.asdict(MODELS[m])}" for m in args.models)
+    command = command_line("bench_decode_step.py", argv)
     markdown = "\n".join([
         f"# Decode-step model, batch {args.batch}, kv_len ~{args.kv_len}" + (" (dry run, CPU)" if args.dry_run else
                                                                           f" on {info['name']}"),
         "",
-        f"- date (UTC): {started.isoformat()}",
-        f"- command: `{command}`",
-        "- versions: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "-"),
-        f"- copy bandwidth: {copy_tbps:.3f} TB/s (read + write)" if copy_tbps else "- copy bandwidth: not measured",
+        *run_header(started, command, versions, copy_tbps),
         f"- model shapes: {shapes}",
         "- step = non-attention (all layers' GEMMs at the real shapes with random bf16 weights, each layer its own, "
         "plus unfused torch ops for norms, RoPE, SiLU-mul, residuals, K/V slot writes, embedding, LM head, argmax: "

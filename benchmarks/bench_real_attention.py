@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from common import L2Flusher, as_cuda_graph, copy_bandwidth_tbps, device_info, markdown_table, median_time_us, utc_now, report
+from common import command_line, run_header, L2Flusher, as_cuda_graph, copy_bandwidth_tbps, device_info, markdown_table, median_time_us, utc_now, report
 from real_batch import (CAPTURES, DEFAULT_CAPTURES_DIR, PAGE_SIZE, build_real_batch, error_summary, exact_attention,
                         load_layer, plan_art, relative_errors, termination_settings)
 
@@ -191,16 +190,13 @@ def main(argv=None) -> int:
     met = [row for row in rows if row.get("target") == "yes"]
     judged = [row for row in rows if "target" in row]
 
-    command = shlex.join(["python3", *sys.argv]) if argv is None else shlex.join(["bench_real_attention.py", *argv])
     config_lines = [f"  - `{label}`: {dataclasses.asdict(config)}" for label, config in settings]
+    command = command_line("bench_real_attention.py", argv)
     markdown = "\n".join([
         f"# ART on real captured attention, batch {args.batch}" + (" (dry run, CPU)" if args.dry_run else
                                                                  f" on {info['name']}"),
         "",
-        f"- date (UTC): {started.isoformat()}",
-        f"- command: `{command}`",
-        "- versions: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "-"),
-        f"- copy bandwidth: {copy_tbps:.3f} TB/s (read + write)" if copy_tbps else "- copy bandwidth: not measured",
+        *run_header(started, command, versions, copy_tbps),
         f"- inputs: captures in `{args.captures}`; request b decodes at position n-64+(b%64) with that captured "
         f"query over keys 0..position (each request its own pages, shuffled), bf16, NHD, page size {PAGE_SIZE}; "
         f"PageMetadata built once from the cache",

@@ -10,6 +10,7 @@ import datetime
 import json
 import platform
 import re
+import shlex
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -176,6 +177,21 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command that ran: this process's when ``argv`` is None, else ``script`` with ``argv``."""
+    return shlex.join(["python3", *sys.argv]) if argv is None else shlex.join([script, *argv])
+
+
+def run_header(started: datetime.datetime, command: str, versions: dict, copy_tbps: float | None) -> list[str]:
+    """The date, command, versions and copy-bandwidth lines that open a results file."""
+    return [
+        f"- date (UTC): {started.isoformat()}",
+        f"- command: `{command}`",
+        "- versions: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "-"),
+        f"- copy bandwidth: {copy_tbps:.3f} TB/s (read + write)" if copy_tbps else "- copy bandwidth: not measured",
+    ]
 
 
 def write_results(out_dir: Path, stem: str, payload: dict, markdown: str) -> list[Path]:
