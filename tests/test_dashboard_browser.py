@@ -237,10 +237,16 @@ async def screenshot(page: DevTools) -> bytes:
     return base64.b64decode((await page.call("Page.captureScreenshot", format="png"))["data"])
 
 
+def heatmap_has_every_layer(shown) -> bool:
+    """Stream data has reached the heatmap for every captured layer (a layer's row appears with its
+    first message, so right after the first message some rows may still be missing)."""
+    return bool(shown and shown["messages"] and len(shown["y"]) == len(capture_shape(capture_path())[0]))
+
+
 async def render_replay(url: str, browser: Browser) -> tuple[dict, bytes]:
     async with browser as page:
         await page.call("Page.navigate", url=url)
-        shown = await poll(page, HEATMAP_JS, lambda v: v and v["messages"], WAIT_S, "a heatmap with stream data")
+        shown = await poll(page, HEATMAP_JS, heatmap_has_every_layer, WAIT_S, "a heatmap with every layer's stream data")
         shown["step"] = await hover_step(page, shown)
         shown["last_x"] = await page.evaluate(LAST_X_JS)
         return shown, await screenshot(page)
@@ -249,7 +255,7 @@ async def render_replay(url: str, browser: Browser) -> tuple[dict, bytes]:
 async def render_stream(url: str, browser: Browser) -> dict:
     async with browser as page:
         await page.call("Page.navigate", url=url)
-        shown = await poll(page, HEATMAP_JS, lambda v: v and v["messages"], WAIT_S, "a heatmap with stream data")
+        shown = await poll(page, HEATMAP_JS, heatmap_has_every_layer, WAIT_S, "a heatmap with every layer's stream data")
         first_step = await hover_step(page, shown)
         first = await page.evaluate(LAST_X_JS)
         # The bytes and per-request figures (2 and 3) move past the step they showed first ...
