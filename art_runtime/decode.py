@@ -16,11 +16,11 @@ import torch
 from .backend import resolve_backend, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
-from .plan import DecodePlan, build_plan, group_tile, next_power_of_two, physical_pages
+from .plan import DecodePlan, build_plan, group_tile, next_power_of_two
 from .reference import (LOG2_SLACK, LOG2E, OVERFLOW_LOG2, SKETCH_CUT_SHARE, VALUE_NORM_SCALE, art_decode_torch,
                         bound_terms_torch)
 from .policies import PagePolicy, PolicyContext
-from .selection import PageSelection, dense_selection, validate_selection
+from .selection import PageSelection, VisitBuffers, dense_selection, validate_selection
 from .termination import TerminationConfig
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -235,7 +235,7 @@ class BatchARTDecodeWrapper:
         layout = policy.layout(ctx)
         self._policy = (policy, ctx, layout)
         if policy.per_layer:
-            return PageSelection(layout.indptr, layout.rank.to(torch.int32))  # replaced in run()
+            return PageSelection(layout.indptr, layout.rank.to(torch.int32))  # overwritten by every run()
         return PageSelection(layout.indptr, policy.select(ctx, layout))
 
     @staticmethod
@@ -405,14 +405,10 @@ class BatchARTDecodeWrapper:
         return k_cache, v_cache
 
     def _select_pages(self, plan: DecodePlan, layer_id: int, q, page_meta) -> None:
-        """Re-select with a per-layer policy and point the plan's visit order at its pages."""
+        """Re-select with a per-layer policy, writing the plan's visit order in place."""
         policy, ctx, layout = self._policy
-        pages = policy.select(ctx, layout, layer_id, q, page_meta)
-        self._selection = PageSelection(layout.indptr, pages)
-        phys, tokens = physical_pages(ctx.kv_indptr, ctx.kv_indices, ctx.kv_last_page_len, ctx.page_size,
-                                      plan.visit_row // plan.num_kv_heads, pages)
-        plan.visit_phys.copy_(phys)
-        plan.visit_tokens.copy_(tokens)
+        policy.select(ctx, layout, layer_id, q, page_meta,
+                      out=VisitBuffers(self._selection.pages, plan.visit_phys, plan.visit_tokens))
 
     def _check_page_meta(self, page_meta, k_cache, plan: DecodePlan) -> None:
         if not isinstance(page_meta, PageMetadata):
@@ -559,7 +555,8 @@ class BatchARTDecodeWrapper:
             visited_tokens=tokens.view(batch, hkv),
             stable_at=stable.view(batch, hqo),
             kv_bytes_read=kv_bytes,
-            selection=self._selection,
+            # A copy: a per-layer policy rewrites the plan's pages in place on the next run.
+            selection=PageSelection(self._selection.indptr, self._selection.pages.clone()),
             page_mass=page_mass,
             sketch_pages=sketch_pages,
             loaded_tokens=loaded.view(batch, hkv),

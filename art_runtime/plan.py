@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .selection import PageSelection
+from .selection import PageSelection, physical_pages
 from .termination import TerminationConfig
 
 MAX_BLOCK_TOKENS = 256
@@ -76,19 +76,6 @@ def next_power_of_two(n: int) -> int:
 def group_tile(group_size: int) -> int:
     """Query rows of a kernel tile holding one GQA group: a power of two, at least 16 (tl.dot)."""
     return max(16, next_power_of_two(group_size))
-
-
-def physical_pages(kv_indptr, kv_indices, kv_last_page_len, page_size, request, logical):
-    """Physical page id and token count of logical pages ``logical`` of requests ``request``.
-
-    Both ``[n]`` int32, gathered on the device with no synchronization.
-    """
-    request, logical = request.long(), logical.long()
-    first = kv_indptr[request].long()
-    phys = kv_indices[first + logical]
-    is_last = logical == kv_indptr[request + 1].long() - first - 1
-    tokens = torch.where(is_last, kv_last_page_len[request], page_size)
-    return phys.to(torch.int32), tokens.to(torch.int32)
 
 
 def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parallel_programs: int,

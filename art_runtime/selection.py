@@ -35,6 +35,28 @@ class PageSelection:
     pages: torch.Tensor
 
 
+@dataclass
+class VisitBuffers:
+    """A decode plan's visit arrays, which a per-layer selection overwrites in place.
+
+    Attributes
+    ----------
+    pages : torch.Tensor
+        ``[capacity]`` int32 logical page of each selected entry, in visit order.
+    phys : torch.Tensor
+        ``[capacity]`` int32 its physical page id in the page table.
+    tokens : torch.Tensor
+        ``[capacity]`` int32 its token count: the page size, or the request's last-page length.
+
+    ``capacity`` is at least the layout's entries; entries past ``layout.indptr[-1]`` (the
+    padding of preallocated buffers) are left as they are.
+    """
+
+    pages: torch.Tensor
+    phys: torch.Tensor
+    tokens: torch.Tensor
+
+
 def dense_selection(kv_indptr: torch.Tensor, num_kv_heads: int) -> PageSelection:
     """Every page of every request, in recency order: sink, current, then newest to oldest.
 
@@ -58,8 +80,21 @@ def dense_selection(kv_indptr: torch.Tensor, num_kv_heads: int) -> PageSelection
     return PageSelection(indptr=indptr.to(torch.int32), pages=pages.to(torch.int32))
 
 
-def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int, layout, *,
-                kernel: bool | None = None) -> torch.Tensor:
+def physical_pages(kv_indptr, kv_indices, kv_last_page_len, page_size, request, logical):
+    """Physical page id and token count of logical pages ``logical`` of requests ``request``.
+
+    Both ``[n]`` int32, gathered on the device with no synchronization.
+    """
+    request, logical = request.long(), logical.long()
+    first = kv_indptr[request].long()
+    phys = kv_indices[first + logical]
+    is_last = logical == kv_indptr[request + 1].long() - first - 1
+    tokens = torch.where(is_last, kv_last_page_len[request], page_size)
+    return phys.to(torch.int32), tokens.to(torch.int32)
+
+
+def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None,
+                out: VisitBuffers | None = None) -> torch.Tensor:
     """Turn page scores into the selection's visit order; no host synchronization.
 
     Each row keeps the sink page (0) first and the current page (the request's last) second,
@@ -70,41 +105,50 @@ def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int
     ----------
     scores : torch.Tensor
         ``[R, width]`` float32, ``R = B * H_kv``; higher is kept and visited first.
-    kv_indptr : torch.Tensor
-        ``[B + 1]`` int32 page-table row pointers.
-    num_kv_heads : int
+    ctx : art_runtime.policies.PolicyContext
+        The page table (``kv_indptr``, ``kv_indices``, ``kv_last_page_len``), ``num_kv_heads``
+        and ``page_size``.
     layout : art_runtime.policies.base.SelectionLayout
         Kept pages per row (``indptr``), with each entry's ``row`` and ``rank``.
     kernel : bool or None
         Use the Triton kernel (default: on CUDA). On the CPU the torch path runs unless
         ``kernel=True`` (the Triton interpreter, for tests: its sort is slow there).
+    out : VisitBuffers, optional
+        Write the logical pages, and each entry's physical page and token count, into these
+        buffers (a plan's visit arrays) instead of a new tensor: the kernel does it in its one
+        launch.
 
     Returns
     -------
     torch.Tensor
-        ``[nnz]`` int32 logical pages, row by row in visit order.
+        ``[nnz]`` int32 logical pages, row by row in visit order (``out.pages`` if given).
     """
     nnz = layout.row.numel()
     if kernel is None:
         kernel = scores.is_cuda
     if kernel and not triton_runs_on(scores.device):
         raise ValueError("kernel=True needs CUDA or TRITON_INTERPRET=1")
+    if out is not None and min(out.pages.numel(), out.phys.numel(), out.tokens.numel()) < nnz:
+        raise ValueError(f"out: every buffer needs the layout's {nnz} entries")
     if kernel:
         from .kernels.page_selection import select_top_pages_kernel
 
-        pages = torch.empty(nnz, dtype=torch.int32, device=scores.device)
+        pages = torch.empty(nnz, dtype=torch.int32, device=scores.device) if out is None else out.pages
         if nnz:
             if layout.width > 1 << 20:  # the radix select counts in 20 bits
                 raise ValueError(f"a request of {layout.width} pages: the selection kernel takes at most 2^20 pages")
             width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
+            physical = (pages, pages, pages, pages) if out is None else (
+                ctx.kv_indices, ctx.kv_last_page_len, out.phys, out.tokens)
             select_top_pages_kernel[(scores.shape[0],)](
-                scores, kv_indptr, layout.indptr, torch.empty(nnz, dtype=torch.int64, device=scores.device), pages,
-                scores.stride(0), NUM_KV_HEADS=num_kv_heads, WIDTH_POW2=width_pow2,
-                KEPT_POW2=max(16, 1 << (layout.kept - 1).bit_length()),
+                scores, ctx.kv_indptr, layout.indptr, torch.empty(nnz, dtype=torch.int64, device=scores.device), pages,
+                *physical, scores.stride(0), ctx.page_size, NUM_KV_HEADS=ctx.num_kv_heads, WIDTH_POW2=width_pow2,
+                KEPT_POW2=max(16, 1 << (layout.kept - 1).bit_length()), PHYSICAL=out is not None,
                 num_warps=min(16, max(4, width_pow2 // 256)),  # 8 keys a thread at most, to stay in registers
             )
         return pages
-    num_pages = (kv_indptr[1:] - kv_indptr[:-1]).long().repeat_interleave(num_kv_heads)[:, None]
+    num_kv_heads = ctx.num_kv_heads
+    num_pages = (ctx.kv_indptr[1:] - ctx.kv_indptr[:-1]).long().repeat_interleave(num_kv_heads)[:, None]
     positions = torch.arange(layout.width, device=scores.device)[None, :]
     scores = scores.clamp(max=TOP_POLICY_SCORE)
     scores = torch.where(positions == num_pages - 1, CURRENT_SCORE, scores)
@@ -114,7 +158,16 @@ def order_pages(scores: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # two's-complement order = float order
     keys = (ordered.to(torch.int64) << 32) | (layout.width - 1 - positions)  # unique: ties to the lower position
     order = torch.sort(keys, dim=1, descending=True).indices
-    return order[layout.row, layout.rank].to(torch.int32)
+    pages = order[layout.row, layout.rank].to(torch.int32)
+    if out is None:
+        return pages
+    real = torch.arange(nnz, device=pages.device) < layout.indptr[-1]  # not padding
+    pages = torch.where(real, pages, 0)
+    phys, tokens = physical_pages(ctx.kv_indptr, ctx.kv_indices, ctx.kv_last_page_len, ctx.page_size,
+                                  layout.row // num_kv_heads, pages)
+    for buffer, value in ((out.pages, pages), (out.phys, phys), (out.tokens, tokens)):
+        buffer[:nnz] = torch.where(real, value, buffer[:nnz])
+    return out.pages
 
 
 def validate_selection(selection: PageSelection, pages_per_request: torch.Tensor, num_kv_heads: int) -> None:

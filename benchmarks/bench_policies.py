@@ -3,7 +3,8 @@
 For each (batch, kv_len) row: FlashInfer's dense decode, then every policy's decode time
 with termination ``off`` and with ART (``stability`` at the defaults, ``bound`` relative to
 the values and ``mass``), and the cost of Quest's scoring and selection alone (the metadata
-scoring kernel and the selection kernel, each also timed alone) next to dense decode. bf16, page size 16, random data
+scoring kernel and the selection kernel, each also timed alone, and what they add to a decode
+step) next to dense decode. bf16, page size 16, random data
 with shuffled pages: on random keys attention is diffuse, so termination rarely fires; this
 measures what each policy and the termination bookkeeping cost, not what termination saves
 (see benchmarks/visit_order.py for real attention). Times are CUDA-graph replays, as in
@@ -83,7 +84,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import flashinfer
 
-    from art_runtime import BatchARTDecodeWrapper, TerminationConfig
+    from art_runtime import BatchARTDecodeWrapper, PageSelection, TerminationConfig
     from art_runtime.page_scores import quest_page_scores
     from art_runtime.policies import PolicyContext
     from art_runtime.selection import order_pages
@@ -116,7 +117,9 @@ def main(argv=None):
                     rows.append(dict(batch=batch, kv_len=kv_len, policy=label, mode=mode, us=us, flashinfer_us=fi_us,
                                      graphed=graphed, speedup_vs_flashinfer=fi_us / us, speedup_vs_off=off_us[label] / us,
                                      visited_fraction=float(stats.visited_pages.sum() / (batch * hk * (-(-kv_len // PAGE_SIZE))))))
-            # Quest's scoring and selection alone, against ART's dense decode.
+            # Quest's scoring and selection alone (each graph pays one replay's launch), and what
+            # they add to a decode step: Quest's decode with the selection inside it, less the same
+            # decode with that selection fixed at plan time.
             policy = make_policy("quest", q, cache, table, batch, kv_len)
             ctx = PolicyContext(*table, hq, hk, PAGE_SIZE, ids)
             layout = policy.layout(ctx)
@@ -124,8 +127,13 @@ def main(argv=None):
             scores = quest_page_scores(ctx, q, meta, layout.width)
             scoring_us = median_time_us(as_cuda_graph(lambda: quest_page_scores(ctx, q, meta, layout.width))[0],
                                         args.iters, 5, flush)
-            ordering_us = median_time_us(as_cuda_graph(lambda: order_pages(scores, ctx.kv_indptr, hk, layout))[0],
+            ordering_us = median_time_us(as_cuda_graph(lambda: order_pages(scores, ctx, layout))[0],
                                          args.iters, 5, flush)
+            fixed = BatchARTDecodeWrapper(backend="triton")
+            fixed.plan(*table, hq, hk, dim, PAGE_SIZE, termination=modes["off"],
+                       selection=PageSelection(layout.indptr, order_pages(scores, ctx, layout)))
+            fixed_us = median_time_us(as_cuda_graph(lambda: fixed.run(q, cache))[0], args.iters, 5, flush)
+            in_step_us = off_us["quest"] - fixed_us if "quest" in off_us else float("nan")
             box_bytes = ctx.num_rows * layout.width * meta.key_box_bytes_per_page()
             dense = BatchARTDecodeWrapper(backend="triton")
             dense.plan(*table, hq, hk, dim, PAGE_SIZE, termination=modes["off"])
@@ -133,7 +141,8 @@ def main(argv=None):
             scoring.append(dict(batch=batch, kv_len=kv_len, quest_select_us=select_us, dense_decode_us=dense_off,
                                 fraction=select_us / dense_off, scoring_us=scoring_us, ordering_us=ordering_us,
                                 box_bytes=box_bytes, scoring_floor_us=box_bytes / copy_tbps / 1e6,
-                                fraction_of_flashinfer=select_us / fi_us))
+                                fraction_of_flashinfer=select_us / fi_us, quest_fixed_selection_us=fixed_us,
+                                in_step_us=in_step_us, in_step_fraction=in_step_us / dense_off))
             del q, cache, meta
             torch.cuda.empty_cache()
     score_table = markdown_table(scoring, [("batch", "batch", "d"), ("kv_len", "kv_len", "d"),
@@ -143,7 +152,9 @@ def main(argv=None):
                                            ("scoring + selection µs", "quest_select_us", ".1f"),
                                            ("ART dense decode µs", "dense_decode_us", ".1f"),
                                            ("fraction of ART dense", "fraction", ".3f"),
-                                           ("fraction of FI dense", "fraction_of_flashinfer", ".3f")])
+                                           ("fraction of FI dense", "fraction_of_flashinfer", ".3f"),
+                                           ("in the step µs", "in_step_us", ".1f"),
+                                           ("in the step, fraction of ART dense", "in_step_fraction", ".3f")])
     markdown = "\n".join([
         f"# Policies with and without ART termination on {device['name']}", "",
         f"- date (UTC): {started.isoformat()}", f"- command: `{shlex.join(['python3', *sys.argv])}`",
@@ -152,7 +163,10 @@ def main(argv=None):
         f"random data, shuffled pages; budgeted policies keep {BUDGET} pages per (request, KV head)",
         "- times: median CUDA-graph replays, L2 flushed before each; `stability` at the defaults, `bound` eps 0.05 "
         "relative to the values, `mass` eps 0.05; on random keys termination rarely fires (see the docstring)", "",
-        markdown_table(rows, COLUMNS), "", "## Quest scoring and selection alone", "", score_table, ""])
+        markdown_table(rows, COLUMNS), "", "## Quest scoring and selection", "",
+        "Alone: each in its own graph (one replay's launch included). In the step: Quest `off` from the "
+        "table above less the same decode with that selection fixed at plan time, i.e. what scoring and "
+        "selection add to a decode step, the writes of the plan's visit order included.", "", score_table, ""])
     print(markdown)
     write_results(args.out_dir, f"policies_{device['slug']}_{started:%Y-%m-%d}",
                   dict(date=started.isoformat(), device=device, copy_tbps=copy_tbps, rows=rows, scoring=scoring), markdown)

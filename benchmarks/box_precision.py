@@ -81,7 +81,7 @@ def main(argv=None):
                 policy = QuestPolicy(budget=budget)
                 layout = policy.layout(ctx)
                 fp8 = policy.select(ctx, layout, 0, batch.q, meta)
-                exact = order_pages(exact_box_scores(batch, num_kv, group, layout.width), ctx.kv_indptr, num_kv, layout)
+                exact = order_pages(exact_box_scores(batch, num_kv, group, layout.width), ctx, layout)
                 overlap, mass_fp8, mass_exact = [], [], []
                 for r in range(ctx.num_rows):
                     a = fp8[layout.indptr[r]:layout.indptr[r + 1]].long()

@@ -6,7 +6,9 @@ largest score exactly by a radix select on the scores' 32-bit order keys (four r
 256-bin histogram over the row, in registers, in unsigned 32-bit arithmetic). The pages above
 that threshold, and as many tied with it as fit (the lower positions first), are compacted
 into the selection, and only those ``kept`` entries are sorted (score order, ties to the
-lower position). Sorting the kept pages instead of the whole row is what makes this cheap
+lower position). With ``PHYSICAL`` it also writes each entry's physical page id and token
+count, so that a per-layer selection fills the decode plan's visit arrays in this one launch
+(the dozen gathers that did it in torch cost about as much as the selection itself). Sorting the kept pages instead of the whole row is what makes this cheap
 next to the scoring pass that reads every page's key box: a top-k over the row costs as much
 as that pass. (Selecting in the scoring kernel's last program of each row instead, to save
 the launch, measured slower: the selection's registers cost the scoring its occupancy;
@@ -24,12 +26,17 @@ def select_top_pages_kernel(
     sel_indptr_ptr,    # [R + 1] int32 selection row pointers (kept pages per row)
     keys_ptr,          # scratch: [nnz] int64
     pages_ptr,         # out: [nnz] int32 logical pages in visit order
-    stride_sr,
-    NUM_KV_HEADS: tl.constexpr, WIDTH_POW2: tl.constexpr, KEPT_POW2: tl.constexpr,
+    kv_indices_ptr,    # [pages in table] int32 physical page ids (read with PHYSICAL)
+    kv_last_page_len_ptr,  # [B] int32 tokens in each request's last page (read with PHYSICAL)
+    phys_ptr,          # out (PHYSICAL): [nnz] int32 physical page of each entry
+    tokens_ptr,        # out (PHYSICAL): [nnz] int32 tokens of each entry's page
+    stride_sr, page_size,
+    NUM_KV_HEADS: tl.constexpr, WIDTH_POW2: tl.constexpr, KEPT_POW2: tl.constexpr, PHYSICAL: tl.constexpr,
 ):
     row = tl.program_id(0)
     request = row // NUM_KV_HEADS
-    num_pages = tl.load(kv_indptr_ptr + request + 1) - tl.load(kv_indptr_ptr + request)
+    first_page = tl.load(kv_indptr_ptr + request)
+    num_pages = tl.load(kv_indptr_ptr + request + 1) - first_page
     start = tl.load(sel_indptr_ptr + row)
     kept = tl.load(sel_indptr_ptr + row + 1) - start
     pos = tl.arange(0, WIDTH_POW2)
@@ -73,5 +80,10 @@ def select_top_pages_kernel(
     k = tl.arange(0, KEPT_POW2)
     chosen = tl.load(keys_ptr + start + k, mask=k < kept, other=-9223372036854775808)
     chosen = tl.sort(chosen, descending=True)
-    page = WIDTH_POW2 - 1 - (chosen & 0xFFFFFFFF)
-    tl.store(pages_ptr + start + k, page.to(tl.int32), mask=k < kept)
+    page = (WIDTH_POW2 - 1 - (chosen & 0xFFFFFFFF)).to(tl.int32)
+    tl.store(pages_ptr + start + k, page, mask=k < kept)
+    if PHYSICAL:
+        phys = tl.load(kv_indices_ptr + first_page + page, mask=k < kept, other=0)
+        tokens = tl.where(page == num_pages - 1, tl.load(kv_last_page_len_ptr + request), page_size)
+        tl.store(phys_ptr + start + k, phys, mask=k < kept)
+        tl.store(tokens_ptr + start + k, tokens, mask=k < kept)

@@ -153,12 +153,17 @@ class PagePolicy:
         width = int(pages.max()) if pages.numel() else 0
         return SelectionLayout(indptr.to(torch.int32), row, rank, width, int(kept.max()) if kept.numel() else 0)
 
-    def select(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int = 0, q=None, page_meta=None):
-        """``[nnz]`` int32 logical pages in visit order, laid out as ``layout``. No host sync."""
+    def select(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int = 0, q=None, page_meta=None,
+               out=None):
+        """``[nnz]`` int32 logical pages in visit order, laid out as ``layout``. No host sync.
+
+        ``out`` (an ``art_runtime.selection.VisitBuffers``): write the pages, with their
+        physical ids and token counts, into a decode plan's visit arrays instead.
+        """
         from art_runtime.selection import order_pages
 
         scores = self.page_scores(ctx, layer_id, q, page_meta, layout.width).float()
-        return order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout)
+        return order_pages(scores, ctx, layout, out=out)
 
 
 def _sm_scale(ctx: PolicyContext, q) -> float | None:

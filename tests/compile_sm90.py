@@ -55,7 +55,8 @@ def main():
                                   "work_end_ptr", "row_start_ptr", "visited_pages_ptr", "visited_tokens_ptr", "sketch_pages_ptr",
                                   "loaded_tokens_ptr",
                                   "stable_at_ptr", "row_work_indptr_ptr", "batch_indices_ptr", "positions_ptr",
-                                  "append_indptr_ptr", "kv_indices_ptr", "kv_indptr_ptr", "sel_indptr_ptr", "pages_ptr")}
+                                  "append_indptr_ptr", "kv_indices_ptr", "kv_indptr_ptr", "sel_indptr_ptr", "pages_ptr",
+                                  "kv_last_page_len_ptr", "phys_ptr", "tokens_ptr")}
     # Every value of every parameter appears with every mode; the full product takes ~9 min.
     shapes = [("bf16", 1, 64, 1, 64), ("fp16", 7, 64, 16, 4), ("fp32", 4, 128, 64, 1), ("bf16", 16, 256, 3, 21),
               ("bf16", 8, 128, 16, 4)]
@@ -103,10 +104,10 @@ def main():
         compile_kernel(page_metadata_update_kernel,
                        dict(PAGE_SIZE=page, PAGE_SIZE_POW2=1 << (page - 1).bit_length(), HEAD_DIM=dim), ptrs)
         count += 1
-    for width_pow2 in (16, 2048, 8192):
+    for width_pow2, physical in ((16, False), (2048, True), (8192, False), (8192, True)):
         compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=max(16, width_pow2),
-                                                    KEPT_POW2=max(16, width_pow2 // 16)), dict(int_ptrs, keys_ptr="i64"),
-                       num_warps=min(16, max(4, width_pow2 // 256)))
+                                                    KEPT_POW2=max(16, width_pow2 // 16), PHYSICAL=physical),
+                       dict(int_ptrs, keys_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
     print(f"compiled {count} kernel variants for sm_90")
 

@@ -83,14 +83,42 @@ def test_selection_kernel_equals_torch_ordering(budget, device):
     gen = torch.Generator().manual_seed(budget)
     scores = torch.randint(-3, 4, (ctx.num_rows, layout.width), generator=gen).float().to(case.q.device)  # many ties
     scores[0, 3] = float("inf")  # a score equal to the sink's still comes after the sink and the current page
-    kernel = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=True)
-    reference = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=False)
+    kernel = selection.order_pages(scores, ctx, layout, kernel=True)
+    reference = selection.order_pages(scores, ctx, layout, kernel=False)
     assert torch.equal(kernel, reference)
     for r in range(ctx.num_rows):  # and both are what the order means, by brute force
         n = case.pages_per_request()[r // 2]
         rest = sorted(range(n), key=lambda p: (-min(float(scores[r, p]), 3e38), p))
         row = kernel[layout.indptr[r]:layout.indptr[r + 1]].tolist()
         assert row == forced_then(rest, n)[:min(budget, n)]
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_selection_writes_a_plans_visit_buffers(kernel, device):
+    """With ``out`` the selection also writes each entry's physical page and token count, and
+    leaves the buffers' padding (entries past the layout) as it was."""
+    from art_runtime import selection
+
+    case = make_case([300, 5, 161, 33], 8, 2, 64, 16, device=device, seed=9)
+    ctx = context(case)
+    layout = QuestPolicy(budget=6).layout(ctx)
+    nnz = layout.row.numel()
+    scores = torch.randn(ctx.num_rows, layout.width, generator=torch.Generator().manual_seed(9)).to(case.q.device)
+    out = selection.VisitBuffers(*(torch.full((nnz + 5,), -7, dtype=torch.int32, device=case.q.device)
+                                   for _ in range(3)))
+    pages = selection.order_pages(scores, ctx, layout, kernel=kernel, out=out)
+    assert pages is out.pages
+    assert torch.equal(out.pages[:nnz], selection.order_pages(scores, ctx, layout, kernel=False))
+    assert (out.pages[nnz:] == -7).all() and (out.phys[nnz:] == -7).all() and (out.tokens[nnz:] == -7).all()
+    request = (layout.row // ctx.num_kv_heads).cpu()
+    indptr, indices, last = (t.cpu().long() for t in (ctx.kv_indptr, ctx.kv_indices, ctx.kv_last_page_len))
+    logical = out.pages[:nnz].cpu().long()
+    assert torch.equal(out.phys[:nnz].cpu().long(), indices[indptr[request] + logical])
+    is_last = logical == indptr[request + 1] - indptr[request] - 1
+    assert torch.equal(out.tokens[:nnz].cpu().long(), torch.where(is_last, last[request], ctx.page_size))
+    with pytest.raises(ValueError, match="out"):
+        selection.order_pages(scores, ctx, layout, kernel=kernel,
+                              out=selection.VisitBuffers(out.pages[:nnz - 1], out.phys, out.tokens))
 
 
 @pytest.mark.parametrize("values, budget", [(1000, 7), (2, 7), (2, 600), (1, 1000)],
@@ -104,8 +132,8 @@ def test_selection_kernel_wide_rows(values, budget, device):
     layout = QuestPolicy(budget=budget).layout(ctx)
     gen = torch.Generator().manual_seed(budget)
     scores = torch.randint(0, values, (ctx.num_rows, layout.width), generator=gen).float().to(case.q.device)
-    kernel = selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=True)
-    assert torch.equal(kernel, selection.order_pages(scores, ctx.kv_indptr, ctx.num_kv_heads, layout, kernel=False))
+    kernel = selection.order_pages(scores, ctx, layout, kernel=True)
+    assert torch.equal(kernel, selection.order_pages(scores, ctx, layout, kernel=False))
 
 
 def test_key_box_kernel_scores_equal_torch_scores(case):

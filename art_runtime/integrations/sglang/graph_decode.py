@@ -130,7 +130,7 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
     def _select_pages(self, plan, layer_id: int, q, page_meta) -> None:
         """Per layer (inside the graph): score and order the pages of a query-dependent policy."""
         policy, ctx, layout = self._policy
-        self.buffers.set_visits(policy.select(ctx, layout, layer_id, q, page_meta), self._page_size)
+        policy.select(ctx, layout, layer_id, q, page_meta, out=self.buffers.visits)
 
     def plan(self, *args, **kwargs):
         raise ValueError("StaticPlanDecodeWrapper is planned by prepare(), not plan()")

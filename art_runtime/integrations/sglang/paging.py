@@ -17,6 +17,7 @@ import torch
 
 from art_runtime.decode import OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS
 from art_runtime.plan import DecodePlan
+from art_runtime.selection import VisitBuffers
 from art_runtime.termination import TerminationConfig
 
 
@@ -181,6 +182,11 @@ class StaticPlanBuffers:
         )
 
     @property
+    def visits(self) -> VisitBuffers:
+        """The visit arrays, for a per-layer selection to write in place."""
+        return VisitBuffers(self.visit_pages, self.visit_phys, self.visit_tokens)
+
+    @property
     def capacity(self) -> int:
         """Entries of the visit order (all rows together)."""
         return self.visit_phys.numel()
@@ -211,6 +217,8 @@ class StaticPlanBuffers:
         self.valid.copy_(valid)
         self.entry_row.copy_(row)
         self.entry_rank.copy_(torch.where(valid, entry - row_start[row], 0))
+        for visit in (self.visit_pages, self.visit_phys, self.visit_tokens):
+            visit.masked_fill_(~valid, 0)  # padding: a per-layer selection writes the real entries only
 
     def recency_pages(self) -> torch.Tensor:
         """``[capacity]`` the dense recency order: sink, current page, then newest to oldest."""
