@@ -772,12 +772,12 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
         summaries.append(summary)
     tokens_read = int(stats.visited_tokens.long().sum())
     # The kernel's count: K+V in the simulated dtype (fp32, re-expressed in the capture dtype),
-    # the metadata of every selected page in bound mode, and every page's key box when the
-    # Quest order scores them (dense selections: selected pages = every page). Checked.
+    # the metadata of every selected page in modes mass and bound, and every page's key box when
+    # the Quest order scores them (dense selections: selected pages = every page). Checked.
     selected = int(stats.selected_pages.sum())
-    bound, scored = setting.config.reads_page_metadata, order in ("quest", "mass")
+    scored = order in ("quest", "mass")
     meta32 = int(stats.kv_bytes_read) - tokens_read * 2 * dim * batch.cache.element_size()
-    expected32 = selected * (meta.nbytes_per_page() * bound + meta.key_box_bytes_per_page() * scored)
+    expected32 = selected * (meta.nbytes_per_page(setting.config.mode) + meta.key_box_bytes_per_page() * scored)
     sketch_pages = int(stats.sketch_pages.long().sum()) if stats.sketch_pages is not None else 0
     expected32 += sketch_pages * meta.key_sketch_bytes_per_page()
     if meta32 != expected32:

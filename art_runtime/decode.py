@@ -40,7 +40,10 @@ NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipel
 # (H200 sweep: both land at ~9 chunks per row for batch 16 at 16K-32K tokens), and 2 for any
 # head_dim when a batch has at most FEW_ROWS (request, KV head) rows: on H100, 32/8/128 at
 # batch 1 / 32K took 66 µs at 2 against 90 at 8, and batch 4 at 16K-32K 0.99-1.0x FlashInfer
-# against 0.83-0.90x (benchmarks/NOTES.md v8, v12).
+# against 0.83-0.90x (benchmarks/NOTES.md v8, v12). Also 2 in modes mass and bound: a chunk
+# judges its own unread share, and the chunks after a row's first hold little of its mass,
+# so they read nearly all of it (Llama-3-8B shape at batch 64 on real attention: mass read
+# 84% / 40% of two layers' pages split in 2, 68% / 11% whole; v13).
 PROGRAMS_PER_SM = None
 FEW_ROWS = 32
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
@@ -211,7 +214,8 @@ class BatchARTDecodeWrapper:
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
             termination, float(sm_scale), selection, chunk_pages,
-            self._parallel_programs(device, head_dim, (kv_indptr.numel() - 1) * num_kv_heads),
+            self._parallel_programs(device, head_dim, (kv_indptr.numel() - 1) * num_kv_heads,
+                                    termination.reads_page_metadata),
             min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim),
         )
         self._plan = plan
@@ -239,15 +243,18 @@ class BatchARTDecodeWrapper:
         return PageSelection(layout.indptr, policy.select(ctx, layout))
 
     @staticmethod
-    def _parallel_programs(device: torch.device, head_dim: int, num_rows: int) -> int:
+    def _parallel_programs(device: torch.device, head_dim: int, num_rows: int, estimates_share: bool) -> int:
         """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU, none on a CPU.
+
+        ``estimates_share``: the criterion compares a chunk's unread mass with its read mass
+        (modes ``mass`` and ``bound``), so splitting a row makes it read more.
 
         It depends on the device and the batch's shape only, so both backends plan the same
         chunks (and so give the same results) on the same device.
         """
         if device.type == "cuda":
-            per_sm = PROGRAMS_PER_SM or (2 if head_dim <= 64 or num_rows <= FEW_ROWS else 8)
-            return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+            few = head_dim <= 64 or num_rows <= FEW_ROWS or estimates_share
+            return (PROGRAMS_PER_SM or (2 if few else 8)) * torch.cuda.get_device_properties(device).multi_processor_count
         return 1
 
     def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
@@ -268,10 +275,10 @@ class BatchARTDecodeWrapper:
         certified = certified and self._backend == "triton"
         self._log2w_low = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._log2wv = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
-        self._vrest = torch.empty((plan.nnz if bound else 0,), dtype=torch.float32, device=device)
+        self._vrest = torch.empty((plan.nnz if certified else 0,), dtype=torch.float32, device=device)
         segments = self._prepass_segments(plan)[1] if bound else 0
         self._seg_est = torch.empty((plan.num_work, segments, group_pad), dtype=torch.float32, device=device)
-        self._seg_vmax = torch.empty((plan.num_work, segments), dtype=torch.float32, device=device)
+        self._seg_vmax = torch.empty((plan.num_work, segments if certified else 0), dtype=torch.float32, device=device)
         self._seg_bounds = torch.empty((3, plan.num_work, segments if certified else 0, group_pad),
                                        dtype=torch.float32, device=device)
         self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
@@ -359,7 +366,7 @@ class BatchARTDecodeWrapper:
         """What ``last_stats`` needs besides the kernel's counters, for a run of ``plan``."""
         bound = plan.termination.reads_page_metadata
         # Metadata read per selected page (bound, mass) and per page of the table (key-box scoring).
-        meta_bytes = (page_meta.nbytes_per_page() * plan.nnz if bound else 0) + (
+        meta_bytes = (page_meta.nbytes_per_page(plan.termination.mode) * plan.nnz if bound else 0) + (
             page_meta.key_box_bytes_per_page() * self._pages_in_table * plan.num_kv_heads
             if self._policy is not None and self._policy[0].reads_key_boxes else 0)
         self._raw_stats = (plan, elem_size, meta_bytes, page_mass,
@@ -442,21 +449,22 @@ class BatchARTDecodeWrapper:
         dot_in_input_dtype = q.dtype != torch.float32 and not triton_interpreter_enabled()
         common = dict(NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
                       HEAD_DIM=plan.head_dim, SEG_PAGES=seg_pages, SEGMENTS=segments)
+        certified = term.mode == "bound"
         page_mass_estimate_kernel[grid](
             q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, page_meta.value_norm_max,
             plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
             self._log2w, self._vrest, seg_est, seg_vmax,
             q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
             page_meta.value_norm_max.stride(0), qk_scale, plan.sm_scale, VALUE_NORM_SCALE,
-            TILE=estimate_tile, DOT_IN_INPUT_DTYPE=dot_in_input_dtype, **common,
+            TILE=estimate_tile, DOT_IN_INPUT_DTYPE=dot_in_input_dtype, VALUES=certified, **common,
         )
-        carry = dict(GROUP_PAD=group_pad, TILE=estimate_tile, SEG_PAGES=seg_pages, SEGMENTS=segments,
-                     SEGMENTS_POW2=next_power_of_two(segments))
+        carry = dict(GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad, TILE=estimate_tile, SEG_PAGES=seg_pages,
+                     SEGMENTS=segments, SEGMENTS_POW2=next_power_of_two(segments))
         segment_carry_kernel[grid](
             self._log2w, self._log2w_low, self._log2wv, self._vrest, seg_est, seg_est, seg_est, seg_vmax,
-            plan.work_start, plan.work_end, 0.0, CERTIFIED=False, **carry,
+            plan.work_start, plan.work_end, 0.0, CERTIFIED=False, VALUES=certified, **carry,
         )
-        if term.mode == "bound":
+        if certified:
             self._sketch_pages.zero_()
             page_sketch_bound_kernel[grid](
                 q, page_meta.value_norm_max, page_meta.key_codes, page_meta.key_grid_base,
@@ -472,7 +480,7 @@ class BatchARTDecodeWrapper:
             )
             segment_carry_kernel[grid](
                 self._log2w, self._log2w_low, self._log2wv, self._vrest, *seg_bounds, seg_vmax,
-                plan.work_start, plan.work_end, LOG2_SLACK, CERTIFIED=True, **carry,
+                plan.work_start, plan.work_end, LOG2_SLACK, CERTIFIED=True, VALUES=True, **carry,
             )
 
     def _run_triton(self, plan, q, k_cache, v_cache, page_meta, out, lse) -> None:
@@ -483,6 +491,7 @@ class BatchARTDecodeWrapper:
         qk_scale = plan.sm_scale * LOG2E
         if term.reads_page_metadata:
             self._run_bound_prepass(plan, q, page_meta, qk_scale)
+        if term.mode == "bound":  # the row's largest value norm (mode mass never reads them)
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
         block_n = max(16, next_power_of_two(plan.block_pages * plan.page_size))
         interpreted = triton_interpreter_enabled()

@@ -388,8 +388,11 @@ class PageMetadata:
                 + self.key_grid_base.shape[-1] * (self.key_grid_base.element_size()
                                                   + self.key_grid_exponent.element_size()))
 
-    def nbytes_per_page(self) -> int:
-        """Bytes of metadata per (page, KV head) that ``bound`` and ``mass`` read for every
-        selected page (key box and value norm); ``bound`` reads the key sketch of some pages
-        too (``key_sketch_bytes_per_page``, counted by the wrapper)."""
-        return self.key_box_bytes_per_page() + self.value_norm_max.element_size()
+    def nbytes_per_page(self, mode: str) -> int:
+        """Bytes of metadata per (page, KV head) that termination ``mode`` reads for every
+        selected page: the key box (``mass``, ``bound``) and the value norm (``bound``);
+        ``bound`` reads the key sketch of some pages too (``key_sketch_bytes_per_page``,
+        counted by the wrapper). Modes ``off`` and ``stability`` read none."""
+        if mode not in ("mass", "bound"):
+            return 0
+        return self.key_box_bytes_per_page() + (self.value_norm_max.element_size() if mode == "bound" else 0)

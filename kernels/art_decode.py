@@ -187,7 +187,7 @@ def art_decode_kernel(
                 else:
                     # Bound (MODE 2: certified) or estimate (MODE 3) of the unread rest of this chunk.
                     at = next_pos * GROUP_PAD + g
-                    log2_rest = tl.load(bound_log2w_ptr + at, mask=rest, other=float("-inf")) - m_i
+                    log2_rest = tl.load(bound_log2w_ptr + at, mask=rest & g_ok, other=float("-inf")) - m_i
                     # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
                     rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(-log2_rest))
                     if MODE == 3:

@@ -103,7 +103,7 @@ def page_mass_estimate_kernel(
     qk_scale, sm_scale, value_norm_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_IN_INPUT_DTYPE: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr, VALUES: tl.constexpr,
 ):
     work = tl.program_id(0)
     segment = tl.program_id(1)
@@ -113,6 +113,7 @@ def page_mass_estimate_kernel(
     dot_dtype = q.dtype if DOT_IN_INPUT_DTYPE else tl.float32
     q = q.to(tl.float32)
     g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP_SIZE
     dims = tl.arange(0, HEAD_DIM)
     t = tl.arange(0, TILE)
 
@@ -136,14 +137,16 @@ def page_mass_estimate_kernel(
         logit = mean * scale * qk_scale + variance * (scale * scale) * (qk_scale * sm_scale * 0.5)
         x = logit + tl.log2(tokens.to(tl.float32))[None, :]
         estimate, carry_m, carry_s = _suffix_log2_sum(x, ok, carry_m, carry_s)
-        tl.store(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], estimate, mask=ok[None, :])
-        vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
-        vrest = tl.maximum(tl.associative_scan(vnorm, 0, _max_combine, reverse=True), carry_v)
-        tl.store(vrest_ptr + pos, vrest, mask=ok)
-        carry_v = tl.maximum(carry_v, tl.max(vnorm, 0))
+        tl.store(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], estimate, mask=ok[None, :] & g_ok[:, None])
+        if VALUES:  # mode bound: the value norms' suffix max (mode mass never reads them)
+            vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
+            vrest = tl.maximum(tl.associative_scan(vnorm, 0, _max_combine, reverse=True), carry_v)
+            tl.store(vrest_ptr + pos, vrest, mask=ok)
+            carry_v = tl.maximum(carry_v, tl.max(vnorm, 0))
     at = work * SEGMENTS + segment
     tl.store(seg_log2w_ptr + at * GROUP_PAD + g, carry_m + tl.log2(carry_s))
-    tl.store(seg_vmax_ptr + at, carry_v)
+    if VALUES:
+        tl.store(seg_vmax_ptr + at, carry_v)
 
 
 @triton.jit
@@ -173,25 +176,27 @@ def segment_carry_kernel(
     log2w_ptr, log2w_low_ptr, log2wv_ptr, vrest_ptr,           # in/out: segment-local suffixes
     seg_log2w_ptr, seg_low_ptr, seg_wv_ptr, seg_vmax_ptr,      # in: segment totals
     work_start_ptr, work_end_ptr, log2_slack,
-    GROUP_PAD: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr, SEGMENTS: tl.constexpr,
-    SEGMENTS_POW2: tl.constexpr, CERTIFIED: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr,
+    SEGMENTS: tl.constexpr, SEGMENTS_POW2: tl.constexpr, CERTIFIED: tl.constexpr, VALUES: tl.constexpr,
 ):
     """Turn segment-local suffix sums into suffix sums over the work item (see the module doc).
 
     ``CERTIFIED`` (bound): the three sketch suffixes, positions before the cut (``+inf``) left as
     they are, with ``log2_slack`` added to the upper sums and taken from the lower one; else
-    (mass) the estimate and the value-norm suffix max.
+    the estimate (of the group's heads, the lanes ``page_mass_estimate_kernel`` wrote) and,
+    with ``VALUES`` (bound), the value-norm suffix max.
     """
     work = tl.program_id(0)
     segment = tl.program_id(1)
     start, end, seg_start, seg_end = _segment(work_start_ptr, work_end_ptr, work, segment, SEG_PAGES)
     g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP_SIZE
     t = tl.arange(0, TILE)
     carry = _later_segments_log2_sum(seg_log2w_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
     if CERTIFIED:
         carry_low = _later_segments_log2_sum(seg_low_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
         carry_wv = _later_segments_log2_sum(seg_wv_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
-    else:
+    elif VALUES:
         s = tl.arange(0, SEGMENTS_POW2)
         carry_v = tl.max(tl.load(seg_vmax_ptr + work * SEGMENTS + s, mask=(s > segment) & (s < SEGMENTS),
                                  other=0.0), 0)
@@ -199,8 +204,8 @@ def segment_carry_kernel(
         pos = seg_start + tile * TILE + t
         ok = pos < seg_end
         at = pos[None, :] * GROUP_PAD + g[:, None]
-        local = tl.load(log2w_ptr + at, mask=ok[None, :], other=0.0)
         if CERTIFIED:
+            local = tl.load(log2w_ptr + at, mask=ok[None, :], other=0.0)
             sketched = ok[None, :] & (local < float("inf"))
             tl.store(log2w_ptr + at, _log2_add(local, carry[:, None]) + log2_slack, mask=sketched)
             low = tl.load(log2w_low_ptr + at, mask=sketched, other=0.0)
@@ -208,9 +213,12 @@ def segment_carry_kernel(
             wv = tl.load(log2wv_ptr + at, mask=sketched, other=0.0)
             tl.store(log2wv_ptr + at, _log2_add(wv, carry_wv[:, None]) + log2_slack, mask=sketched)
         else:
-            tl.store(log2w_ptr + at, _log2_add(local, carry[:, None]), mask=ok[None, :])
-            vrest = tl.load(vrest_ptr + pos, mask=ok, other=0.0)
-            tl.store(vrest_ptr + pos, tl.maximum(vrest, carry_v), mask=ok)
+            lanes = ok[None, :] & g_ok[:, None]
+            local = tl.load(log2w_ptr + at, mask=lanes, other=0.0)
+            tl.store(log2w_ptr + at, _log2_add(local, carry[:, None]), mask=lanes)
+            if VALUES:
+                vrest = tl.load(vrest_ptr + pos, mask=ok, other=0.0)
+                tl.store(vrest_ptr + pos, tl.maximum(vrest, carry_v), mask=ok)
 
 
 @triton.jit

@@ -78,11 +78,15 @@ def main():
             segments = 3
             common = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, SEG_PAGES=64,
                           SEGMENTS=segments)
-            compile_kernel(page_mass_estimate_kernel, dict(common, TILE=32, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+            compile_kernel(page_mass_estimate_kernel, dict(common, TILE=32, DOT_IN_INPUT_DTYPE=dtype != "fp32",
+                                                           VALUES=mode == 2),
                            dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
-            compile_kernel(segment_carry_kernel, dict(GROUP_PAD=group_pad, TILE=32, SEG_PAGES=64, SEGMENTS=segments,
-                                                      SEGMENTS_POW2=4, CERTIFIED=mode == 2), int_ptrs)
-            count += 2
+            carries = ((False, True), (True, True)) if mode == 2 else ((False, False),)  # (CERTIFIED, VALUES)
+            for certified, values in carries:
+                compile_kernel(segment_carry_kernel, dict(GROUP_SIZE=group, GROUP_PAD=group_pad, TILE=32, SEG_PAGES=64,
+                                                          SEGMENTS=segments, SEGMENTS_POW2=4, CERTIFIED=certified,
+                                                          VALUES=values), int_ptrs)
+            count += 1 + len(carries)
             if mode == 2:
                 compile_kernel(page_sketch_bound_kernel,
                                dict(common, TILE=max(16, 256 // page_pow2), SEGMENTS_POW2=4,

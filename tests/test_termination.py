@@ -251,7 +251,7 @@ def test_bound_stops_early_when_the_rest_is_provably_small(backend, relative_to,
         assert (overshoot == 0).all()
     assert (overshoot <= (PASS_BLOCKS - 1) * termination.block_pages * case.page_size).all()
     expected_bytes = (stats.loaded_tokens.long().sum() * 2 * 64 * 4 + stats.selected_pages.long().sum()
-                      * meta.nbytes_per_page() + stats.sketch_pages.long().sum() * meta.key_sketch_bytes_per_page())
+                      * meta.nbytes_per_page("bound") + stats.sketch_pages.long().sum() * meta.key_sketch_bytes_per_page())
     assert int(stats.kv_bytes_read) == int(expected_bytes)
 
 
@@ -307,7 +307,7 @@ def test_bound_suffix_terms_agree_between_backends(chunk_pages, segment_pages, d
 
 @pytest.mark.parametrize("chunk_pages,segment_pages", PREPASS_LAYOUTS)
 def test_mass_suffix_terms_agree_between_backends(chunk_pages, segment_pages, device, monkeypatch):
-    """The Triton mass pre-pass (estimates and value-norm maxima) writes what the torch backend computes."""
+    """The Triton mass pre-pass writes the estimates the torch backend computes (and no value norms)."""
     import art_runtime.decode
     from art_runtime.reference import bound_terms_torch
 
@@ -322,7 +322,7 @@ def test_mass_suffix_terms_agree_between_backends(chunk_pages, segment_pages, de
     terms = bound_terms_torch(wrapper._plan, case.q, meta)
     assert torch.allclose(wrapper._log2w[:, :4], terms.log2_rest_mass, rtol=1e-5, atol=1e-3)
     assert terms.log2_rest_mass.isfinite().all()
-    assert torch.allclose(wrapper._vrest, terms.value_rest, rtol=1e-6)
+    assert wrapper._vrest.numel() == 0  # mode mass's check never reads the value norms
 
 
 def simulate_mass(case, termination):

@@ -98,7 +98,8 @@ class ARTAttnBackend(TritonAttnBackend):
         self.graph_decode: StaticPlanDecodeWrapper | None = None
         self.decode: StaticPlanDecodeWrapper | None = None  # the wrapper of the current decode step
         self.decode_seq_lens = None  # [B] of the current decode step
-        metadata_bytes = self.page_meta[0].nbytes_per_page() if self.termination.reads_page_metadata else 0
+        metadata_bytes = (self.page_meta[0].nbytes_per_page(self.termination.mode)
+                          if self.termination.reads_page_metadata else 0)
         rank, rank_name = server_rank()
         self.telemetry = DecodeTelemetry(
             self.num_layers, self.num_kv_head, self.num_head, self.head_dim, keys.element_size(), metadata_bytes,
