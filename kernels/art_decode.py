@@ -239,30 +239,37 @@ def art_decode_kernel(
 def art_merge_kernel(
     part_out_ptr, part_lse_ptr, row_work_indptr_ptr, out_ptr, lse_ptr, stride_ob, stride_oh,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CHUNKS: tl.constexpr,
 ):
-    """Combine the chunks of one (request, KV head) row by their base-2 LSEs."""
+    """Combine the chunks of one (request, KV head) row for one query head by their base-2 LSEs.
+
+    Grid ``(rows, GROUP_SIZE)``. The chunks are read ``CHUNKS`` at a time (one load of their
+    LSEs, one of their ``[CHUNKS, D]`` outputs): a small batch splits a row into up to a few
+    hundred chunks, and folding them one by one was a serial chain of loads that cost more than
+    the decode itself (14/2/64 at batch 1 / 32K on an H100: 19 µs against 12; NOTES v14).
+    """
     row = tl.program_id(0)
+    g = tl.program_id(1)
     request = row // NUM_KV_HEADS
     head = row % NUM_KV_HEADS
-    g = tl.arange(0, GROUP_PAD)
-    g_ok = g < GROUP_SIZE
+    c = tl.arange(0, CHUNKS)
     dims = tl.arange(0, HEAD_DIM)
     first = tl.load(row_work_indptr_ptr + row)
     last = tl.load(row_work_indptr_ptr + row + 1)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    s = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for work in range(first, last):
-        lse = tl.load(part_lse_ptr + work * GROUP_PAD + g)
-        o = tl.load(part_out_ptr + (work * GROUP_PAD + g)[:, None] * HEAD_DIM + dims[None, :])
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        s = s * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o
-        m = m_new
-    out_rows = head * GROUP_SIZE + g
-    tl.store(out_ptr + request * stride_ob + out_rows[:, None] * stride_oh + dims[None, :],
-             (acc / s[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
-    tl.store(lse_ptr + request * NUM_KV_HEADS * GROUP_SIZE + out_rows, m + tl.log2(s), mask=g_ok)
+    m = tl.max(tl.full([CHUNKS], float("-inf"), tl.float32), 0)
+    for start in range(first, last, CHUNKS):
+        lse = tl.load(part_lse_ptr + (start + c) * GROUP_PAD + g, mask=start + c < last, other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse, 0))
+    s = tl.sum(tl.zeros([CHUNKS], tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for start in range(first, last, CHUNKS):
+        work = start + c
+        ok = work < last
+        w = tl.exp2(tl.load(part_lse_ptr + work * GROUP_PAD + g, mask=ok, other=float("-inf")) - m)
+        o = tl.load(part_out_ptr + (work * GROUP_PAD + g)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None],
+                    other=0.0)
+        s += tl.sum(w, 0)
+        acc += tl.sum(w[:, None] * o, 0)
+    out_row = head * GROUP_SIZE + g
+    tl.store(out_ptr + request * stride_ob + out_row * stride_oh + dims, (acc / s).to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + request * NUM_KV_HEADS * GROUP_SIZE + out_row, m + tl.log2(s))

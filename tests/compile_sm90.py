@@ -100,7 +100,8 @@ def main():
                            dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
             count += 1
         if split and mode == 0:
-            compile_kernel(art_merge_kernel, dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim),
+            compile_kernel(art_merge_kernel, dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
+                                                  CHUNKS=16),
                            dict(int_ptrs, out_ptr=dtype))
             count += 1
     for dtype, page, dim in [("bf16", 1, 64), ("fp16", 3, 128), ("fp32", 16, 256), ("bf16", 64, 128)]:
