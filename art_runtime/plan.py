@@ -78,19 +78,26 @@ def group_tile(group_size: int) -> int:
     return max(16, next_power_of_two(group_size))
 
 
+# A row is cut into at most this many chunks: the merge reads every chunk of a row, and past
+# ~64 it costs more than the shorter chains save (H100, mode off, 14/2/64 at batch 1 / 32K:
+# 64 chunks a row 20.7 µs, 128 chunks 23.2 µs; benchmarks/NOTES.md v15).
+MAX_CHUNKS_PER_ROW = 64
+
+
 def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parallel_programs: int,
                        terminates: bool) -> int:
     """Pages per work item so that about ``parallel_programs`` items exist (no split if enough).
 
-    A chunk shorter than a few blocks costs more in merge traffic than it gains; with
-    termination on, a chunk stops on its own, so it gets room to do so (16 blocks).
+    Without termination a chunk is at least two blocks (shorter ones cost more in merge
+    traffic than they gain) and a row at most ``MAX_CHUNKS_PER_ROW`` chunks; with termination
+    on, a chunk stops on its own, so it gets room to do so (16 blocks).
     """
     # Rounded, not ceiled: 256 rows for 264 slots run best unsplit (H200 sweep, v5 in
     # benchmarks/NOTES.md), and a near-miss of a whole number of waves costs little.
-    splits = round(parallel_programs / num_rows) if num_rows else 1
+    splits = min(round(parallel_programs / num_rows), MAX_CHUNKS_PER_ROW) if num_rows else 1
     if splits <= 1:
         return max(longest_row, 1)
-    min_blocks = 16 if terminates else 4
+    min_blocks = 16 if terminates else 2
     return max(min_blocks * block_pages, math.ceil(longest_row / splits))
 
 
