@@ -273,8 +273,8 @@ orders (--orders):
 Reported per (layer, order, setting):
   pages    pages read / selected over all (query, KV head)
   bytes    K+V bytes read / a dense read, in the capture's dtype (float16); bound and mass
-           also read every selected page's key box and value norm
-           (PageMetadata.nbytes_per_page) and bound the key sketch of the pages after its
+           also read every selected page's key box, bound its value norm too
+           (PageMetadata.nbytes_per_page) and the key sketch of the pages after its
            cut (DecodeStats.sketch_pages), counted
   err      per query head |o - o_exact| against exact float64 attention over the same
            pages, relative to |o_exact| and to the value scale max|v| (largest value norm

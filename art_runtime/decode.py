@@ -77,10 +77,9 @@ class DecodeStats:
         ``[B, H_qo]`` int32: the visit-order block (``block_pages`` pages each) at which each
         query head first met the criterion on its own (``-1``: never; always -1 in ``off``).
     kv_bytes_read : torch.Tensor
-        0-d int64: K and V bytes of ``loaded_tokens``, plus the page metadata read (bound and
-        mass modes:
-        every selected page's key box and value norm, and in bound mode the key sketch of
-        ``sketch_pages``; key-box scoring policies such as Quest: every page's key box).
+        0-d int64: K and V bytes of ``loaded_tokens``, plus the page metadata read (modes
+        mass and bound: every selected page's key box; bound also its value norm and the key
+        sketch of ``sketch_pages``; key-box scoring policies such as Quest: every page's key box).
     selection : PageSelection
         The selected pages in visit order, read or not (for per-layer policies: the last run's).
     page_mass : torch.Tensor or None
