@@ -114,3 +114,16 @@ def test_empty_batch(device):
     cache = torch.randn(4, 2, 16, 2, 64, device=device)
     out = wrapper.run(torch.randn(0, 8, 64, device=device), cache)
     assert out.shape == (0, 8, 64)
+
+
+def test_chunk_choice_bounds_chunk_count_and_length():
+    """Mode off: chunks of at least two blocks and at most MAX_CHUNKS_PER_ROW a row; with
+    termination at least 16 blocks; rows stay whole when they fill the device alone."""
+    from art_runtime.plan import MAX_CHUNKS_PER_ROW, choose_chunk_pages
+
+    assert MAX_CHUNKS_PER_ROW == 64
+    assert choose_chunk_pages(2048, 2, 8, 264, terminates=False) == 32  # 132 splits wanted, 64 allowed
+    assert choose_chunk_pages(256, 8, 8, 264, terminates=False) == 16  # 33 splits of 8 pages: 2 blocks
+    assert choose_chunk_pages(4096, 8, 8, 264, terminates=False) == 125  # 33 splits of 125 pages
+    assert choose_chunk_pages(2048, 8, 8, 264, terminates=True) == 128  # 16 blocks
+    assert choose_chunk_pages(2048, 512, 8, 264, terminates=False) == 2048  # one item a row fills the device
