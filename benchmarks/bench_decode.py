@@ -37,7 +37,7 @@ from common import (
 )
 
 DEFAULT_SHAPES = ["32/8/128", "14/2/64"]
-DEFAULT_BATCHES = [1, 16, 64, 128]
+DEFAULT_BATCHES = [1, 4, 16, 64, 128]  # 1-4: split rows and their merge; 64-128: bandwidth
 DEFAULT_KV_LENS = [4096, 16384, 32768]
 DEFAULT_ITERS = 100
 QUICK_BATCHES = [1, 16]
