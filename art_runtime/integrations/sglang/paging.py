@@ -17,7 +17,7 @@ import torch
 
 from art_runtime.decode import OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS
 from art_runtime.plan import DecodePlan
-from art_runtime.selection import VisitBuffers
+from art_runtime.selection import VisitBuffers, physical_pages
 from art_runtime.termination import TerminationConfig
 
 
@@ -229,11 +229,8 @@ class StaticPlanBuffers:
     def set_visits(self, pages: torch.Tensor, page_size: int) -> None:
         """Point the visit order at ``[capacity]`` logical ``pages`` (padding entries ignored)."""
         pages = torch.where(self.valid, pages.long(), 0)
-        request = self.entry_row // self.num_kv_heads
-        first = self.page_indptr[request].long()
-        count = self.page_indptr[request + 1].long() - first
-        phys = self.page_indices[torch.where(self.valid, first + pages, 0)]
-        tokens = torch.where(pages == count - 1, self.last_page_len[request].long(), page_size)
+        phys, tokens = physical_pages(self.page_indptr, self.page_indices, self.last_page_len, page_size,
+                                      self.entry_row // self.num_kv_heads, pages)
         self.visit_pages.copy_(pages)
         self.visit_phys.copy_(torch.where(self.valid, phys, 0))
         self.visit_tokens.copy_(torch.where(self.valid, tokens, 0))
