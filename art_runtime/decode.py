@@ -61,6 +61,12 @@ MERGE_CHUNKS = 16
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight per program (H100/H200: 227 KiB)
 
 
+def tile_tokens(head_dim: int) -> int:
+    """The longest K/V tile that reads fastest at ``head_dim`` (``OFF_BLOCK_TOKENS``, at most
+    ``OFF_TILE_ELEMENTS`` elements): mode ``off``'s block, and the cap of the others'."""
+    return min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim)
+
+
 @dataclass
 class DecodeStats:
     """What the last ``run`` read and where it stopped.
@@ -217,7 +223,7 @@ class BatchARTDecodeWrapper:
             termination, float(sm_scale), selection, chunk_pages,
             self._parallel_programs(device, head_dim, (kv_indptr.numel() - 1) * num_kv_heads,
                                     termination.reads_page_metadata),
-            min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim),
+            tile_tokens(head_dim),
         )
         self._plan = plan
         self._page_table = (kv_indptr, kv_indices, kv_last_page_len)

@@ -101,6 +101,14 @@ def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parall
     return max(min_blocks * block_pages, math.ceil(longest_row / splits))
 
 
+def kernel_block_pages(termination: TerminationConfig, page_size: int, tile_tokens: int) -> int:
+    """Pages per kernel block: ``tile_tokens`` worth in mode ``off`` (it checks nothing), else
+    the termination's check block (``block_pages`` or its mode's default, capped by the tile)."""
+    if termination.mode == "off" and termination.block_pages is None:
+        return max(1, tile_tokens // page_size)
+    return termination.pages_per_block(page_size, tile_tokens)
+
+
 def build_plan(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
@@ -126,10 +134,7 @@ def build_plan(
     """
     device = kv_indptr.device
     batch_size = kv_last_page_len.numel()
-    if termination.mode == "off" and termination.block_pages is None:
-        block_pages = max(1, tile_tokens // page_size)
-    else:
-        block_pages = termination.pages_per_block(page_size, tile_tokens)
+    block_pages = kernel_block_pages(termination, page_size, tile_tokens)
     if block_pages * page_size > MAX_BLOCK_TOKENS:
         raise ValueError(
             f"termination.block_pages * page_size must be <= {MAX_BLOCK_TOKENS} tokens, "

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from art_runtime.decode import OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS
-from art_runtime.plan import DecodePlan
+from art_runtime.decode import tile_tokens
+from art_runtime.plan import DecodePlan, kernel_block_pages
 from art_runtime.selection import VisitBuffers, physical_pages
 from art_runtime.termination import TerminationConfig
 
@@ -97,14 +97,6 @@ def appended_page_table(out_cache_loc, first_position, num_new, page_size: int):
     kv_indptr = torch.zeros(batch + 1, dtype=torch.long, device=device)
     kv_indptr[:batch] = base - first_page
     return request.to(torch.int32), positions.to(torch.int32), kv_indices.to(torch.int32), kv_indptr.to(torch.int32)
-
-
-def block_pages(termination: TerminationConfig, page_size: int, head_dim: int) -> int:
-    """Pages per kernel block, as ``BatchARTDecodeWrapper.plan`` picks them."""
-    tile_tokens = min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim)
-    if termination.mode == "off" and termination.block_pages is None:
-        return max(1, tile_tokens // page_size)
-    return termination.pages_per_block(page_size, tile_tokens)
 
 
 @dataclass
@@ -239,7 +231,7 @@ class StaticPlanBuffers:
              sm_scale: float, num_pages: int) -> DecodePlan:
         """The ``DecodePlan`` of a ``batch``-request step: views of these buffers."""
         rows = batch * self.num_kv_heads
-        pages_per_block = block_pages(termination, page_size, head_dim)
+        pages_per_block = kernel_block_pages(termination, page_size, tile_tokens(head_dim))
         return DecodePlan(
             batch_size=batch, num_qo_heads=num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=head_dim,
             page_size=page_size, block_pages=pages_per_block, termination=termination, sm_scale=sm_scale,
