@@ -42,6 +42,10 @@ class H2OPolicy(PagePolicy):
     is never selected again. The ``recent_pages`` newest pages are always kept. Mass
     accumulates from the first decode step; ties (no history yet) go to newer pages.
 
+    The state of a layer is one ``[slots, H_kv, capacity]`` tensor per quantity, a slot per
+    live request (given back by ``release``), so that scoring and updating a batch are a
+    few device operations whatever its size; only ``plan`` touches the host.
+
     Parameters
     ----------
     budget : int
@@ -56,9 +60,11 @@ class H2OPolicy(PagePolicy):
     needs_page_mass = True
     budget: int = 64
     recent_pages: int = 8
-    # (request_id, layer_id) -> (accumulated mass [H_kv, pages], evicted [H_kv, pages])
-    _state: dict = field(default_factory=dict, init=False, repr=False)
-    _pages_per_request: list = field(default_factory=list, init=False, repr=False)  # this plan's, on the host
+    # layer_id -> (accumulated mass [slots, H_kv, capacity] float32, evicted: same shape, bool)
+    _layers: dict = field(default_factory=dict, init=False, repr=False)
+    _slots: dict = field(default_factory=dict, init=False, repr=False)  # request_id -> slot
+    _pages: dict = field(default_factory=dict, init=False, repr=False)  # request_id -> its pages at the last plan
+    _batch_slots: torch.Tensor | None = field(default=None, init=False, repr=False)  # [B] int64: this plan's slots
 
     def __post_init__(self):
         check_budget("budget", self.budget)
@@ -70,46 +76,78 @@ class H2OPolicy(PagePolicy):
         return torch.full_like(ctx.pages_per_row, self.budget)
 
     def layout(self, ctx: PolicyContext) -> SelectionLayout:
-        # Page counts on the host once per plan, so that run() never synchronizes.
-        self._pages_per_request = ctx.pages_per_request.tolist()
-        return super().layout(ctx)
+        """Also gives new requests a clean slot and grows the state to the batch (host work, once per plan)."""
+        if ctx.request_ids is None or len(ctx.request_ids) != ctx.batch_size:
+            raise ValueError("request_ids: the h2o policy keeps state per request and needs one id per request")
+        if len(set(ctx.request_ids)) != len(ctx.request_ids):
+            raise ValueError("request_ids must be distinct within a batch")
+        layout = super().layout(ctx)
+        fresh = []
+        for request_id, pages in zip(ctx.request_ids, ctx.pages_per_request.tolist()):
+            if request_id not in self._slots:
+                used = set(self._slots.values())
+                self._slots[request_id] = next(s for s in range(len(used) + 1) if s not in used)
+                fresh.append(self._slots[request_id])
+            self._pages[request_id] = pages
+        slots = [self._slots[request_id] for request_id in ctx.request_ids]
+        for layer_id, state in self._layers.items():
+            self._layers[layer_id] = state = _grown(state, max(slots) + 1, layout.width)
+            if fresh:  # a slot given back by a finished request starts clean
+                for quantity in state:
+                    quantity[fresh] = 0
+        self._batch_slots = torch.tensor(slots, device=ctx.kv_indptr.device)
+        return layout
 
-    def _request_state(self, request_id, layer_id: int, pages: int, heads: int, device):
-        """The request's state grown to ``pages`` pages (new pages: no mass, not evicted)."""
-        mass, evicted = self._state.get((request_id, layer_id), (None, None))
-        if mass is None or mass.shape[1] < pages:
-            grown_mass = torch.zeros(heads, pages, device=device)
-            grown_evicted = torch.zeros(heads, pages, dtype=torch.bool, device=device)
-            if mass is not None:
-                grown_mass[:, : mass.shape[1]] = mass
-                grown_evicted[:, : evicted.shape[1]] = evicted
-            mass, evicted = grown_mass, grown_evicted
-            self._state[(request_id, layer_id)] = (mass, evicted)
-        return mass, evicted
+    def _state(self, ctx: PolicyContext, layer_id: int, width: int):
+        """``layer_id``'s (mass, evicted), created on its first use."""
+        state = self._layers.get(layer_id)
+        if state is None:
+            shape = (max(self._slots.values()) + 1, ctx.num_kv_heads, width)
+            device = ctx.kv_indptr.device
+            state = self._layers[layer_id] = (torch.zeros(shape, device=device),
+                                              torch.zeros(shape, dtype=torch.bool, device=device))
+        return state
 
     def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
-        heads, device = ctx.num_kv_heads, ctx.kv_indptr.device
-        scores = torch.full((ctx.num_rows, width), float("-inf"), device=device)
-        for b, (request_id, pages) in enumerate(zip(ctx.request_ids, self._pages_per_request)):
-            mass, evicted = self._request_state(request_id, layer_id, pages, heads, device)
-            positions = torch.arange(pages, device=device)
-            scores[b * heads:(b + 1) * heads, :pages] = h2o_page_scores(
-                mass[:, :pages], evicted[:, :pages], positions, torch.tensor(pages, device=device), self.recent_pages)
-        return scores
+        mass, evicted = self._state(ctx, layer_id, width)
+        slots = self._batch_slots
+        positions = torch.arange(width, device=slots.device)
+        scores = h2o_page_scores(mass[slots, :, :width], evicted[slots, :, :width], positions,
+                                 ctx.pages_per_request[:, None, None], self.recent_pages)
+        return scores.view(ctx.num_rows, width)
 
     def observe(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int, pages, page_mass) -> None:
         """Add this step's page mass; evict every existing page the step did not select."""
-        heads, device, width = ctx.num_kv_heads, ctx.kv_indptr.device, layout.width
-        rows, columns = layout.row, pages.long()
-        step_mass = torch.zeros(ctx.num_rows, width, device=device).index_put_((rows, columns), page_mass, accumulate=True)
-        selected = torch.zeros(ctx.num_rows, width, dtype=torch.bool, device=device).index_put_(
-            (rows, columns), torch.ones_like(columns, dtype=torch.bool))
-        for b, (request_id, count) in enumerate(zip(ctx.request_ids, self._pages_per_request)):
-            mass, evicted = self._request_state(request_id, layer_id, count, heads, device)
-            mass[:, :count] += step_mass[b * heads:(b + 1) * heads, :count]
-            evicted[:, :count] |= ~selected[b * heads:(b + 1) * heads, :count]
+        mass, evicted = self._state(ctx, layer_id, layout.width)
+        heads, width, slots = ctx.num_kv_heads, layout.width, self._batch_slots
+        request, head, columns = layout.row // heads, layout.row % heads, pages.long()
+        mass.index_put_((slots[request], head, columns), page_mass.float(), accumulate=True)
+        selected = torch.zeros(ctx.batch_size, heads, width, dtype=torch.bool, device=slots.device)
+        selected[request, head, columns] = True
+        existing = torch.arange(width, device=slots.device) < ctx.pages_per_request[:, None, None]
+        evicted[slots, :, :width] = evicted[slots, :, :width] | (existing & ~selected)
+
+    def request_state(self, request_id, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mass, evicted)`` of a live request at ``layer_id``: ``[H_kv, pages]`` views of the state."""
+        if request_id not in self._slots or layer_id not in self._layers:
+            raise ValueError(f"request_id, layer_id: no state for request {request_id!r} at layer {layer_id}")
+        slot, pages = self._slots[request_id], self._pages[request_id]
+        return tuple(quantity[slot, :, :pages] for quantity in self._layers[layer_id])
 
     def release(self, request_id) -> None:
-        """Forget a finished request (every layer)."""
-        for key in [key for key in self._state if key[0] == request_id]:
-            del self._state[key]
+        """Forget a finished request (every layer); its slot goes to the next new request."""
+        self._slots.pop(request_id, None)
+        self._pages.pop(request_id, None)
+
+
+def _grown(state, slots: int, width: int):
+    """``state``'s tensors with room for ``slots`` slots of ``width`` pages (doubling, contents kept)."""
+    have_slots, heads, have_width = state[0].shape
+    if slots <= have_slots and width <= have_width:
+        return state
+    shape = (max(slots, 2 * have_slots if slots > have_slots else have_slots), heads,
+             max(width, 2 * have_width if width > have_width else have_width))
+    grown = tuple(torch.zeros(shape, dtype=quantity.dtype, device=quantity.device) for quantity in state)
+    for old, new in zip(state, grown):
+        new[:have_slots, :, :have_width] = old
+    return grown

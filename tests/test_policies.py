@@ -186,7 +186,7 @@ def test_h2o_keeps_heavy_pages_and_evicts_for_good(case):
     mass = stats.page_mass
     pages = stats.selection.pages
     # Heavy hitters after one step: the pages of the first selection by mass (recent forced).
-    state_mass, evicted = policy._state[("a", 0)]
+    state_mass, evicted = policy.request_state("a", 0)
     row0 = pages[:6].long()
     assert torch.allclose(state_mass[0, row0], mass[:6])
     assert evicted[0].sum() == case.pages_per_request()[0] - 6  # every unselected page is gone
@@ -195,7 +195,61 @@ def test_h2o_keeps_heavy_pages_and_evicts_for_good(case):
     candidates = sorted((p for p in first[0] if p not in (0, n - 1, n - 2)), key=lambda p: -float(state_mass[0, p]))
     assert second[0] == [0, n - 1, n - 2] + candidates[:3]
     policy.release("a")
-    assert not any(key[0] == "a" for key in policy._state)
+    with pytest.raises(ValueError, match="request_id"):
+        policy.request_state("a", 0)
+
+
+def test_h2o_state_over_steps_with_requests_leaving_joining_and_growing(device):
+    """Slot-batched H2O state against a per-request brute force over steps in which a request
+    ends (its slot is taken by a new one, which must start clean) and a request outgrows the
+    state's capacity."""
+    from art_runtime.policies.h2o import h2o_page_scores
+
+    heads, recent, budget = 2, 2, 6
+    policy = H2OPolicy(budget=budget, recent_pages=recent)
+    gen = torch.Generator().manual_seed(11)
+    reference = {}  # request_id -> (mass [H, pages] float64, evicted [H, pages] bool)
+    steps = [(["a", "b", "c"], [19, 2, 11]), (["c", "a"], [12, 19]), (["d", "a", "c"], [3, 40, 12])]
+    for step, (ids, pages) in enumerate(steps):
+        if step == 1:
+            policy.release("b")
+        indptr = torch.tensor([0] + pages).cumsum(0).to(torch.int32)
+        ctx = PolicyContext(indptr.to(device), torch.randperm(sum(pages), generator=gen).to(device, torch.int32),
+                            torch.full((len(ids),), 16, dtype=torch.int32, device=device), 4, heads, 16, ids)
+        layout = policy.layout(ctx)
+        got = policy.select(ctx, layout, 0).cpu()
+        for b, (request_id, n) in enumerate(zip(ids, pages)):
+            mass, evicted = reference.get(request_id, (torch.zeros(heads, 0, dtype=torch.float64),
+                                                       torch.zeros(heads, 0, dtype=torch.bool)))
+            grow = n - mass.shape[1]
+            mass = torch.cat([mass, torch.zeros(heads, grow, dtype=torch.float64)], 1)
+            evicted = torch.cat([evicted, torch.zeros(heads, grow, dtype=torch.bool)], 1)
+            reference[request_id] = (mass, evicted)
+            scores = h2o_page_scores(mass.float(), evicted, torch.arange(n), torch.tensor(n), recent)
+            for h in range(heads):
+                row = b * heads + h
+                order = forced_then(sorted(range(n), key=lambda p: (-float(scores[h, p]), p)), n)[:budget]
+                assert got[layout.indptr[row]:layout.indptr[row + 1]].tolist() == order, (step, request_id, h)
+        page_mass = torch.rand(got.numel(), generator=gen)
+        policy.observe(ctx, layout, 0, got.to(device), page_mass.to(device))
+        for b, (request_id, n) in enumerate(zip(ids, pages)):
+            mass, evicted = reference[request_id]
+            for h in range(heads):
+                row = b * heads + h
+                chosen = got[layout.indptr[row]:layout.indptr[row + 1]].long()
+                mass[h, chosen] += page_mass[layout.indptr[row]:layout.indptr[row + 1]].double()
+                evicted[h] |= ~torch.zeros(n, dtype=torch.bool).index_fill_(0, chosen, True)
+            state_mass, state_evicted = policy.request_state(request_id, 0)
+            torch.testing.assert_close(state_mass.cpu().double(), mass, rtol=1e-6, atol=1e-7)
+            assert torch.equal(state_evicted.cpu(), evicted)
+    assert policy.request_state("d", 0)[0].shape == (heads, 3)
+
+
+def test_h2o_rejects_missing_or_repeated_request_ids(case):
+    policy = H2OPolicy(budget=4, recent_pages=1)
+    for ids in (None, ["a", "b"], ["a", "a", "b"]):
+        with pytest.raises(ValueError, match="request_ids"):
+            policy.layout(context(case, ids))
 
 
 def test_page_mass_sums_to_the_group_and_matches_across_backends(case):

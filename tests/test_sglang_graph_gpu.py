@@ -100,7 +100,7 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture, backend="trito
     if policy_name == "h2o":  # the mass observed inside the graph, per page, equals the library's per request
         indptr, indices, _ = (t.cpu() for t in second)
         for r in range(MAX_BATCH):
-            mass, evicted = library._state[(r, 0)]
+            mass, evicted = library.request_state(r, 0)
             pages = indices[indptr[r]: indptr[r + 1]].long()
             torch.testing.assert_close(policy.mass[0, pages].T.cpu(), mass.cpu(), rtol=1e-5, atol=1e-6)
             assert torch.equal(policy.evicted[0, pages].T.cpu(), evicted.cpu())
