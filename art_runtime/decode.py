@@ -17,8 +17,8 @@ from .backend import resolve_backend, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
 from .plan import DecodePlan, build_plan, group_tile, next_power_of_two
-from .reference import (LOG2_SLACK, LOG2E, MASS_SKIP_SHARE, OVERFLOW_LOG2, SKETCH_CUT_SHARE, VALUE_NORM_SCALE,
-                        art_decode_torch, bound_terms_torch)
+from .reference import (LOG2_SLACK, LOG2E, OVERFLOW_LOG2, SKETCH_CUT_SHARE, VALUE_NORM_SCALE, art_decode_torch,
+                        bound_terms_torch)
 from .policies import PagePolicy, PolicyContext
 from .selection import PageSelection, VisitBuffers, dense_selection, validate_selection
 from .termination import TerminationConfig
@@ -40,14 +40,11 @@ NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipel
 # (H200 sweep: both land at ~9 chunks per row for batch 16 at 16K-32K tokens), and 2 for any
 # head_dim when a batch has at most FEW_ROWS (request, KV head) rows: on H100, 32/8/128 at
 # batch 1 / 32K took 66 µs at 2 against 90 at 8, and batch 4 at 16K-32K 0.99-1.0x FlashInfer
-# against 0.83-0.90x (benchmarks/NOTES.md v8, v12). Also 2 in mode bound: a chunk bounds its
-# own unread share, and the chunks after a row's first hold little of its mass, so they read
-# nearly all of it (Llama-3-8B shape at batch 64 on real attention, when mode mass worked so
-# too: 84% / 40% of two layers' pages split in 2, 68% / 11% whole; v13).
+# against 0.83-0.90x (benchmarks/NOTES.md v8, v12). Also 2 in modes mass and bound: a chunk
+# judges its own unread share, and the chunks after a row's first hold little of its mass,
+# so they read nearly all of it (Llama-3-8B shape at batch 64 on real attention: mass read
+# 84% / 40% of two layers' pages split in 2, 68% / 11% whole; v13).
 PROGRAMS_PER_SM = None
-# Mode mass judges the row's estimated unread share in every chunk and skips the chunks past
-# the estimated stop, so splitting costs it few reads and spreads a deep row over SMs (v16).
-MASS_PROGRAMS_PER_SM = 8
 FEW_ROWS = 32
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256: 64 tokens)
@@ -224,7 +221,8 @@ class BatchARTDecodeWrapper:
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
             termination, float(sm_scale), selection, chunk_pages,
-            self._parallel_programs(device, head_dim, (kv_indptr.numel() - 1) * num_kv_heads, termination.mode),
+            self._parallel_programs(device, head_dim, (kv_indptr.numel() - 1) * num_kv_heads,
+                                    termination.reads_page_metadata),
             tile_tokens(head_dim),
         )
         self._plan = plan
@@ -252,23 +250,19 @@ class BatchARTDecodeWrapper:
         return PageSelection(layout.indptr, policy.select(ctx, layout))
 
     @staticmethod
-    def _parallel_programs(device: torch.device, head_dim: int, num_rows: int, mode: str) -> int:
+    def _parallel_programs(device: torch.device, head_dim: int, num_rows: int, estimates_share: bool) -> int:
         """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU, none on a CPU.
 
-        Mode ``bound`` compares a chunk's unread mass with its own read mass, so splitting a
-        row makes it read more; mode ``mass`` judges the whole row (``MASS_PROGRAMS_PER_SM``).
-        It depends on the device, the batch's shape and the mode only, so both backends plan
-        the same chunks (and so give the same results) on the same device.
+        ``estimates_share``: the criterion compares a chunk's unread mass with its read mass
+        (modes ``mass`` and ``bound``), so splitting a row makes it read more.
+
+        It depends on the device and the batch's shape only, so both backends plan the same
+        chunks (and so give the same results) on the same device.
         """
-        if device.type != "cuda":
-            return 1
-        if PROGRAMS_PER_SM is not None:
-            per_sm = PROGRAMS_PER_SM
-        elif mode == "mass":
-            per_sm = MASS_PROGRAMS_PER_SM
-        else:
-            per_sm = 2 if head_dim <= 64 or num_rows <= FEW_ROWS or mode == "bound" else 8
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda":
+            few = head_dim <= 64 or num_rows <= FEW_ROWS or estimates_share
+            return (PROGRAMS_PER_SM or (2 if few else 8)) * torch.cuda.get_device_properties(device).multi_processor_count
+        return 1
 
     def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
         group_pad = group_tile(plan.group_size)
@@ -517,12 +511,11 @@ class BatchARTDecodeWrapper:
         art_decode_kernel[(plan.num_work,)](
             q, k_cache, v_cache, out, lse, self._part_out, self._part_lse,
             plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, plan.row_start,
-            plan.row_work_indptr, self._log2w, self._vrest, self._vscale, self._log2w_low, self._log2wv,
+            self._log2w, self._vrest, self._vscale, self._log2w_low, self._log2wv,
             self._visited_pages, self._visited_tokens, self._loaded_tokens, self._stable_at, self._page_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
             qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages, OVERFLOW_LOG2,
-            term.eps * MASS_SKIP_SHARE,
             NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,

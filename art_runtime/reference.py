@@ -33,12 +33,6 @@ OVERFLOW_LOG2 = 100.0
 # before it the unread mass bound is infinite (only the trivial W / (L + W) <= 1 remains).
 # Measured on the shared captures against 4 and 1/4 (benchmarks/results/bound_sketch_2026-11-26).
 SKETCH_CUT_SHARE = 1.0
-# Mode mass, split rows: a chunk is skipped when, by the estimate alone, its own and the later
-# chunks' share of the row's mass is at most this many times eps. Half: on real captures the
-# skips at eps itself doubled the p99 error on Qwen2.5-0.5B's 16K layers (the estimate of a
-# ranked order's first pages runs high); at half, the error is at or below the whole rows'
-# (benchmarks/NOTES.md v16).
-MASS_SKIP_SHARE = 0.5
 
 
 def _work_queries(plan: DecodePlan, q: torch.Tensor) -> torch.Tensor:
@@ -252,10 +246,6 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
     active = pos < end
     if term.mode == "bound":
         value_scale = row_value_scale(plan, bound_terms.value_rest)
-    split_mass = term.mode == "mass" and plan.split
-    if split_mass:
-        log2_after, skip = row_mass_after_chunks(plan, bound_terms.log2_rest_mass, term)
-        active &= ~skip
 
     for block in range(plan.max_work_blocks):
         work = active.nonzero().squeeze(1)
@@ -294,8 +284,6 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
                 return torch.where(rest, x[at], float("-inf")) - m[work]
 
             log2_rest = unread(bound_terms.log2_rest_mass)
-            if split_mass:  # the row's unread estimate: the later chunks' too
-                log2_rest = torch.logaddexp2(log2_rest + m[work], log2_after[work]) - m[work]
             # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
             rest_fraction = 1.0 / (1.0 + l[work] * torch.exp2(-log2_rest))
             if term.mode == "mass":
@@ -320,34 +308,10 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
         active[work] = (pos[work] < end[work]) & ~stop
 
     visited_pages = (torch.minimum(pos, end) - start).to(torch.int32)
-    o = acc / l.clamp(min=1e-30)[..., None]  # a chunk that read nothing (mode mass): 0, LSE -inf
+    o = acc / l[..., None]
     lse = m + torch.log2(l)
     out, out_lse = _merge(plan, o, lse)
     return out, out_lse, visited_pages, visited_tokens.to(torch.int32), stable_at
-
-
-def row_mass_after_chunks(plan: DecodePlan, log2_rest_mass: torch.Tensor, term):
-    """Mode mass, split rows: each chunk's estimated row mass after it, and whether it is skipped.
-
-    A chunk's estimated total is its suffix term at its start. A chunk counts the later chunks
-    as unread, so that it stops only when the row's estimated rest is small next to what it
-    read itself; it is skipped when its own and the later chunks' share of the row's estimate
-    is at most ``MASS_SKIP_SHARE * eps`` for every head, i.e. by the estimate alone the row
-    would have stopped before it (never the first chunk, nor one starting before
-    ``min_pages``). Returns ``(log2_after [W, G], skip [W])``.
-    """
-    rows = plan.work_row.long()
-    rank = torch.arange(plan.num_work, device=rows.device) - plan.row_work_indptr.long()[rows]
-    chunks = int(rank.max()) + 1 if plan.num_work else 1
-    totals = torch.full((plan.num_rows, chunks, plan.group_size), float("-inf"), device=rows.device)
-    totals[rows, rank] = log2_rest_mass[plan.work_start.long(), :plan.group_size]
-    top = totals.amax(1, keepdim=True)
-    share = torch.exp2(totals - top)  # [R, chunks, G]
-    after = share.flip(1).cumsum(1).flip(1) - share
-    unread_share = (share + after) / share.sum(1, keepdim=True)
-    may_stop = plan.work_start.long() - plan.row_start.long()[rows] >= term.min_pages
-    skip = may_stop & (rank > 0) & (unread_share[rows, rank] <= MASS_SKIP_SHARE * term.eps).all(-1)
-    return top[:, 0][rows] + torch.log2(after[rows, rank]), skip
 
 
 def _record_page_lse(plan: DecodePlan, page_lse, s, pos, end):

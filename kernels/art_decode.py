@@ -71,58 +71,19 @@ def _store_page_lse(page_lse_ptr, s, pos, end, GROUP_PAD: tl.constexpr, BLOCK_PA
 
 
 @triton.jit
-def _log2_add(a, b):
-    """``log2(2^a + 2^b)``, exact when either is -inf (both -inf: -inf)."""
-    top = tl.maximum(a, b)
-    safe = tl.where(top == float("-inf"), 0.0, top)
-    return safe + tl.log2(tl.exp2(a - safe) + tl.exp2(b - safe))
-
-
-@triton.jit
-def _row_mass_after_chunk(log2w_ptr, work_start_ptr, row_work_indptr_ptr, row, work, g_ok, skip_share,
-                          GROUP_PAD: tl.constexpr):
-    """Mode mass, split rows: the estimated mass of the row's chunks after this one, and whether to skip it.
-
-    Each chunk's estimated total is its pre-pass suffix at its start. A chunk counts the later
-    chunks as unread, so that it stops only when the row's estimated rest is small next to
-    what it read itself; and it is skipped when, by the estimate alone, the row would have
-    stopped before it: its own and the later chunks' share of the row's estimate is at most
-    ``skip_share`` for every head (never the first chunk; ``art_runtime.reference.
-    row_mass_after_chunks``). Returns ``(log2_after [GROUP_PAD], skip)``, -inf if none after.
-    """
-    g = tl.arange(0, GROUP_PAD)
-    first = tl.load(row_work_indptr_ptr + row)
-    last = tl.load(row_work_indptr_ptr + row + 1)
-    top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    for w in range(first, last):
-        top = tl.maximum(top, tl.load(log2w_ptr + tl.load(work_start_ptr + w) * GROUP_PAD + g, mask=g_ok, other=0.0))
-    before = tl.zeros([GROUP_PAD], tl.float32)
-    own = tl.zeros([GROUP_PAD], tl.float32)
-    after = tl.zeros([GROUP_PAD], tl.float32)
-    for w in range(first, last):
-        share = tl.exp2(tl.load(log2w_ptr + tl.load(work_start_ptr + w) * GROUP_PAD + g, mask=g_ok, other=0.0) - top)
-        before += tl.where(w < work, share, 0.0)
-        own += tl.where(w == work, share, 0.0)
-        after += tl.where(w > work, share, 0.0)
-    unread_share = (own + after) / (before + own + after)
-    skip = (work > first) & (tl.max(tl.where(g_ok, unread_share, 0.0), 0) <= skip_share)
-    return top + tl.log2(after), skip
-
-
-@triton.jit
 def art_decode_kernel(
     q_ptr, k_ptr, v_ptr,
     out_ptr, lse_ptr,                   # final [B, H_qo, D] / [B, H_qo] (unsplit plans)
     part_out_ptr, part_lse_ptr,         # [W, GROUP_PAD, D] fp32 / [W, GROUP_PAD] (split plans)
     visit_phys_ptr, visit_tokens_ptr,   # [nnz] int32: physical page and its token count, visit order
-    work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr, row_work_indptr_ptr,
+    work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr,
     bound_log2w_ptr, bound_vrest_ptr, row_vscale_ptr,  # bound / mass modes: [nnz, GROUP_PAD], [nnz], [R]
     bound_log2w_low_ptr, bound_log2wv_ptr,  # bound: [nnz, GROUP_PAD] each (page_bounds)
     visited_pages_ptr, visited_tokens_ptr, loaded_tokens_ptr, stable_at_ptr,  # stats: [W] x3, [W, GROUP_PAD]
     page_lse_ptr,                       # PAGE_MASS: [nnz, GROUP_PAD] log2 softmax mass of each page read
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ob, stride_oh,
-    qk_scale, tau_mag, tau_dir, eps, patience, min_pages, overflow_log2, skip_share,
+    qk_scale, tau_mag, tau_dir, eps, patience, min_pages, overflow_log2,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, VALUES_RELATIVE: tl.constexpr, SPLIT: tl.constexpr,
@@ -180,10 +141,6 @@ def art_decode_kernel(
         if MODE == 2:
             vscale = tl.load(row_vscale_ptr + row)
         live = pos < end
-        if MODE == 3 and SPLIT:
-            log2_after, skip = _row_mass_after_chunk(
-                bound_log2w_ptr, work_start_ptr, row_work_indptr_ptr, row, work, g_ok, skip_share, GROUP_PAD)
-            live = live & ~(skip & (start - row_start >= min_pages))
         go = live
         while go:
             # PASS_BLOCKS blocks per pass through a `for` loop, which the compiler software-
@@ -230,10 +187,7 @@ def art_decode_kernel(
                 else:
                     # Bound (MODE 2: certified) or estimate (MODE 3) of the unread rest of this chunk.
                     at = next_pos * GROUP_PAD + g
-                    log2_rest = tl.load(bound_log2w_ptr + at, mask=rest & g_ok, other=float("-inf"))
-                    if MODE == 3 and SPLIT:  # the row's unread estimate: the later chunks' too
-                        log2_rest = _log2_add(log2_rest, log2_after)
-                    log2_rest -= m_i
+                    log2_rest = tl.load(bound_log2w_ptr + at, mask=rest & g_ok, other=float("-inf")) - m_i
                     # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
                     rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(-log2_rest))
                     if MODE == 3:
@@ -269,7 +223,7 @@ def art_decode_kernel(
     tl.store(visited_tokens_ptr + work, tokens_read)
     tl.store(loaded_tokens_ptr + work, loaded_tokens)
     tl.store(stable_at_ptr + work * GROUP_PAD + g, stable_at)
-    o = acc / tl.maximum(l_i, 1e-30)[:, None]  # a chunk that read nothing (mode mass): 0, LSE -inf
+    o = acc / l_i[:, None]
     lse = m_i + tl.log2(l_i)
     if SPLIT:
         tl.store(part_out_ptr + (work * GROUP_PAD + g)[:, None] * HEAD_DIM + dims[None, :], o)
