@@ -122,8 +122,8 @@ class H2OPolicy(PagePolicy):
         heads, width, slots = ctx.num_kv_heads, layout.width, self._batch_slots
         request, head, columns = layout.row // heads, layout.row % heads, pages.long()
         mass.index_put_((slots[request], head, columns), page_mass.float(), accumulate=True)
-        selected = torch.zeros(ctx.batch_size, heads, width, dtype=torch.bool, device=slots.device)
-        selected[request, head, columns] = True
+        selected = torch.zeros(ctx.batch_size, heads, width, dtype=torch.bool, device=slots.device).index_put_(
+            (request, head, columns), torch.ones_like(columns, dtype=torch.bool))  # values on the device: capturable
         existing = torch.arange(width, device=slots.device) < ctx.pages_per_request[:, None, None]
         evicted[slots, :, :width] = evicted[slots, :, :width] | (existing & ~selected)
 
