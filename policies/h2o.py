@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import triton
 
 from .base import PagePolicy, PolicyContext, SelectionLayout, check_budget
 from .registry import register
@@ -13,6 +14,9 @@ from .registry import register
 RECENCY_TIE_BREAK = 1e-6
 # Recent pages score above any mass (a page's mass is at most the GQA group size).
 RECENT_SCORE = 1e6
+# Pages per step of the state kernels (kernels/h2o_state.py), and selected pages compared at once.
+STATE_TILE = 64
+STATE_KEPT_TILE = 64
 
 
 def h2o_page_scores(mass: torch.Tensor, evicted: torch.Tensor, positions: torch.Tensor, pages: torch.Tensor,
@@ -108,18 +112,41 @@ class H2OPolicy(PagePolicy):
                                               torch.zeros(shape, dtype=torch.bool, device=device))
         return state
 
-    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
+    def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int,
+                    kernel: bool | None = None) -> torch.Tensor:
+        """``[R, width]`` scores from the state (``kernel``: Triton, default on CUDA; else torch)."""
         mass, evicted = self._state(ctx, layer_id, width)
         slots = self._batch_slots
+        if kernel if kernel is not None else slots.is_cuda:
+            from art_runtime.kernels.h2o_state import h2o_page_scores_kernel
+
+            scores = torch.empty(ctx.num_rows, width, dtype=torch.float32, device=slots.device)
+            if ctx.num_rows and width:
+                h2o_page_scores_kernel[(ctx.num_rows, triton.cdiv(width, STATE_TILE))](
+                    mass, evicted, slots, ctx.kv_indptr, scores, width, mass.stride(0), mass.stride(1),
+                    self.recent_pages, RECENCY_TIE_BREAK, RECENT_SCORE, NUM_KV_HEADS=ctx.num_kv_heads, TILE=STATE_TILE)
+            return scores
         positions = torch.arange(width, device=slots.device)
         scores = h2o_page_scores(mass[slots, :, :width], evicted[slots, :, :width], positions,
                                  ctx.pages_per_request[:, None, None], self.recent_pages)
         return scores.view(ctx.num_rows, width)
 
-    def observe(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int, pages, page_mass) -> None:
-        """Add this step's page mass; evict every existing page the step did not select."""
+    def observe(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int, pages, page_mass,
+                kernel: bool | None = None) -> None:
+        """Add this step's page mass; evict every existing page the step did not select.
+
+        ``kernel``: one Triton program per row (default on CUDA); else torch.
+        """
         mass, evicted = self._state(ctx, layer_id, layout.width)
         heads, width, slots = ctx.num_kv_heads, layout.width, self._batch_slots
+        if kernel if kernel is not None else slots.is_cuda:
+            from art_runtime.kernels.h2o_state import h2o_observe_kernel
+
+            if ctx.num_rows:
+                h2o_observe_kernel[(ctx.num_rows,)](
+                    mass, evicted, slots, ctx.kv_indptr, layout.indptr, pages, page_mass.float(),
+                    mass.stride(0), mass.stride(1), NUM_KV_HEADS=heads, TILE=STATE_TILE, KEPT_TILE=STATE_KEPT_TILE)
+            return
         request, head, columns = layout.row // heads, layout.row % heads, pages.long()
         mass.index_put_((slots[request], head, columns), page_mass.float(), accumulate=True)
         selected = torch.zeros(ctx.batch_size, heads, width, dtype=torch.bool, device=slots.device).index_put_(

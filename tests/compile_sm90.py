@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  # noqa: E402
+from art_runtime.kernels.h2o_state import h2o_observe_kernel, h2o_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_bounds import (page_mass_estimate_kernel, page_sketch_bound_kernel,  # noqa: E402
                                              segment_carry_kernel)
 from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
@@ -23,7 +24,7 @@ from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: 
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "sm_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale", "log2_slack", "log2_cut_share",
-              "overflow_log2"}
+              "overflow_log2", "tie_break", "recent_score"}
 SKETCH_PTRS = {"codes_ptr": "u8", "base_ptr": "i16", "exponent_ptr": "i8"}
 
 
@@ -114,6 +115,10 @@ def main():
                                                     KEPT_POW2=max(16, width_pow2 // 16), PHYSICAL=physical),
                        dict(int_ptrs, keys_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
+    h2o_ptrs = dict(int_ptrs, evicted_ptr="i1", slots_ptr="i64")
+    compile_kernel(h2o_page_scores_kernel, dict(NUM_KV_HEADS=8, TILE=64), h2o_ptrs)
+    compile_kernel(h2o_observe_kernel, dict(NUM_KV_HEADS=8, TILE=64, KEPT_TILE=64), h2o_ptrs)
+    count += 2
     print(f"compiled {count} kernel variants for sm_90")
 
 

@@ -199,11 +199,13 @@ def test_h2o_keeps_heavy_pages_and_evicts_for_good(case):
         policy.request_state("a", 0)
 
 
-def test_h2o_state_over_steps_with_requests_leaving_joining_and_growing(device):
-    """Slot-batched H2O state against a per-request brute force over steps in which a request
-    ends (its slot is taken by a new one, which must start clean) and a request outgrows the
-    state's capacity."""
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "triton"])
+def test_h2o_state_over_steps_with_requests_leaving_joining_and_growing(kernel, device):
+    """Slot-batched H2O state (its Triton kernels and its torch path) against a per-request
+    brute force over steps in which a request ends (its slot is taken by a new one, which must
+    start clean) and a request outgrows the state's capacity."""
     from art_runtime.policies.h2o import h2o_page_scores
+    from art_runtime.selection import order_pages
 
     heads, recent, budget = 2, 2, 6
     policy = H2OPolicy(budget=budget, recent_pages=recent)
@@ -217,7 +219,7 @@ def test_h2o_state_over_steps_with_requests_leaving_joining_and_growing(device):
         ctx = PolicyContext(indptr.to(device), torch.randperm(sum(pages), generator=gen).to(device, torch.int32),
                             torch.full((len(ids),), 16, dtype=torch.int32, device=device), 4, heads, 16, ids)
         layout = policy.layout(ctx)
-        got = policy.select(ctx, layout, 0).cpu()
+        got = order_pages(policy.page_scores(ctx, 0, None, None, layout.width, kernel=kernel), ctx, layout).cpu()
         for b, (request_id, n) in enumerate(zip(ids, pages)):
             mass, evicted = reference.get(request_id, (torch.zeros(heads, 0, dtype=torch.float64),
                                                        torch.zeros(heads, 0, dtype=torch.bool)))
@@ -231,7 +233,7 @@ def test_h2o_state_over_steps_with_requests_leaving_joining_and_growing(device):
                 order = forced_then(sorted(range(n), key=lambda p: (-float(scores[h, p]), p)), n)[:budget]
                 assert got[layout.indptr[row]:layout.indptr[row + 1]].tolist() == order, (step, request_id, h)
         page_mass = torch.rand(got.numel(), generator=gen)
-        policy.observe(ctx, layout, 0, got.to(device), page_mass.to(device))
+        policy.observe(ctx, layout, 0, got.to(device, torch.int32), page_mass.to(device), kernel=kernel)
         for b, (request_id, n) in enumerate(zip(ids, pages)):
             mass, evicted = reference[request_id]
             for h in range(heads):
