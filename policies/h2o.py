@@ -9,6 +9,7 @@ import triton
 
 from .base import PagePolicy, PolicyContext, SelectionLayout, check_budget
 from .registry import register
+from .request_state import RequestSlots
 
 # Mass below this is noise; a tie-break this small toward newer pages never overrides it.
 RECENCY_TIE_BREAK = 1e-6
@@ -64,11 +65,11 @@ class H2OPolicy(PagePolicy):
     needs_page_mass = True
     budget: int = 64
     recent_pages: int = 8
-    # layer_id -> (accumulated mass [slots, H_kv, capacity] float32, evicted: same shape, bool)
-    _layers: dict = field(default_factory=dict, init=False, repr=False)
-    _slots: dict = field(default_factory=dict, init=False, repr=False)  # request_id -> slot
-    _pages: dict = field(default_factory=dict, init=False, repr=False)  # request_id -> its pages at the last plan
-    _batch_slots: torch.Tensor | None = field(default=None, init=False, repr=False)  # [B] int64: this plan's slots
+    # Per layer: accumulated mass (float32) and evicted (bool), [slots, H_kv, capacity].
+    _state: RequestSlots = field(default_factory=lambda: RequestSlots(((torch.float32, 0.0), (torch.bool, False))),
+                                 init=False, repr=False, compare=False)
+    _pages: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # request_id -> its pages
+    _batch_slots: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # [B] this plan's
 
     def __post_init__(self):
         check_budget("budget", self.budget)
@@ -80,42 +81,22 @@ class H2OPolicy(PagePolicy):
         return torch.full_like(ctx.pages_per_row, self.budget)
 
     def layout(self, ctx: PolicyContext) -> SelectionLayout:
-        """Also gives new requests a clean slot and grows the state to the batch (host work, once per plan)."""
-        if ctx.request_ids is None or len(ctx.request_ids) != ctx.batch_size:
-            raise ValueError("request_ids: the h2o policy keeps state per request and needs one id per request")
-        if len(set(ctx.request_ids)) != len(ctx.request_ids):
-            raise ValueError("request_ids must be distinct within a batch")
+        """Also gives new requests a clean slot (host work, once per plan)."""
+        if ctx.request_ids is not None and len(ctx.request_ids) != ctx.batch_size:
+            raise ValueError("request_ids: the h2o policy needs one id per request")
+        self._batch_slots = self._state.batch(ctx.request_ids, ctx.kv_indptr.device)
+        self._pages.update(zip(ctx.request_ids, ctx.pages_per_request.tolist()))
         layout = super().layout(ctx)
-        fresh = []
-        for request_id, pages in zip(ctx.request_ids, ctx.pages_per_request.tolist()):
-            if request_id not in self._slots:
-                used = set(self._slots.values())
-                self._slots[request_id] = next(s for s in range(len(used) + 1) if s not in used)
-                fresh.append(self._slots[request_id])
-            self._pages[request_id] = pages
-        slots = [self._slots[request_id] for request_id in ctx.request_ids]
-        for layer_id, state in self._layers.items():
-            self._layers[layer_id] = state = _grown(state, max(slots) + 1, layout.width)
-            if fresh:  # a slot given back by a finished request starts clean
-                for quantity in state:
-                    quantity[fresh] = 0
-        self._batch_slots = torch.tensor(slots, device=ctx.kv_indptr.device)
+        self._state.reserve(layout.width)
         return layout
 
-    def _state(self, ctx: PolicyContext, layer_id: int, width: int):
-        """``layer_id``'s (mass, evicted), created on its first use."""
-        state = self._layers.get(layer_id)
-        if state is None:
-            shape = (max(self._slots.values()) + 1, ctx.num_kv_heads, width)
-            device = ctx.kv_indptr.device
-            state = self._layers[layer_id] = (torch.zeros(shape, device=device),
-                                              torch.zeros(shape, dtype=torch.bool, device=device))
-        return state
+    def _layer_state(self, ctx: PolicyContext, layer_id: int, width: int):
+        return self._state.layer(layer_id, ctx.num_kv_heads, width, ctx.kv_indptr.device)
 
     def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int,
                     kernel: bool | None = None) -> torch.Tensor:
         """``[R, width]`` scores from the state (``kernel``: Triton, default on CUDA; else torch)."""
-        mass, evicted = self._state(ctx, layer_id, width)
+        mass, evicted = self._layer_state(ctx, layer_id, width)
         slots = self._batch_slots
         if kernel if kernel is not None else slots.is_cuda:
             from art_runtime.kernels.h2o_state import h2o_page_scores_kernel
@@ -137,7 +118,7 @@ class H2OPolicy(PagePolicy):
 
         ``kernel``: one Triton program per row (default on CUDA); else torch.
         """
-        mass, evicted = self._state(ctx, layer_id, layout.width)
+        mass, evicted = self._layer_state(ctx, layer_id, layout.width)
         heads, width, slots = ctx.num_kv_heads, layout.width, self._batch_slots
         if kernel if kernel is not None else slots.is_cuda:
             from art_runtime.kernels.h2o_state import h2o_observe_kernel
@@ -156,25 +137,12 @@ class H2OPolicy(PagePolicy):
 
     def request_state(self, request_id, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mass, evicted)`` of a live request at ``layer_id``: ``[H_kv, pages]`` views of the state."""
-        if request_id not in self._slots or layer_id not in self._layers:
+        if request_id not in self._state.slots or layer_id not in self._state.layers:
             raise ValueError(f"request_id, layer_id: no state for request {request_id!r} at layer {layer_id}")
-        slot, pages = self._slots[request_id], self._pages[request_id]
-        return tuple(quantity[slot, :, :pages] for quantity in self._layers[layer_id])
+        slot, pages = self._state.slots[request_id], self._pages[request_id]
+        return tuple(quantity[slot, :, :pages] for quantity in self._state.layers[layer_id])
 
     def release(self, request_id) -> None:
         """Forget a finished request (every layer); its slot goes to the next new request."""
-        self._slots.pop(request_id, None)
+        self._state.release(request_id)
         self._pages.pop(request_id, None)
-
-
-def _grown(state, slots: int, width: int):
-    """``state``'s tensors with room for ``slots`` slots of ``width`` pages (doubling, contents kept)."""
-    have_slots, heads, have_width = state[0].shape
-    if slots <= have_slots and width <= have_width:
-        return state
-    shape = (max(slots, 2 * have_slots if slots > have_slots else have_slots), heads,
-             max(width, 2 * have_width if width > have_width else have_width))
-    grown = tuple(torch.zeros(shape, dtype=quantity.dtype, device=quantity.device) for quantity in state)
-    for old, new in zip(state, grown):
-        new[:have_slots, :, :have_width] = old
-    return grown

@@ -9,16 +9,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .base import PagePolicy, PolicyContext, check_budget
+from .base import PagePolicy, PolicyContext, SelectionLayout, check_budget
 from .registry import register
+from .request_state import RequestSlots
 
 POOLINGS = ("max", "avg")
 
 
-class _PromptVotes(NamedTuple):
-    page_votes: torch.Tensor  # [H_kv, prompt_pages] float32, on the prompt's device
-    prompt_len: int
+class _Prompt(NamedTuple):
+    length: int
     page_size: int
+    num_kv_heads: int
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -80,6 +81,8 @@ class SnapKVPolicy(PagePolicy):
     * A page's score is the largest pooled vote among its tokens, so one strongly voted token
       keeps its page. Scores are summed attention probabilities, in the same units across
       pages (and at most ``window * group``): no per-page normalization.
+    * The votes are kept per layer in one tensor, a slot per live request
+      (``request_state.RequestSlots``), so scoring a batch is one gather, whatever its size.
     * The selection is fixed after prefill: pages written during decoding (every page from
       the one holding the prompt's last token onward) score above every prompt page, newest
       first, so they are always kept and compete for the budget only among themselves. The
@@ -105,8 +108,13 @@ class SnapKVPolicy(PagePolicy):
     window: int = 32
     kernel_size: int = 7
     pooling: str = "max"
-    # request_id -> layer_id -> _PromptVotes
-    _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Per layer: each prompt page's vote, [slots, H_kv, capacity] float32 (request_state).
+    _votes: RequestSlots = field(default_factory=lambda: RequestSlots(((torch.float32, -1.0),)),
+                                 init=False, repr=False, compare=False)
+    _prompts: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # request_id -> _Prompt
+    _prefilled: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # request_id -> layers
+    _batch_slots: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # [B] this plan's
+    _voted_pages: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # [B, 1, 1]
 
     def __post_init__(self):
         check_budget("budget", self.budget)
@@ -158,15 +166,47 @@ class SnapKVPolicy(PagePolicy):
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
 
+        prompt = _Prompt(n_prompt, page_size, num_kv_heads)
+        if self._prompts.setdefault(request_id, prompt) != prompt:
+            raise ValueError(f"request_id: {request_id!r} was prefilled with (prompt length, page_size, num_kv_heads) "
+                             f"{self._prompts[request_id]}, now {prompt}")
         page_votes = prompt_page_votes(queries[-self.window:], keys, page_size, self.kernel_size, self.pooling, scale)
-        self._state.setdefault(request_id, {})[layer_id] = _PromptVotes(page_votes, n_prompt, page_size)
+        slot = self._votes.assign(request_id)
+        votes, = self._votes.layer(layer_id, num_kv_heads, page_votes.shape[1], queries.device)
+        votes[slot, :, :page_votes.shape[1]] = page_votes
+        self._prefilled.setdefault(request_id, set()).add(layer_id)
 
     def release(self, request_id) -> None:
         """Drop every layer's state of ``request_id`` (no-op if it has none)."""
-        self._state.pop(request_id, None)
+        self._votes.release(request_id)
+        self._prompts.pop(request_id, None)
+        self._prefilled.pop(request_id, None)
 
     def budget_pages(self, ctx: PolicyContext) -> torch.Tensor:
         return torch.full_like(ctx.pages_per_row, self.budget)
+
+    def layout(self, ctx: PolicyContext) -> SelectionLayout:
+        """Also finds the batch's slots and voted pages (host work, once per plan)."""
+        ids = ctx.request_ids
+        if ids is None or len(ids) != ctx.batch_size:
+            raise ValueError("request_ids: the snapkv policy keeps state per request and needs one id per request")
+        for request_id in ids:
+            prompt = self._prompts.get(request_id)
+            if prompt is None:
+                raise ValueError(f"request_ids: no prefill() state for request {request_id!r}")
+            if (prompt.num_kv_heads, prompt.page_size) != (ctx.num_kv_heads, ctx.page_size):
+                raise ValueError(
+                    f"num_kv_heads, page_size: request {request_id!r} was prefilled with "
+                    f"{(prompt.num_kv_heads, prompt.page_size)}, the batch has {(ctx.num_kv_heads, ctx.page_size)}"
+                )
+        device = ctx.kv_indptr.device
+        self._batch_slots = self._votes.batch(ids, device)
+        # The pages before the one holding the prompt's last token carry votes.
+        voted = [(self._prompts[request_id].length - 1) // ctx.page_size for request_id in ids]
+        self._voted_pages = torch.tensor(voted, device=device)[:, None, None]
+        layout = super().layout(ctx)
+        self._votes.reserve(layout.width)
+        return layout
 
     def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
         """``[B * H_kv, width]`` float32: prompt pages by their votes, decode pages above them.
@@ -174,20 +214,12 @@ class SnapKVPolicy(PagePolicy):
         Decode pages score ``window * group + 1 + position`` (a pooled vote is at most
         ``window * group``: each query head's attention sums to one), so newest first.
         """
-        if ctx.request_ids is None:
-            raise ValueError("request_ids: the snapkv policy keeps state per request and needs their ids")
-        group = ctx.num_qo_heads // ctx.num_kv_heads
-        positions = torch.arange(width, dtype=torch.float32, device=ctx.kv_indptr.device)
-        scores = (positions + (self.window * group + 1.0)).repeat(ctx.batch_size, ctx.num_kv_heads, 1)
-        for b, request_id in enumerate(ctx.request_ids):
-            state = self._state.get(request_id, {}).get(layer_id)
-            if state is None:
+        for request_id in ctx.request_ids or ():
+            if layer_id not in self._prefilled.get(request_id, ()):
                 raise ValueError(f"request_ids: no prefill() state for request {request_id!r} at layer {layer_id}")
-            if state.page_votes.shape[0] != ctx.num_kv_heads or state.page_size != ctx.page_size:
-                raise ValueError(
-                    f"num_kv_heads, page_size: request {request_id!r} was prefilled with "
-                    f"{(state.page_votes.shape[0], state.page_size)}, the batch has {(ctx.num_kv_heads, ctx.page_size)}"
-                )
-            prompt_only = min((state.prompt_len - 1) // ctx.page_size, width)  # pages before the prompt's last
-            scores[b, :, :prompt_only] = state.page_votes[:, :prompt_only]
+        votes, = self._votes.layer(layer_id, ctx.num_kv_heads, width, ctx.kv_indptr.device)
+        group = ctx.num_qo_heads // ctx.num_kv_heads
+        positions = torch.arange(width, device=votes.device)
+        decode = positions + (self.window * group + 1.0)
+        scores = torch.where(positions < self._voted_pages, votes[self._batch_slots, :, :width], decode)
         return scores.view(ctx.num_rows, width)
