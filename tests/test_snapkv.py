@@ -142,6 +142,26 @@ def test_layers_keep_separate_state_and_release_frees_it():
     assert policy.select(rest, policy.layout(rest), 1).numel() > 0
 
 
+def test_a_released_slot_serves_a_new_request_with_its_own_votes():
+    """A request that takes a finished request's slot is scored from its own prefill only."""
+    case = make_batch(seed=9)
+    policy = SnapKVPolicy(budget=8, window=4, kernel_size=3)
+    prefill_all(policy, case, layer_id=0, seed=10)
+    policy.release("r0")
+    gen = torch.Generator().manual_seed(11)
+    keys, _ = gather_request_kv(case.cache, case.kv_indptr, case.kv_indices, case.kv_last_page_len, 0)
+    prompt = REQUESTS[0][0] - 7  # a shorter prompt: the old request's later votes must not show
+    queries = torch.randn(prompt, HQO, D, generator=gen)
+    policy.prefill("new", 0, queries, keys[:prompt], PAGE)
+    ids = ["new"] + [f"r{b}" for b in range(1, len(REQUESTS))]
+    ctx = context(case, ids)
+    layout = policy.layout(ctx)
+    assert int(policy._batch_slots[0]) == 0  # r0's slot
+    rows = selected_rows(policy.select(ctx, layout, 0), layout)
+    expected = reference_order(policy, queries, keys[:prompt], case.pages_per_request()[0])
+    assert rows[:HKV] == expected
+
+
 @pytest.mark.parametrize("kwargs,name", [
     ({"budget": 0}, "budget"), ({"budget": -1}, "budget"), ({"budget": 1}, "budget"),
     ({"window": 0}, "window"), ({"kernel_size": 4}, "kernel_size"), ({"kernel_size": 0}, "kernel_size"),
