@@ -34,6 +34,34 @@ def h2o_page_scores(mass: torch.Tensor, evicted: torch.Tensor, positions: torch.
     return torch.where(positions >= pages - recent_pages, RECENT_SCORE + positions, score)
 
 
+def launch_h2o_scores(ctx: PolicyContext, mass, evicted, slots, width: int, recent_pages: int) -> torch.Tensor:
+    """``h2o_page_scores`` of every row by ``kernels/h2o_state.py``: ``[R, width]`` float32.
+
+    ``mass`` and ``evicted``: ``[slots, H_kv, capacity]`` with ``slots`` ``[B]`` the batch's,
+    or (``slots`` None) ``[pool pages, H_kv]`` indexed by physical page.
+    """
+    from art_runtime.kernels.h2o_state import h2o_page_scores_kernel
+
+    scores = torch.empty(ctx.num_rows, width, dtype=torch.float32, device=mass.device)
+    if ctx.num_rows and width:
+        h2o_page_scores_kernel[(ctx.num_rows, triton.cdiv(width, STATE_TILE))](
+            mass, evicted, ctx.kv_indptr if slots is None else slots, ctx.kv_indptr, ctx.kv_indices, scores, width,
+            mass.stride(0), mass.stride(1), recent_pages, RECENCY_TIE_BREAK, RECENT_SCORE,
+            NUM_KV_HEADS=ctx.num_kv_heads, TILE=STATE_TILE, PAGED=slots is None)
+    return scores
+
+
+def launch_h2o_observe(ctx: PolicyContext, layout: SelectionLayout, mass, evicted, slots, pages, page_mass) -> None:
+    """H2O's state update by ``kernels/h2o_state.py`` (state as in ``launch_h2o_scores``)."""
+    from art_runtime.kernels.h2o_state import h2o_observe_kernel
+
+    if ctx.num_rows:
+        h2o_observe_kernel[(ctx.num_rows,)](
+            mass, evicted, ctx.kv_indptr if slots is None else slots, ctx.kv_indptr, ctx.kv_indices, layout.indptr,
+            pages, page_mass.float(), mass.stride(0), mass.stride(1), NUM_KV_HEADS=ctx.num_kv_heads,
+            TILE=STATE_TILE, KEPT_TILE=STATE_KEPT_TILE, PAGED=slots is None)
+
+
 @register
 @dataclass
 class H2OPolicy(PagePolicy):
@@ -99,14 +127,7 @@ class H2OPolicy(PagePolicy):
         mass, evicted = self._layer_state(ctx, layer_id, width)
         slots = self._batch_slots
         if kernel if kernel is not None else slots.is_cuda:
-            from art_runtime.kernels.h2o_state import h2o_page_scores_kernel
-
-            scores = torch.empty(ctx.num_rows, width, dtype=torch.float32, device=slots.device)
-            if ctx.num_rows and width:
-                h2o_page_scores_kernel[(ctx.num_rows, triton.cdiv(width, STATE_TILE))](
-                    mass, evicted, slots, ctx.kv_indptr, scores, width, mass.stride(0), mass.stride(1),
-                    self.recent_pages, RECENCY_TIE_BREAK, RECENT_SCORE, NUM_KV_HEADS=ctx.num_kv_heads, TILE=STATE_TILE)
-            return scores
+            return launch_h2o_scores(ctx, mass, evicted, slots, width, self.recent_pages)
         positions = torch.arange(width, device=slots.device)
         scores = h2o_page_scores(mass[slots, :, :width], evicted[slots, :, :width], positions,
                                  ctx.pages_per_request[:, None, None], self.recent_pages)
@@ -121,12 +142,7 @@ class H2OPolicy(PagePolicy):
         mass, evicted = self._layer_state(ctx, layer_id, layout.width)
         heads, width, slots = ctx.num_kv_heads, layout.width, self._batch_slots
         if kernel if kernel is not None else slots.is_cuda:
-            from art_runtime.kernels.h2o_state import h2o_observe_kernel
-
-            if ctx.num_rows:
-                h2o_observe_kernel[(ctx.num_rows,)](
-                    mass, evicted, slots, ctx.kv_indptr, layout.indptr, pages, page_mass.float(),
-                    mass.stride(0), mass.stride(1), NUM_KV_HEADS=heads, TILE=STATE_TILE, KEPT_TILE=STATE_KEPT_TILE)
+            launch_h2o_observe(ctx, layout, mass, evicted, slots, pages, page_mass)
             return
         request, head, columns = layout.row // heads, layout.row % heads, pages.long()
         mass.index_put_((slots[request], head, columns), page_mass.float(), accumulate=True)

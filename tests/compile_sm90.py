@@ -116,9 +116,10 @@ def main():
                        dict(int_ptrs, keys_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
     h2o_ptrs = dict(int_ptrs, evicted_ptr="i1", slots_ptr="i64")
-    compile_kernel(h2o_page_scores_kernel, dict(NUM_KV_HEADS=8, TILE=64), h2o_ptrs)
-    compile_kernel(h2o_observe_kernel, dict(NUM_KV_HEADS=8, TILE=64, KEPT_TILE=64), h2o_ptrs)
-    count += 2
+    for paged in (False, True):  # state per request slot, or per physical page (SGLang)
+        compile_kernel(h2o_page_scores_kernel, dict(NUM_KV_HEADS=8, TILE=64, PAGED=paged), h2o_ptrs)
+        compile_kernel(h2o_observe_kernel, dict(NUM_KV_HEADS=8, TILE=64, KEPT_TILE=64, PAGED=paged), h2o_ptrs)
+        count += 2
     print(f"compiled {count} kernel variants for sm_90")
 
 

@@ -247,6 +247,39 @@ def test_h2o_state_over_steps_with_requests_leaving_joining_and_growing(kernel, 
     assert policy.request_state("d", 0)[0].shape == (heads, 3)
 
 
+def test_h2o_kernels_on_state_kept_per_physical_page_match_torch(case):
+    """SGLang's H2O (state per physical page): its Triton path (``PAGED``) against its torch path."""
+    from art_runtime.integrations.sglang.page_state import paged_policy
+    from art_runtime.policies.h2o import launch_h2o_observe, launch_h2o_scores
+    from art_runtime.selection import order_pages
+
+    device = case.q.device
+    pool = int(case.kv_indices.max()) + 1
+    policy = paged_policy(H2OPolicy(budget=6, recent_pages=2), 1, pool, case.num_kv_heads, "cpu")
+    gen = torch.Generator().manual_seed(12)
+    policy.mass.copy_(torch.rand(policy.mass.shape, generator=gen))
+    policy.evicted.copy_(torch.rand(policy.evicted.shape, generator=gen) < 0.3)
+    ctx = context(case)
+    layout = policy.layout(ctx)
+    cpu_ctx = PolicyContext(*(t.cpu() for t in (case.kv_indptr, case.kv_indices, case.kv_last_page_len)),
+                            case.num_qo_heads, case.num_kv_heads, case.page_size)
+    expected = policy.page_scores(cpu_ctx, 0, None, None, layout.width)  # torch: the state is on the CPU
+    got = launch_h2o_scores(ctx, policy.mass[0].to(device), policy.evicted[0].to(device), None, layout.width,
+                            policy.recent_pages).cpu()
+    valid = cpu_ctx.page_positions(layout.width) >= 0
+    assert torch.equal(got[valid], expected[valid]) and bool((got[~valid] == float("-inf")).all())
+
+    pages = order_pages(got.to(device), ctx, layout)
+    page_mass = torch.rand(pages.numel(), generator=gen)
+    mass, evicted = policy.mass[0].to(device), policy.evicted[0].to(device)
+    launch_h2o_observe(ctx, layout, mass, evicted, None, pages, page_mass.to(device))
+    cpu_layout = type(layout)(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in
+                                (layout.indptr, layout.row, layout.rank, layout.width, layout.kept)))
+    policy.observe(cpu_ctx, cpu_layout, 0, pages.cpu(), page_mass)
+    torch.testing.assert_close(mass.cpu(), policy.mass[0], rtol=0, atol=0)
+    assert torch.equal(evicted.cpu(), policy.evicted[0])
+
+
 def test_h2o_rejects_missing_or_repeated_request_ids(case):
     policy = H2OPolicy(budget=4, recent_pages=1)
     for ids in (None, ["a", "b"], ["a", "a", "b"]):

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from art_runtime.policies import H2OPolicy, PolicyContext, SnapKVPolicy
-from art_runtime.policies.h2o import h2o_page_scores
+from art_runtime.policies import H2OPolicy, PagePolicy, PolicyContext, SnapKVPolicy
+from art_runtime.policies.h2o import h2o_page_scores, launch_h2o_observe, launch_h2o_scores
 from art_runtime.policies.snapkv import prompt_page_votes
 
 NO_VOTE = -1.0  # SnapKV: a page without prompt votes (votes are >= 0)
@@ -43,6 +43,7 @@ class PagedH2OPolicy(H2OPolicy):
     """
 
     stateful = False  # no request ids: the state is keyed by page
+    layout = PagePolicy.layout  # no per-request slots
     mass: torch.Tensor | None = field(default=None, repr=False)
     evicted: torch.Tensor | None = field(default=None, repr=False)
     layer_offset: int = 0
@@ -56,8 +57,10 @@ class PagedH2OPolicy(H2OPolicy):
                    layer_offset=layer_offset)
 
     def page_scores(self, ctx: PolicyContext, layer_id: int, q, page_meta, width: int) -> torch.Tensor:
-        positions, phys, head = _page_ids(ctx, width)
         layer = layer_id - self.layer_offset
+        if self.mass.is_cuda:  # kernels/h2o_state.py, the state indexed by physical page
+            return launch_h2o_scores(ctx, self.mass[layer], self.evicted[layer], None, width, self.recent_pages)
+        positions, phys, head = _page_ids(ctx, width)
         return h2o_page_scores(self.mass[layer][phys, head], self.evicted[layer][phys, head], positions,
                                ctx.pages_per_row[:, None], self.recent_pages)
 
@@ -67,6 +70,9 @@ class PagedH2OPolicy(H2OPolicy):
         Padding entries of ``layout`` (page 0 of the last row, no mass) add nothing.
         """
         layer = layer_id - self.layer_offset
+        if self.mass.is_cuda:
+            launch_h2o_observe(ctx, layout, self.mass[layer], self.evicted[layer], None, pages, page_mass)
+            return
         heads = ctx.num_kv_heads
         pages = pages.long()
         phys = ctx.kv_indices[ctx.kv_indptr[layout.row // heads].long() + pages].long()
@@ -97,6 +103,7 @@ class PagedSnapKVPolicy(SnapKVPolicy):
     """
 
     stateful = False
+    layout = PagePolicy.layout  # no per-request slots
     votes: torch.Tensor | None = field(default=None, repr=False)
     layer_offset: int = 0
 
