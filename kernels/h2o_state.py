@@ -18,8 +18,10 @@ def _state_at(slots_ptr, kv_indices_ptr, first_page, request, head, pos, ok, str
     """Offsets of the state entries of one row's logical pages ``pos``."""
     if PAGED:
         phys = tl.load(kv_indices_ptr + first_page + pos, mask=ok, other=0).to(tl.int64)
-        return phys * stride_ms + head * stride_mh
-    return tl.load(slots_ptr + request) * stride_ms + head * stride_mh + pos
+        offsets = phys * stride_ms + head * stride_mh
+    else:
+        offsets = tl.load(slots_ptr + request).to(tl.int64) * stride_ms + head * stride_mh + pos
+    return offsets
 
 
 @triton.jit

@@ -115,8 +115,8 @@ def main():
                                                     KEPT_POW2=max(16, width_pow2 // 16), PHYSICAL=physical),
                        dict(int_ptrs, keys_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
-    h2o_ptrs = dict(int_ptrs, evicted_ptr="i1", slots_ptr="i64")
-    for paged in (False, True):  # state per request slot, or per physical page (SGLang)
+    for paged in (False, True):  # state per request slot, or per physical page (SGLang: kv_indptr stands in)
+        h2o_ptrs = dict(int_ptrs, evicted_ptr="i1", slots_ptr="i32" if paged else "i64")
         compile_kernel(h2o_page_scores_kernel, dict(NUM_KV_HEADS=8, TILE=64, PAGED=paged), h2o_ptrs)
         compile_kernel(h2o_observe_kernel, dict(NUM_KV_HEADS=8, TILE=64, KEPT_TILE=64, PAGED=paged), h2o_ptrs)
         count += 2
