@@ -75,9 +75,10 @@ class H2OPolicy(PagePolicy):
     is never selected again. The ``recent_pages`` newest pages are always kept. Mass
     accumulates from the first decode step; ties (no history yet) go to newer pages.
 
-    The state of a layer is one ``[slots, H_kv, capacity]`` tensor per quantity, a slot per
-    live request (given back by ``release``), so that scoring and updating a batch are a
-    few device operations whatever its size; only ``plan`` touches the host.
+    The state is batched per layer, a slot per live request (``request_state.RequestSlots``;
+    ``release`` gives the slot back), and scored and updated by two Triton kernels
+    (``kernels/h2o_state.py``; torch on CPU tensors), so a batch costs the same launches
+    whatever its size; only ``plan`` touches the host.
 
     Parameters
     ----------
