@@ -34,7 +34,12 @@ SEGMENT_PAGES = 64
 SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
-NUM_WARPS = 4
+NUM_WARPS = None  # None: STABILITY_WARPS in mode stability (up to head_dim 128, more than FEW_ROWS rows), else 4
+# Mode stability checks every 64-token block. With more than FEW_ROWS rows, 2 warps instead of
+# 4 took its time over mode `off` from 1.31-1.39x to 1.02-1.12x at 32/8/128 (H200, batch 16-64,
+# 4K-32K, one run) and from 2.21x to 2.16x at 14/2/64 batch 64; with fewer rows (batch 1-4)
+# 2 warps were 3-18% slower (benchmarks/NOTES.md v18). 128-token blocks need the 4 warps.
+STABILITY_WARPS = 2
 NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipeline), else 2
 # Work items per SM that the split heuristic aims for; None: 2 for head_dim <= 64, else 8
 # (H200 sweep: both land at ~9 chunks per row for batch 16 at 16K-32K tokens), and 2 for any
@@ -521,7 +526,7 @@ class BatchARTDecodeWrapper:
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
             DOT_IN_INPUT_DTYPE=dot_in_input_dtype, PAGE_MASS=self._record_page_mass, PASS_BLOCKS=PASS_BLOCKS,
             SPECULATE=plan.head_dim <= SPECULATE_MAX_HEAD_DIM,
-            num_warps=NUM_WARPS, num_stages=self._num_stages(plan, block_n, k_cache.element_size()),
+            num_warps=self._num_warps(plan), num_stages=self._num_stages(plan, block_n, k_cache.element_size()),
         )
         if plan.split:
             art_merge_kernel[(plan.num_rows, plan.group_size)](
@@ -531,6 +536,13 @@ class BatchARTDecodeWrapper:
             )
         if out is not final_out:
             final_out.copy_(out)
+
+    @staticmethod
+    def _num_warps(plan: DecodePlan) -> int:
+        if NUM_WARPS is not None:
+            return NUM_WARPS
+        many_rows = plan.num_rows > FEW_ROWS
+        return STABILITY_WARPS if plan.termination.mode == "stability" and plan.head_dim <= 128 and many_rows else 4
 
     @staticmethod
     def _num_stages(plan: DecodePlan, block_n: int, element_size: int) -> int:

@@ -214,8 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.launch is None:
         from art_runtime import decode as art_decode
 
-        args.launch = [f"{art_decode.NUM_WARPS}/{art_decode.NUM_STAGES or 0}"]
-    # Stages 0 keeps art_runtime's own choice (it depends on head_dim).
+        args.launch = [f"{art_decode.NUM_WARPS or 0}/{art_decode.NUM_STAGES or 0}"]
+    # Warps or stages 0 keep art_runtime's own choice (they depend on the mode and head_dim).
     args.launch = [tuple(int(x) for x in text.split("/")) for text in args.launch]
     from art_runtime import decode as art_decode
 
@@ -267,7 +267,7 @@ def benchmark_row(
     floor_us = nbytes / (copy_tbps * 1e12) * 1e6
     rows = []
     for mode, ((num_warps, num_stages), programs_per_sm, off_tokens) in itertools.product(modes, configs):
-        art_decode.NUM_WARPS, art_decode.NUM_STAGES = num_warps, num_stages or None
+        art_decode.NUM_WARPS, art_decode.NUM_STAGES = num_warps or None, num_stages or None
         art_decode.PROGRAMS_PER_SM, art_decode.OFF_BLOCK_TOKENS = programs_per_sm or None, off_tokens
         art = BatchARTDecodeWrapper(kv_layout="NHD", backend="triton")
         art.plan(*page_table, *layer, termination=TerminationConfig(mode=mode))

@@ -72,7 +72,8 @@ def main():
                           BLOCK_PAGES=block_pages, BLOCK_N=block_n, MODE=mode, VALUES_RELATIVE=values, SPLIT=split,
                           DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_MASS=page_mass, PASS_BLOCKS=8,
                           SPECULATE=dim <= 64)
-        compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=4, num_stages=2)
+        compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=2 if mode == 1 and dim <= 128 else 4,
+                       num_stages=2)  # decode.BatchARTDecodeWrapper._num_warps
         count += 1
         if mode in (2, 3) and not split:  # the pre-pass does not depend on the split
             page_pow2 = 1 << (page - 1).bit_length()
