@@ -191,8 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--launch", nargs="+", default=None, metavar="WARPS/STAGES",
-        help="ART decode kernel launch configurations to time, e.g. 4/2 8/3 "
-        "(default: the one art_runtime ships)",
+        help="ART decode kernel launch configurations to time, e.g. 4/2 8/3; 0 for either keeps "
+        "art_runtime's own choice, which depends on the mode and head_dim (default: 0/0)",
     )
     parser.add_argument(
         "--programs-per-sm", nargs="+", type=int, default=None, metavar="N",
