@@ -8,6 +8,11 @@ Quest bound computed from exact float32 boxes and from the stored fp8 boxes; rep
 overlap of the two selections and the softmax mass of the real attention (summed over the
 GQA group) that each selection holds.
 
+A candidate is measured too (not stored by ``PageMetadata``): 4-bit boxes, e2m1 values
+(0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) with a power-of-two scale per 32 dimensions
+shared by min and max, rounded outward, i.e. ``2 * D / 2 + D / 32`` bytes per page and head
+(132 at D = 128, against 260 for fp8): half the bytes that Quest's scoring reads.
+
 Usage: python benchmarks/box_precision.py [CAPTURE ...] [--budgets 32 64 128] [--queries 8]
 """
 
@@ -30,8 +35,25 @@ from art_runtime.selection import order_pages
 CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "captures"
 
 
-def exact_box_scores(batch, num_kv, group, meta_width):
-    """``[R, width]`` Quest scores (group max) from exact float32 boxes of the cache's keys."""
+E2M1 = torch.tensor([-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+FP4_BLOCK = 32  # dimensions sharing one power-of-two scale
+
+
+def fp4_box(lo, hi):
+    """``lo``, ``hi`` (``[..., D]``) rounded outward onto e2m1 with a power-of-two scale per 32 dims."""
+    shape = lo.shape
+    lo, hi = lo.reshape(*shape[:-1], -1, FP4_BLOCK), hi.reshape(*shape[:-1], -1, FP4_BLOCK)
+    max_abs = torch.maximum(lo.abs(), hi.abs()).amax(-1, keepdim=True)
+    scale = torch.exp2(torch.ceil(torch.log2(max_abs / 6.0))).where(max_abs > 0, torch.ones_like(max_abs))
+    grid = E2M1.to(lo.dtype)
+    up = torch.searchsorted(grid, (hi / scale).contiguous(), right=False).clamp(max=grid.numel() - 1)
+    down = (torch.searchsorted(grid, (lo / scale).contiguous(), right=True) - 1).clamp(min=0)
+    return (grid[down] * scale).reshape(shape), (grid[up] * scale).reshape(shape)
+
+
+def exact_box_scores(batch, num_kv, group, meta_width, rounding=None):
+    """``[R, width]`` Quest scores (group max) from exact float32 boxes of the cache's keys
+    (or those boxes after ``rounding(lo, hi) -> (lo, hi)``)."""
     k_cache = batch.cache[:, 0]  # [pages, P, H_kv, D]
     rows = []
     for b, n in enumerate(batch.lengths):
@@ -42,6 +64,8 @@ def exact_box_scores(batch, num_kv, group, meta_width):
         keys = k_cache[phys]  # [c, P, H_kv, D]
         lo = keys.masked_fill(~valid[..., None, None], float("inf")).amin(1)  # [c, H_kv, D]
         hi = keys.masked_fill(~valid[..., None, None], float("-inf")).amax(1)
+        if rounding is not None:
+            lo, hi = rounding(lo, hi)
         q = batch.q[b].view(num_kv, group, -1)  # [H_kv, G, D]
         ub = (q.clamp(min=0)[:, :, None] * hi.transpose(0, 1)[:, None] +
               q.clamp(max=0)[:, :, None] * lo.transpose(0, 1)[:, None]).sum(-1).amax(1)  # [H_kv, c]
@@ -82,28 +106,40 @@ def main(argv=None):
                 layout = policy.layout(ctx)
                 fp8 = policy.select(ctx, layout, 0, batch.q, meta)
                 exact = order_pages(exact_box_scores(batch, num_kv, group, layout.width), ctx, layout)
-                overlap, mass_fp8, mass_exact = [], [], []
+                fp4 = order_pages(exact_box_scores(batch, num_kv, group, layout.width, fp4_box), ctx, layout)
+                overlap, overlap_fp4, mass_fp8, mass_exact, mass_fp4 = [], [], [], [], []
                 for r in range(ctx.num_rows):
                     a = fp8[layout.indptr[r]:layout.indptr[r + 1]].long()
                     e = exact[layout.indptr[r]:layout.indptr[r + 1]].long()
+                    f = fp4[layout.indptr[r]:layout.indptr[r + 1]].long()
                     overlap.append(len(set(a.tolist()) & set(e.tolist())) / a.numel())
+                    overlap_fp4.append(len(set(f.tolist()) & set(e.tolist())) / f.numel())
                     mass_fp8.append(float(mass[r, a].sum() / mass[r].sum()))
                     mass_exact.append(float(mass[r, e].sum() / mass[r].sum()))
+                    mass_fp4.append(float(mass[r, f].sum() / mass[r].sum()))
                 rows.append(dict(capture=path.name, layer=data.layer, budget=budget, rows=ctx.num_rows,
                                  overlap_mean=sum(overlap) / len(overlap), overlap_min=min(overlap),
+                                 overlap_fp4_mean=sum(overlap_fp4) / len(overlap_fp4), overlap_fp4_min=min(overlap_fp4),
                                  mass_fp8_mean=sum(mass_fp8) / len(mass_fp8), mass_exact_mean=sum(mass_exact) / len(mass_exact),
-                                 mass_fp8_min=min(mass_fp8), mass_exact_min=min(mass_exact)))
+                                 mass_fp4_mean=sum(mass_fp4) / len(mass_fp4),
+                                 mass_fp8_min=min(mass_fp8), mass_exact_min=min(mass_exact), mass_fp4_min=min(mass_fp4)))
                 print(rows[-1], flush=True)
-    header = ("| capture | layer | budget (pages) | selection overlap mean / min | group mass kept, fp8 boxes (mean / min) "
-              "| group mass kept, exact boxes (mean / min) |\n|---|---:|---:|---:|---:|---:|")
+    header = ("| capture | layer | budget (pages) | selection overlap with exact, fp8 (mean / min) "
+              "| overlap, 4-bit candidate (mean / min) | group mass kept, fp8 boxes (mean / min) "
+              "| group mass kept, 4-bit candidate (mean / min) | group mass kept, exact boxes (mean / min) |"
+              "\n|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [f"| {r['capture']} | {r['layer']} | {r['budget']} | {r['overlap_mean']:.3f} / {r['overlap_min']:.3f} | "
-             f"{r['mass_fp8_mean']:.4f} / {r['mass_fp8_min']:.4f} | {r['mass_exact_mean']:.4f} / {r['mass_exact_min']:.4f} |"
+             f"{r['overlap_fp4_mean']:.3f} / {r['overlap_fp4_min']:.3f} | "
+             f"{r['mass_fp8_mean']:.4f} / {r['mass_fp8_min']:.4f} | {r['mass_fp4_mean']:.4f} / {r['mass_fp4_min']:.4f} | "
+             f"{r['mass_exact_mean']:.4f} / {r['mass_exact_min']:.4f} |"
              for r in rows]
     started = datetime.now(timezone.utc)
     markdown = "\n".join([
-        "# Quest selection: fp8 key boxes (stored) vs exact key boxes, real attention", "",
+        "# Quest selection: fp8 key boxes (stored) and 4-bit boxes (candidate) vs exact key boxes, real attention", "",
         f"- date (UTC): {started.isoformat()}", f"- command: `{shlex.join(['python3', *sys.argv])}`",
-        f"- torch {torch.__version__}, CPU; page size 16; {args.queries} captured queries per layer, GQA group max", "",
+        f"- torch {torch.__version__}, CPU; page size 16; {args.queries} captured queries per layer, GQA group max",
+        "- 4-bit candidate: e2m1 values with a power-of-two scale per 32 dimensions, min and max rounded outward "
+        "(132 bytes per page and head at D = 128, against fp8's 260)", "",
         header, *lines, ""])
     print(markdown)
     args.out_dir.mkdir(parents=True, exist_ok=True)
