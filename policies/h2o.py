@@ -111,9 +111,7 @@ class H2OPolicy(PagePolicy):
 
     def layout(self, ctx: PolicyContext) -> SelectionLayout:
         """Also gives new requests a clean slot (host work, once per plan)."""
-        if ctx.request_ids is not None and len(ctx.request_ids) != ctx.batch_size:
-            raise ValueError("request_ids: the h2o policy needs one id per request")
-        self._batch_slots = self._state.batch(ctx.request_ids, ctx.kv_indptr.device)
+        self._batch_slots = self._state.batch(ctx.request_ids, ctx.batch_size, ctx.kv_indptr.device)
         self._pages.update(zip(ctx.request_ids, ctx.pages_per_request.tolist()))
         layout = super().layout(ctx)
         self._state.reserve(layout.width)

@@ -43,12 +43,17 @@ class RequestSlots:
         """Give ``request_id``'s slot back (no-op if it has none)."""
         self.slots.pop(request_id, None)
 
-    def batch(self, request_ids, device) -> torch.Tensor:
-        """``[B]`` int64 slots of a batch's requests (assigned as needed); ``ValueError`` on bad ids."""
-        if request_ids is None:
+    @staticmethod
+    def check_ids(request_ids, batch_size: int) -> None:
+        """``ValueError`` naming ``request_ids`` unless they are ``batch_size`` distinct ids."""
+        if request_ids is None or len(request_ids) != batch_size:
             raise ValueError("request_ids: this policy keeps state per request and needs one id per request")
         if len(set(request_ids)) != len(request_ids):
             raise ValueError("request_ids must be distinct within a batch")
+
+    def batch(self, request_ids, batch_size: int, device) -> torch.Tensor:
+        """``[B]`` int64 slots of a batch's requests (assigned as needed), after ``check_ids``."""
+        self.check_ids(request_ids, batch_size)
         return torch.tensor([self.assign(request_id) for request_id in request_ids], dtype=torch.long, device=device)
 
     def reserve(self, width: int) -> None:

@@ -188,8 +188,7 @@ class SnapKVPolicy(PagePolicy):
     def layout(self, ctx: PolicyContext) -> SelectionLayout:
         """Also finds the batch's slots and voted pages (host work, once per plan)."""
         ids = ctx.request_ids
-        if ids is None or len(ids) != ctx.batch_size:
-            raise ValueError("request_ids: the snapkv policy keeps state per request and needs one id per request")
+        RequestSlots.check_ids(ids, ctx.batch_size)
         for request_id in ids:
             prompt = self._prompts.get(request_id)
             if prompt is None:
@@ -200,7 +199,7 @@ class SnapKVPolicy(PagePolicy):
                     f"{(prompt.num_kv_heads, prompt.page_size)}, the batch has {(ctx.num_kv_heads, ctx.page_size)}"
                 )
         device = ctx.kv_indptr.device
-        self._batch_slots = self._votes.batch(ids, device)
+        self._batch_slots = self._votes.batch(ids, ctx.batch_size, device)
         # The pages before the one holding the prompt's last token carry votes.
         voted = [(self._prompts[request_id].length - 1) // ctx.page_size for request_id in ids]
         self._voted_pages = torch.tensor(voted, device=device)[:, None, None]
