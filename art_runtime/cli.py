@@ -210,7 +210,7 @@ def add_demo_parser(commands) -> None:
                              help=f"stability: consecutive stable checks needed to stop (default: {defaults.patience})")
     termination.add_argument("--eps", type=non_negative_float, default=defaults.eps,
                              help="bound: the certified bound on |o - o_exact|, relative to what --relative-to "
-                                  "says; mass: the estimated unread share of the softmax mass (default: each "
+                                  "says; mass: the estimated |o - o_exact| relative to |o| (default: each "
                                   f"mode's calibrated one, {_default_eps_text()})")
     termination.add_argument("--relative-to", choices=RELATIVE_TO, default=defaults.relative_to,
                              help="bound: eps is relative to |o| (output) or to the value scale max|v| over the "

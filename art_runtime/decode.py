@@ -21,7 +21,7 @@ from .reference import (LOG2_SLACK, LOG2E, OVERFLOW_LOG2, SKETCH_CUT_SHARE, VALU
                         bound_terms_torch)
 from .policies import PagePolicy, PolicyContext
 from .selection import PageSelection, VisitBuffers, dense_selection, validate_selection
-from .termination import TerminationConfig
+from .termination import MASS_MAX_SHARE, MASS_PULL_CHECKS, TerminationConfig
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -270,7 +270,8 @@ class BatchARTDecodeWrapper:
         return 1
 
     def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
-        group_pad = group_tile(plan.group_size)
+        # Mode mass's check reads the plain mean of the values from one query row of zeros.
+        group_pad = group_tile(plan.group_size + (plan.termination.mode == "mass"))
         self._group_pad = group_pad
         num_work = plan.num_work
         self._visited_pages = torch.zeros(num_work, dtype=torch.int32, device=device)
@@ -520,7 +521,8 @@ class BatchARTDecodeWrapper:
             self._visited_pages, self._visited_tokens, self._loaded_tokens, self._stable_at, self._page_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-            qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages, OVERFLOW_LOG2,
+            qk_scale, term.tau_mag, term.tau_dir, term.eps, term.patience, term.min_pages, OVERFLOW_LOG2, MASS_MAX_SHARE,
+            MASS_PULL_CHECKS,
             NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,

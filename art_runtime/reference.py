@@ -16,6 +16,7 @@ import torch
 from .kernels.page_bounds import ROUNDING_MARGIN as _KERNEL_ROUNDING_MARGIN
 from .page_metadata import SKETCH_LEVELS, PageMetadata
 from .plan import DecodePlan
+from .termination import MASS_MAX_SHARE, MASS_PULL_CHECKS
 
 LOG2E = math.log2(math.e)
 # The kernel's logit margin (one definition for both backends) and the norm margin the
@@ -246,6 +247,8 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
     active = pos < end
     if term.mode == "bound":
         value_scale = row_value_scale(plan, bound_terms.value_rest)
+    pull_sq = torch.full((num_work, group), float("inf"), device=device)  # mode mass: the last measured
+    o_sq = torch.zeros(num_work, group, device=device)  # |o_t - mean|^2 and |o_t|^2 (none yet: no stop)
 
     for block in range(plan.max_work_blocks):
         work = active.nonzero().squeeze(1)
@@ -287,7 +290,16 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
             # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
             rest_fraction = 1.0 / (1.0 + l[work] * torch.exp2(-log2_rest))
             if term.mode == "mass":
-                head_ok = rest_fraction <= term.eps
+                # The unread pages would pull o_t toward their mean value, estimated by the plain
+                # mean of the block just read (the pages read last are the most like them);
+                # measured every MASS_PULL_CHECKS checks once some head's share is small enough.
+                share_ok = rest_fraction <= MASS_MAX_SHARE
+                measure = share_ok.any(-1) & (block % MASS_PULL_CHECKS == 0)
+                block_mean = values.sum(1) / token_ok.sum(1).clamp(min=1)[:, None]  # [n, D]
+                pull = (o - block_mean[:, None, :]).square().sum(-1)
+                m_work = work[measure]
+                pull_sq[m_work], o_sq[m_work] = pull[measure], o[measure].square().sum(-1)
+                head_ok = share_ok & (rest_fraction.square() * pull_sq[work] <= term.eps ** 2 * o_sq[work])
             else:
                 v_rest = torch.where(rest, bound_terms.value_rest[at][:, None], 0.0)
                 vscale = value_scale[plan.work_row.long()[work]][:, None]

@@ -65,21 +65,38 @@ that share a KV head share one traversal, so the group stops only when all of th
     ``benchmarks/results/bound_sketch_2026-11-26/README.md``.
 
 ``mass`` (estimated, no guarantee)
-    The same per-page summaries give an *estimate* of each unread page's softmax mass: its
-    box centre ``c_j = (kmin_j + kmax_j) / 2`` and half-width ``r_j`` model the page's keys
-    as spread around ``c_j`` with per-dimension deviation ``r_j / 2``, so that (lognormal
-    moment) the page's mass is about ``n_j exp(s q.c_j + s^2 / 2 sum_d q_d^2 (r_jd / 2)^2 - m)``
-    (``s`` the softmax scale). ``West`` sums that over the unread pages; stop when
-    ``West / (L + West) <= eps`` for every query head of the group: the estimated share of
-    the softmax mass not yet read. It reads the key boxes (not the sketch).
-    Measured on real attention (``../shared/data/captures``, page size 16, 8 queries a
-    layer): the estimate of a page's log-mass has median error -0.2..+0.3 nats and
-    p10..p90 within about -1.5..+1.9 nats, where the box bound's overshoot is 11-15 nats; at eps
-    0.05 in the ``mass`` visit order the per-head output error relative to ``|o|`` averaged
-    0.2-0.8 ``eps`` with maxima of 1.1-4 ``eps``
-    (``benchmarks/results/termination_2026-11-26/README.md``). No guarantee: a page whose keys
-    form far-apart clusters can hold much more mass than the estimate says. When a row is
-    split into chunks, each chunk estimates its own share.
+    Estimates the error that stopping now leaves, ``|o - o_t|``, from (1): the unread pages'
+    share of the softmax mass times how far their values pull ``o_t``.
+
+    *Share.* The per-page key boxes give an *estimate* of each unread page's softmax mass:
+    the box centre ``c_j = (kmin_j + kmax_j) / 2`` and half-width ``r_j`` model the page's
+    keys as spread around ``c_j`` with per-dimension deviation ``r_j / 2``, so that
+    (lognormal moment) the page's mass is about
+    ``n_j exp(s q.c_j + s^2 / 2 sum_d q_d^2 (r_jd / 2)^2 - m)`` (``s`` the softmax scale).
+    ``West`` sums that over the unread pages (pre-computed suffix sums, as for ``bound``).
+
+    *Pull.* (1) is ``W / (L + W) (vbar - o_t)`` with ``vbar`` the unread tokens' weighted mean
+    value. Pages are visited most-mass first, so the unread ones are most like the pages read
+    last: ``vbar`` is estimated by the plain mean ``vblk`` of the values of the block just read
+    (tokens of a low-mass page weigh about alike).
+
+    Stop when ``West / (L + West) * |vblk - o_t| <= eps * |o_t|`` for every query head of the
+    group, and ``West / (L + West) <= MASS_MAX_SHARE`` (1/4: never binding on real attention,
+    it lets the kernel skip the vector work of early checks). The pull ``|vblk - o_t| / |o_t|``
+    is measured at every ``MASS_PULL_CHECKS``-th check (4; the last measurement holds in
+    between, the share is current at every check). The kernel gets ``vblk`` from a query row
+    of zeros, whose softmax is uniform. It reads the key boxes (3% of a page at D = 64) and
+    nothing else beyond the pages.
+    Estimating the share alone (the former rule, replaced on 2026-11-26) misjudged the
+    error by a factor that differs per model: on real attention at eps 0.02 and 0.05 its p99
+    per-head error was 0.8-4x eps (SmolLM2-135M high, Qwen2.5-0.5B low), so no one eps fitted
+    both; with the pull it is 0.85-2.0x eps on the same layers (``../shared/data/captures``,
+    mass order, 32 queries a layer; ``benchmarks/results/mass_pull_2026-11-26/README.md``). The
+    estimate of a page's log-mass has median error -0.2..+0.3 nats and p10..p90 within about
+    -1.5..+1.9 nats, where the box bound's overshoot is 11-15 nats. No guarantee: a page whose
+    keys form far-apart clusters can hold much more mass than the estimate says, and the
+    unread values can sit farther from ``o_t`` than the last block's. When a row is split into
+    chunks, each chunk judges its own share and output.
 
 ``off``
     Visit every selected page: exact attention over the selection.
@@ -101,7 +118,10 @@ key sketches, a first 2K run (4 prompts) read 77% of the pages relative to the o
 change the default mode or ``relative_to``. Those runs checked every 64 tokens in every mode;
 ``mass`` and ``bound`` now check every 128 (``DEFAULT_BLOCK_TOKENS``), rechecked at 2K: the rule
 still met, 66.7% of the pages against 65.2%, perplexity +0.37% against +0.49%
-(``benchmarks/results/calibration_smollm2_2026-11-26/block128_2k/README.md``).
+(``benchmarks/results/calibration_smollm2_2026-11-26/block128_2k/README.md``). ``mass``'s rule
+then changed from the unread share to the estimated error (above), rechecked at 2K: the rule
+still met at eps 0.02, 72.7% of the pages, perplexity +0.33%
+(``benchmarks/results/mass_pull_2026-11-26/README.md``).
 """
 
 from __future__ import annotations
@@ -117,12 +137,23 @@ MODE_CODE = {"off": 0, "stability": 1, "bound": 2, "mass": 3}
 
 # Tokens per termination check (one kernel block) when ``block_pages`` is None. The paper's
 # stability rule (patience counted in blocks, calibrated at 64 tokens) is checked every 64
-# tokens; mass and bound every 128: their criteria ease as pages are read (mass's estimated
-# unread share only falls), so a coarser check stops at most one block later, and the kernel's
+# tokens; mass and bound every 128: bound's criterion only eases as pages are read (mass's
+# share does too, its pull nearly so), so a coarser check stops about one block later, and the kernel's
 # time per block is mostly latency: on real attention at batch 64 (H100, benchmarks/NOTES.md
 # v10) 128-token checks took mass's decode kernel from 224 to 146 µs (SmolLM2 layer 25) and
 # from 326 to 230 µs (Qwen2.5 layer 12) for +0.4 points of pages read.
 DEFAULT_BLOCK_TOKENS = {"off": 64, "stability": 64, "mass": 128, "bound": 128}
+
+# Mode mass never stops while a head's estimated unread share is above this. On real attention
+# it never binds (stopping at share 1/4 would need the unread values within 4 eps of o_t), and
+# the kernel skips the check's vector work until some head is under it.
+MASS_MAX_SHARE = 0.25
+# ... and measures the pull |o_t - mean| / |o_t| at every this many-th check of a work item
+# (its first included), using the last measurement in between: on the shared captures every
+# 4th check read the same pages within 0.3 points at the same p99 error as every check, and
+# the measurement (two reductions across the kernel's warps) made the decode kernel ~8% slower
+# when run at every check (H200, benchmarks/NOTES.md v19).
+MASS_PULL_CHECKS = 4
 
 # eps of each mode that reads one, when TerminationConfig gets eps=None (its default); see
 # the module docstring and benchmarks/results/calibration_smollm2_2026-11-26/README.md.
@@ -139,7 +170,8 @@ class TerminationConfig:
         ``off`` reads every selected page; ``stability`` is the ART paper's output-stability
         rule; ``bound`` stops only when a certified error bound (from the key sketch) is
         below ``eps``; ``mass`` (the default: fewest pages under the calibration rule) stops
-        when the estimated unread share of the softmax mass is below ``eps``.
+        when the estimated error of stopping (the unread share of the softmax mass times the
+        pull of the unread values) is below ``eps * |o|``.
     tau_mag : float
         Stability: largest relative change of ``|o|`` between consecutive blocks.
     tau_dir : float

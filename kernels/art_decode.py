@@ -55,7 +55,12 @@ def _attend_block(
     else:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc, tl.sum(token_ok.to(tl.int32), 0), s
+    return m_new, l_i, acc, tl.sum(token_ok.to(tl.int32), 0), s, pv
+
+
+@triton.jit
+def _add_pair(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
 
 
 @triton.jit
@@ -83,7 +88,7 @@ def art_decode_kernel(
     page_lse_ptr,                       # PAGE_MASS: [nnz, GROUP_PAD] log2 softmax mass of each page read
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ob, stride_oh,
-    qk_scale, tau_mag, tau_dir, eps, patience, min_pages, overflow_log2,
+    qk_scale, tau_mag, tau_dir, eps, patience, min_pages, overflow_log2, mass_max_share, mass_pull_checks,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, VALUES_RELATIVE: tl.constexpr, SPLIT: tl.constexpr,
@@ -120,7 +125,7 @@ def art_decode_kernel(
         for pos in range(start, end, BLOCK_PAGES):
             next_phys, next_tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, pos + BLOCK_PAGES, end,
                                                   PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
-            m_i, l_i, acc, block_tokens, s = _attend_block(
+            m_i, l_i, acc, block_tokens, s, _ = _attend_block(
                 q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
                 stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
                 PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
@@ -140,6 +145,8 @@ def art_decode_kernel(
         streak = tl.zeros([GROUP_PAD], tl.int32)
         if MODE == 2:
             vscale = tl.load(row_vscale_ptr + row)
+        pull_sq = tl.full([GROUP_PAD], float("inf"), tl.float32)  # mode mass: the last measured
+        o_sq = tl.zeros([GROUP_PAD], tl.float32)  # |o_t - mean|^2 and |o_t|^2 (none yet: no stop)
         live = pos < end
         go = live
         while go:
@@ -154,7 +161,7 @@ def art_decode_kernel(
                 live_end = tl.where(live, end, block_pos)
                 phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, block_pos,
                                             end if SPECULATE else live_end, PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
-                m_new, l_new, acc_new, block_tokens, s = _attend_block(
+                m_new, l_new, acc_new, block_tokens, s, pv = _attend_block(
                     q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
                     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
                     PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
@@ -191,7 +198,25 @@ def art_decode_kernel(
                     # W / (L + W), written so that W = 0 or huge W give 0 or 1, never NaN.
                     rest_fraction = 1.0 / (1.0 + l_i * tl.exp2(-log2_rest))
                     if MODE == 3:
-                        head_ok = rest_fraction <= eps
+                        # Estimated error: the unread share times how far the unread values (like
+                        # the block just read, by its plain mean) sit from o_t, |o_t - mean| / |o_t|
+                        # measured every mass_pull_checks checks (reductions across the warps cost
+                        # ~5% of the kernel each on real attention when run at every check) and
+                        # only once some head's share is at most mass_max_share.
+                        share_ok = rest_fraction <= mass_max_share
+                        measure = ((block - first_block) % mass_pull_checks == 0) & \
+                            (tl.max((share_ok & g_ok).to(tl.int32), 0) > 0)
+                        if measure:
+                            # Row GROUP_SIZE has a zero query (the plan pads mass groups by one row):
+                            # its softmax is uniform, so its share of the block's P.V is the plain sum
+                            # of the block's values, free from the tensor cores (a reduction of the
+                            # V tile instead made the kernel 1.3-1.5x slower).
+                            block_sum = tl.sum(tl.where((g == GROUP_SIZE)[:, None], pv, 0.0), 0)
+                            block_mean = block_sum * (1.0 / tl.maximum(block_tokens, 1))
+                            o_t = acc * (1.0 / l_i)[:, None]
+                            pull = o_t - block_mean[None, :]
+                            pull_sq, o_sq = tl.reduce((pull * pull, o_t * o_t), 1, _add_pair)
+                        head_ok = share_ok & (rest_fraction * rest_fraction * pull_sq <= (eps * eps) * o_sq)
                     else:
                         v_rest = tl.load(bound_vrest_ptr + next_pos, mask=rest, other=0.0)
                         # |o| of the merged output: this chunk's own output only when the row is whole.
