@@ -4,7 +4,7 @@
 (request, KV head)'s visit order. It carries the whole GQA group (``GROUP_PAD`` query rows,
 so that ``tl.dot`` runs on tensor cores), reads ``BLOCK_PAGES`` pages per step through the
 page table, keeps the online softmax in base 2, and after every block decides whether the
-group may stop (modes: 0 off, 1 stability, 2 bound; see ``art_runtime.termination``).
+group may stop (modes: 0 off, 1 stability, 2 bound, 3 mass; see ``art_runtime.termination``).
 Work items that cover a whole visit order write the final output; split rows write partial
 outputs and LSEs that ``art_merge_kernel`` combines.
 """
@@ -32,7 +32,10 @@ def _attend_block(
     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
 ):
-    """Fold one block (its pages' ``phys`` ids and ``tokens`` counts per slot) into the state."""
+    """Fold one block (its pages' ``phys`` ids and ``tokens`` counts per slot) into the state.
+
+    Returns the new ``m, l, acc``, the block's token count, its scaled logits and its ``P.V``.
+    """
     slot = tl.arange(0, BLOCK_N) % PAGE_SIZE
     token_ok = slot < tokens
     dims = tl.arange(0, HEAD_DIM)
