@@ -261,8 +261,11 @@ async def render_stream(url: str, browser: Browser) -> dict:
         # The bytes and per-request figures (2 and 3) move past the step they showed first ...
         later = await poll(page, LAST_X_JS, lambda v: v[2][0] > first[2][0] and v[3][0] > first[3][0], 60,
                            "the bytes and per-request figures to follow the stream")
-        await asyncio.sleep(3)  # ... and keep following, a few steps later
-        shown["last_x"] = [first, later, await page.evaluate(LAST_X_JS)]
+        # ... and keep following (polled, not a fixed wait: on a loaded 2-core machine one
+        # figure's update can land a few seconds after the other's)
+        last = await poll(page, LAST_X_JS, lambda v: v[2][0] > later[2][0] and v[3][0] > later[3][0], 60,
+                          "the bytes and per-request figures to keep following the stream")
+        shown["last_x"] = [first, later, last]
         shown["steps"] = [first_step, await hover_step(page, shown)]
         shown["messages_end"] = (await page.evaluate(HEATMAP_JS))["messages"]
         return shown
