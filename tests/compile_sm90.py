@@ -21,6 +21,7 @@ from art_runtime.kernels.page_bounds import (page_mass_estimate_kernel, page_ske
 from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
+from art_runtime.plan import group_tile  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "sm_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale", "log2_slack", "log2_cut_share",
@@ -64,7 +65,7 @@ def main():
     variants = [(shape, mode, values, split) for shape in shapes for mode in (0, 1, 2, 3)
                 for values in ((False, True) if mode == 2 else (False,)) for split in (False, True)]
     for (dtype, group, dim, page, block_pages), mode, values, split in variants:
-        group_pad = max(16, 1 << (group + (mode == 3) - 1).bit_length())  # decode: mass pads one row more
+        group_pad = group_tile(group + (mode == 3))  # as BatchARTDecodeWrapper: mass pads one row more
         block_n = max(16, 1 << (page * block_pages - 1).bit_length())
         ptrs = dict(int_ptrs, q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, out_ptr=dtype)
         page_mass = block_n == page * block_pages and split  # H2O's page mass (power-of-two blocks only)

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from art_runtime import BatchARTDecodeWrapper, TerminationConfig, dense_selection
 from art_runtime.decode import PASS_BLOCKS
-from art_runtime.termination import MASS_MAX_SHARE, MASS_PULL_CHECKS
 from art_runtime.paged_cache import gather_request_kv, unpack_paged_kv_cache
+from art_runtime.termination import MASS_MAX_SHARE, MASS_PULL_CHECKS
 from attention_cases import exact_attention, make_case, relative_error
 
 BACKENDS = ["torch", "triton"]
@@ -142,7 +142,6 @@ def assert_bound_holds(case, out, termination, selection=None):
 
 def max_value_norm(case):
     """``[B, H_qo]`` the largest |v| over each request's tokens for each query head's KV head."""
-
     group = case.num_qo_heads // case.num_kv_heads
     cache = tuple(t.cpu() for t in case.cache) if isinstance(case.cache, tuple) else case.cache.cpu()
     rows = []
