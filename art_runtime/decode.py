@@ -28,9 +28,18 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_GROUP_SIZE = 64
 MAX_PAGE_SIZE = 256
 BOUND_TILE = 32
-# Positions per program of the mass/bound pre-pass (a work item's visit order is cut into
+# Positions per program of the bound pre-pass (a work item's visit order is cut into
 # segments scanned in parallel, then joined by segment_carry_kernel).
 SEGMENT_PAGES = 64
+# Mode mass's pre-pass: about this many positions per program, the head dimension in slices of
+# ESTIMATE_BLOCK_D (the Quest scoring kernel's layout, page_scores.SCORE_*).
+ESTIMATE_TILE_PAGES = 64
+ESTIMATE_BLOCK_D = 64
+ESTIMATE_STAGES = 3
+# Elements ([GROUP_PAD, blocks]) per step of the suffix sums over a work item's blocks: a row of
+# 2048 pages in one step at GQA groups up to 15 (fewer steps in the serial scan: H100, Llama-3-8B
+# shape at batch 64 / 32K, 64 blocks a step took 23 µs).
+SUFFIX_TILE_ELEMENTS = 4096
 SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
@@ -281,6 +290,7 @@ class BatchARTDecodeWrapper:
         split = plan.split and self._backend == "triton"
         self._part_out = torch.empty((num_work if split else 0, group_pad, plan.head_dim), dtype=torch.float32, device=device)
         self._part_lse = torch.empty((num_work if split else 0, group_pad), dtype=torch.float32, device=device)
+        # bound: suffix bounds at every position; mass: suffix estimates at each block's first position.
         bound = plan.termination.reads_page_metadata and self._backend == "triton"
         self._log2w = torch.empty((plan.nnz if bound else 0, group_pad), dtype=torch.float32, device=device)
         certified = plan.termination.mode == "bound"
@@ -289,7 +299,7 @@ class BatchARTDecodeWrapper:
         self._log2w_low = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._log2wv = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._vrest = torch.empty((plan.nnz if certified else 0,), dtype=torch.float32, device=device)
-        segments = self._prepass_segments(plan)[1] if bound else 0
+        segments = self._prepass_segments(plan)[1] if certified else 0
         self._seg_est = torch.empty((plan.num_work, segments, group_pad), dtype=torch.float32, device=device)
         self._seg_vmax = torch.empty((plan.num_work, segments if certified else 0), dtype=torch.float32, device=device)
         self._seg_bounds = torch.empty((3, plan.num_work, segments if certified else 0, group_pad),
@@ -441,14 +451,40 @@ class BatchARTDecodeWrapper:
 
     @staticmethod
     def _prepass_segments(plan: DecodePlan) -> tuple[int, int, int, int]:
-        """``(segment pages, segments per work item, estimate tile, sketch tile)`` of the pre-pass."""
+        """``(segment pages, segments per work item, estimate tile, sketch tile)`` of the bound pre-pass."""
         sketch_tile = max(16, SKETCH_TILE_TOKENS // next_power_of_two(plan.page_size))
-        seg_pages = max(SEGMENT_PAGES, sketch_tile) if plan.termination.mode == "bound" else SEGMENT_PAGES
+        seg_pages = max(SEGMENT_PAGES, sketch_tile)
         segments = max(1, math.ceil(plan.max_work_blocks * plan.block_pages / seg_pages))
         return seg_pages, segments, min(BOUND_TILE, seg_pages), sketch_tile
 
+    def _run_mass_prepass(self, plan: DecodePlan, q, page_meta, qk_scale: float) -> None:
+        """Mode mass: at each block's first position, the estimated mass of the block and the
+        work item's later blocks, which the decode kernel's check reads (``kernels/page_bounds.py``:
+        the blocks' estimates, a program per tile of blocks; then their suffix sums, one per item)."""
+        from .kernels.page_bounds import block_mass_estimate_kernel, block_suffix_kernel
+
+        pages_pow2 = next_power_of_two(plan.block_pages)
+        tile_blocks = max(1, ESTIMATE_TILE_PAGES // pages_pow2)
+        grid = (plan.num_work, math.ceil(plan.max_work_blocks / tile_blocks))
+        block_mass_estimate_kernel[grid](
+            q, page_meta.key_min, page_meta.key_max, page_meta.key_scale,
+            plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, self._log2w,
+            q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
+            page_meta.key_scale.stride(0), qk_scale, plan.sm_scale,
+            NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=self._group_pad,
+            HEAD_DIM=plan.head_dim, BLOCK_D=min(ESTIMATE_BLOCK_D, plan.head_dim), BLOCK_PAGES=plan.block_pages,
+            PAGES_POW2=pages_pow2, TILE_BLOCKS=tile_blocks,
+            DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
+            num_warps=4, num_stages=ESTIMATE_STAGES,
+        )
+        block_suffix_kernel[(plan.num_work,)](
+            self._log2w, plan.work_start, plan.work_end,
+            GROUP_SIZE=plan.group_size, GROUP_PAD=self._group_pad, BLOCK_PAGES=plan.block_pages,
+            TILE_BLOCKS=SUFFIX_TILE_ELEMENTS // self._group_pad,
+        )
+
     def _run_bound_prepass(self, plan: DecodePlan, q, page_meta, qk_scale: float) -> None:
-        """Modes mass and bound: the per-position suffix terms the decode kernel's check reads
+        """Mode bound: the per-position suffix terms the decode kernel's check reads
         (``kernels/page_bounds.py``: segments of ``SEGMENT_PAGES`` positions, one program each)."""
         from .kernels.page_bounds import (page_mass_estimate_kernel, page_sketch_bound_kernel,
                                           segment_carry_kernel)
@@ -462,39 +498,37 @@ class BatchARTDecodeWrapper:
         dot_in_input_dtype = q.dtype != torch.float32 and not triton_interpreter_enabled()
         common = dict(NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
                       HEAD_DIM=plan.head_dim, SEG_PAGES=seg_pages, SEGMENTS=segments)
-        certified = term.mode == "bound"
         page_mass_estimate_kernel[grid](
             q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, page_meta.value_norm_max,
             plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end,
             self._log2w, self._vrest, seg_est, seg_vmax,
             q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
             page_meta.value_norm_max.stride(0), qk_scale, plan.sm_scale, VALUE_NORM_SCALE,
-            TILE=estimate_tile, DOT_IN_INPUT_DTYPE=dot_in_input_dtype, VALUES=certified, **common,
+            TILE=estimate_tile, DOT_IN_INPUT_DTYPE=dot_in_input_dtype, **common,
         )
         carry = dict(GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad, TILE=estimate_tile, SEG_PAGES=seg_pages,
                      SEGMENTS=segments, SEGMENTS_POW2=next_power_of_two(segments))
         segment_carry_kernel[grid](
             self._log2w, self._log2w_low, self._log2wv, self._vrest, seg_est, seg_est, seg_est, seg_vmax,
-            plan.work_start, plan.work_end, 0.0, CERTIFIED=False, VALUES=certified, **carry,
+            plan.work_start, plan.work_end, 0.0, CERTIFIED=False, **carry,
         )
-        if certified:
-            self._sketch_pages.zero_()
-            page_sketch_bound_kernel[grid](
-                q, page_meta.value_norm_max, page_meta.key_codes, page_meta.key_grid_base,
-                page_meta.key_grid_exponent, plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start,
-                plan.work_end, seg_est, self._log2w, self._log2w_low, self._log2wv, *seg_bounds,
-                self._sketch_pages, q.stride(0), q.stride(1), page_meta.value_norm_max.stride(0),
-                page_meta.key_codes.stride(0), page_meta.key_codes.stride(1),
-                page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
-                qk_scale, VALUE_NORM_SCALE,
-                math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
-                TILE=sketch_tile, SEGMENTS_POW2=next_power_of_two(segments), DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
-                PAGE_SIZE_POW2=page_size_pow2, **common,
-            )
-            segment_carry_kernel[grid](
-                self._log2w, self._log2w_low, self._log2wv, self._vrest, *seg_bounds, seg_vmax,
-                plan.work_start, plan.work_end, LOG2_SLACK, CERTIFIED=True, VALUES=True, **carry,
-            )
+        self._sketch_pages.zero_()
+        page_sketch_bound_kernel[grid](
+            q, page_meta.value_norm_max, page_meta.key_codes, page_meta.key_grid_base,
+            page_meta.key_grid_exponent, plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start,
+            plan.work_end, seg_est, self._log2w, self._log2w_low, self._log2wv, *seg_bounds,
+            self._sketch_pages, q.stride(0), q.stride(1), page_meta.value_norm_max.stride(0),
+            page_meta.key_codes.stride(0), page_meta.key_codes.stride(1),
+            page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
+            qk_scale, VALUE_NORM_SCALE,
+            math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
+            TILE=sketch_tile, SEGMENTS_POW2=next_power_of_two(segments), DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
+            PAGE_SIZE_POW2=page_size_pow2, **common,
+        )
+        segment_carry_kernel[grid](
+            self._log2w, self._log2w_low, self._log2wv, self._vrest, *seg_bounds, seg_vmax,
+            plan.work_start, plan.work_end, LOG2_SLACK, CERTIFIED=True, **carry,
+        )
 
     def _run_triton(self, plan, q, k_cache, v_cache, page_meta, out, lse) -> None:
         from .kernels.art_decode import art_decode_kernel, art_merge_kernel
@@ -502,7 +536,9 @@ class BatchARTDecodeWrapper:
         term = plan.termination
         group_pad = self._group_pad
         qk_scale = plan.sm_scale * LOG2E
-        if term.reads_page_metadata:
+        if term.mode == "mass":
+            self._run_mass_prepass(plan, q, page_meta, qk_scale)
+        elif term.mode == "bound":
             self._run_bound_prepass(plan, q, page_meta, qk_scale)
         if term.mode == "bound":  # the row's largest value norm (mode mass never reads them)
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")

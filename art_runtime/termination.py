@@ -73,7 +73,8 @@ that share a KV head share one traversal, so the group stops only when all of th
     keys as spread around ``c_j`` with per-dimension deviation ``r_j / 2``, so that
     (lognormal moment) the page's mass is about
     ``n_j exp(s q.c_j + s^2 / 2 sum_d q_d^2 (r_jd / 2)^2 - m)`` (``s`` the softmax scale).
-    ``West`` sums that over the unread pages (pre-computed suffix sums, as for ``bound``).
+    ``West`` sums that over the unread pages (pre-computed suffix sums over each chunk's
+    blocks, ``page_bounds``).
 
     *Pull.* (1) is ``W / (L + W) (vbar - o_t)`` with ``vbar`` the unread tokens' weighted mean
     value. Pages are visited most-mass first, so the unread ones are most like the pages read

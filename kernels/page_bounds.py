@@ -1,25 +1,34 @@
-"""Triton kernels: per-page mass bounds (or estimates) and their suffix sums over a visit order.
+"""Triton kernels: per-page mass estimates and bounds, the pre-pass of modes ``mass`` and ``bound``.
 
-The pre-pass of modes ``mass`` and ``bound``. Every work item (a chunk of one (request, KV
-head)'s visit order) is cut into segments of ``SEG_PAGES`` positions, one program each (grid
-``[W, segments]``), so that a long visit order is not a serial scan of one program:
+Mode ``mass``:
+
+1. ``block_mass_estimate_kernel``: every termination block's estimated log-mass (base 2), from
+   its pages' key box centres and half-widths (``art_runtime.termination``, mode ``mass``),
+   written at the block's first visit position. One program per (work item, tile of
+   blocks); the head dimension is walked in slices as in ``page_scoring`` (the whole box in
+   one load measured 15-50% slower there).
+2. ``block_suffix_kernel``: one program per work item turns those into suffix sums over the
+   work item's blocks, in place: at a block's first position, the estimated mass of that
+   block and every later one, which the decode kernel's check reads.
+
+Mode ``bound``: every work item (a chunk of one (request, KV head)'s visit order) is cut into
+segments of ``SEG_PAGES`` positions, one program each (grid ``[W, segments]``), so that a long
+visit order is not a serial scan of one program:
 
 1. ``page_mass_estimate_kernel``: backwards in tiles of ``TILE`` pages, each page's estimated
-   log-mass from its key box centre and half-width (``art_runtime.termination``, mode
-   ``mass``), its suffix sums (base 2) within the segment, the suffix max of the value norms,
-   and the segment's totals.
+   log-mass (as above), its suffix sums (base 2) within the segment, the suffix max of the
+   value norms, and the segment's totals.
 2. ``segment_carry_kernel``: adds to every position the totals of the work item's later
-   segments, which makes the segment-local suffixes suffixes over the whole work item. Mode
-   ``mass`` stops here: the decode kernel reads these.
-3. ``page_sketch_bound_kernel`` (mode ``bound``): the cut, the first position at which every
-   head's estimated unread share is at most ``2^log2_cut_share`` of the work item's estimated
-   mass (positions before it get infinite terms: no stop there); from the cut on, every
-   token's logit bounded from its 8-bit key sketch (``art_runtime.reference.
-   sketch_page_log2_mass``: one dot of the query with the token's codes times the page's
-   power-of-two steps, exact in bf16, plus per-page terms and a rounding margin), giving each
-   page's mass upper bound ``W_j`` and lower bound; their segment-local suffix sums and those
-   of ``W_j Vmax_j``, and the segment's totals. Then ``segment_carry_kernel`` again, with the
-   ``2^-9`` slack of the scans' fp32 rounding.
+   segments, which makes the segment-local suffixes suffixes over the whole work item.
+3. ``page_sketch_bound_kernel``: the cut, the first position at which every head's estimated
+   unread share is at most ``2^log2_cut_share`` of the work item's estimated mass (positions
+   before it get infinite terms: no stop there); from the cut on, every token's logit bounded
+   from its 8-bit key sketch (``art_runtime.reference.sketch_page_log2_mass``: one dot of the
+   query with the token's codes times the page's power-of-two steps, exact in bf16, plus
+   per-page terms and a rounding margin), giving each page's mass upper bound ``W_j`` and
+   lower bound; their segment-local suffix sums and those of ``W_j Vmax_j``, and the
+   segment's totals. Then ``segment_carry_kernel`` again, with the ``2^-9`` slack of the
+   scans' fp32 rounding.
 
 The decode kernel's check is then a few scalar operations per block. Suffix sums use exact
 log-sum-exp scans, so no range of logits underflows into a wrong zero.
@@ -94,6 +103,92 @@ def _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
 
 
 @triton.jit
+def block_mass_estimate_kernel(
+    q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr,
+    visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
+    block_log2w_ptr,                    # out: [nnz, GROUP_PAD] fp32, at each block's first position
+    stride_qb, stride_qh, stride_mp, stride_mh, stride_sp, qk_scale, sm_scale,
+    NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PAGES: tl.constexpr, PAGES_POW2: tl.constexpr,
+    TILE_BLOCKS: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+):
+    """Base-2 log of each block's estimated softmax mass, per query head of the group.
+
+    Grid ``[W, cdiv(blocks of the longest work item, TILE_BLOCKS)]``; a block is the decode
+    kernel's: ``BLOCK_PAGES`` positions from the work item's start, the last one cut at its
+    end. Each position of the tile is slot ``t % PAGES_POW2`` of block ``t // PAGES_POW2``.
+    """
+    work = tl.program_id(0)
+    row = tl.load(work_row_ptr + work)
+    request = row // NUM_KV_HEADS
+    head = row % NUM_KV_HEADS
+    start = tl.load(work_start_ptr + work)
+    end = tl.load(work_end_ptr + work)
+    t = tl.arange(0, TILE_BLOCKS * PAGES_POW2)
+    slot = t % PAGES_POW2
+    first = start + (tl.program_id(1) * TILE_BLOCKS + tl.arange(0, TILE_BLOCKS)) * BLOCK_PAGES  # [TILE_BLOCKS]
+    pos = start + (tl.program_id(1) * TILE_BLOCKS + t // PAGES_POW2) * BLOCK_PAGES + slot
+    ok = (slot < BLOCK_PAGES) & (pos < end)
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP_SIZE
+    phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
+    tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
+    scale = tl.load(key_scale_ptr + phys * stride_sp + head, mask=ok, other=0.0)  # before the loop: p5
+    mean = tl.zeros([GROUP_PAD, TILE_BLOCKS * PAGES_POW2], tl.float32)
+    variance = tl.zeros([GROUP_PAD, TILE_BLOCKS * PAGES_POW2], tl.float32)
+    for d0 in range(0, HEAD_DIM, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
+                    mask=g_ok[:, None], other=0.0)
+        box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
+        kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
+        kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
+        q32 = q.to(tl.float32)
+        # an estimate: 16-bit rounding of the centre, q^2 and the spread is harmless
+        centre = (kmin + kmax) * 0.5
+        spread = (kmax - kmin) * 0.25
+        if DOT_IN_INPUT_DTYPE:
+            mean += tl.dot(q, tl.trans(centre.to(q.dtype)))
+            variance += tl.dot((q32 * q32).to(q.dtype), tl.trans((spread * spread).to(q.dtype)))
+        else:
+            mean += tl.dot(q32, tl.trans(centre), input_precision="ieee")
+            variance += tl.dot(q32 * q32, tl.trans(spread * spread), input_precision="ieee")
+    logit = mean * (scale * qk_scale)[None, :] + variance * (scale * scale * (qk_scale * sm_scale * 0.5))[None, :]
+    x = tl.where(ok[None, :], logit + tl.log2(tokens.to(tl.float32))[None, :], float("-inf"))
+    x = tl.reshape(x, [GROUP_PAD, TILE_BLOCKS, PAGES_POW2])
+    top = tl.max(x, 2)
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    block = safe + tl.log2(tl.sum(tl.exp2(x - safe[:, :, None]), 2))
+    tl.store(block_log2w_ptr + first[None, :] * GROUP_PAD + g[:, None], block,
+             mask=(first < end)[None, :] & g_ok[:, None])
+
+
+@triton.jit
+def block_suffix_kernel(
+    block_log2w_ptr,                    # in/out: [nnz, GROUP_PAD] fp32 at each block's first position
+    work_start_ptr, work_end_ptr,
+    GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_PAGES: tl.constexpr, TILE_BLOCKS: tl.constexpr,
+):
+    """Suffix log-sum-exp (base 2) of a work item's block estimates, backwards in tiles."""
+    work = tl.program_id(0)
+    start = tl.load(work_start_ptr + work)
+    blocks = tl.cdiv(tl.load(work_end_ptr + work) - start, BLOCK_PAGES)
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP_SIZE
+    b = tl.arange(0, TILE_BLOCKS)
+    carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    carry_s = tl.zeros([GROUP_PAD], tl.float32)
+    for tile in range(0, tl.cdiv(blocks, TILE_BLOCKS)):
+        block = blocks - (tile + 1) * TILE_BLOCKS + b
+        ok = block >= 0
+        at = (start + block * BLOCK_PAGES)[None, :] * GROUP_PAD + g[:, None]
+        lanes = ok[None, :] & g_ok[:, None]
+        x = tl.load(block_log2w_ptr + at, mask=lanes, other=float("-inf"))
+        suffix, carry_m, carry_s = _suffix_log2_sum(x, ok, carry_m, carry_s)
+        tl.store(block_log2w_ptr + at, suffix, mask=lanes)
+
+
+@triton.jit
 def page_mass_estimate_kernel(
     q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, value_norm_ptr,
     visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
@@ -103,7 +198,7 @@ def page_mass_estimate_kernel(
     qk_scale, sm_scale, value_norm_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_IN_INPUT_DTYPE: tl.constexpr, VALUES: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr,
 ):
     work = tl.program_id(0)
     segment = tl.program_id(1)
@@ -138,15 +233,13 @@ def page_mass_estimate_kernel(
         x = logit + tl.log2(tokens.to(tl.float32))[None, :]
         estimate, carry_m, carry_s = _suffix_log2_sum(x, ok, carry_m, carry_s)
         tl.store(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], estimate, mask=ok[None, :] & g_ok[:, None])
-        if VALUES:  # mode bound: the value norms' suffix max (mode mass never reads them)
-            vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
-            vrest = tl.maximum(tl.associative_scan(vnorm, 0, _max_combine, reverse=True), carry_v)
-            tl.store(vrest_ptr + pos, vrest, mask=ok)
-            carry_v = tl.maximum(carry_v, tl.max(vnorm, 0))
+        vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
+        vrest = tl.maximum(tl.associative_scan(vnorm, 0, _max_combine, reverse=True), carry_v)
+        tl.store(vrest_ptr + pos, vrest, mask=ok)
+        carry_v = tl.maximum(carry_v, tl.max(vnorm, 0))
     at = work * SEGMENTS + segment
     tl.store(seg_log2w_ptr + at * GROUP_PAD + g, carry_m + tl.log2(carry_s))
-    if VALUES:
-        tl.store(seg_vmax_ptr + at, carry_v)
+    tl.store(seg_vmax_ptr + at, carry_v)
 
 
 @triton.jit
@@ -177,14 +270,14 @@ def segment_carry_kernel(
     seg_log2w_ptr, seg_low_ptr, seg_wv_ptr, seg_vmax_ptr,      # in: segment totals
     work_start_ptr, work_end_ptr, log2_slack,
     GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr,
-    SEGMENTS: tl.constexpr, SEGMENTS_POW2: tl.constexpr, CERTIFIED: tl.constexpr, VALUES: tl.constexpr,
+    SEGMENTS: tl.constexpr, SEGMENTS_POW2: tl.constexpr, CERTIFIED: tl.constexpr,
 ):
     """Turn segment-local suffix sums into suffix sums over the work item (see the module doc).
 
     ``CERTIFIED`` (bound): the three sketch suffixes, positions before the cut (``+inf``) left as
     they are, with ``log2_slack`` added to the upper sums and taken from the lower one; else
-    the estimate (of the group's heads, the lanes ``page_mass_estimate_kernel`` wrote) and,
-    with ``VALUES`` (bound), the value-norm suffix max.
+    the estimate (of the group's heads, the lanes ``page_mass_estimate_kernel`` wrote) and
+    the value-norm suffix max.
     """
     work = tl.program_id(0)
     segment = tl.program_id(1)
@@ -196,7 +289,7 @@ def segment_carry_kernel(
     if CERTIFIED:
         carry_low = _later_segments_log2_sum(seg_low_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
         carry_wv = _later_segments_log2_sum(seg_wv_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
-    elif VALUES:
+    else:
         s = tl.arange(0, SEGMENTS_POW2)
         carry_v = tl.max(tl.load(seg_vmax_ptr + work * SEGMENTS + s, mask=(s > segment) & (s < SEGMENTS),
                                  other=0.0), 0)
@@ -216,9 +309,8 @@ def segment_carry_kernel(
             lanes = ok[None, :] & g_ok[:, None]
             local = tl.load(log2w_ptr + at, mask=lanes, other=0.0)
             tl.store(log2w_ptr + at, _log2_add(local, carry[:, None]), mask=lanes)
-            if VALUES:
-                vrest = tl.load(vrest_ptr + pos, mask=ok, other=0.0)
-                tl.store(vrest_ptr + pos, tl.maximum(vrest, carry_v), mask=ok)
+            vrest = tl.load(vrest_ptr + pos, mask=ok, other=0.0)
+            tl.store(vrest_ptr + pos, tl.maximum(vrest, carry_v), mask=ok)
 
 
 @triton.jit

@@ -16,7 +16,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  # noqa: E402
 from art_runtime.kernels.h2o_state import h2o_observe_kernel, h2o_page_scores_kernel  # noqa: E402
-from art_runtime.kernels.page_bounds import (page_mass_estimate_kernel, page_sketch_bound_kernel,  # noqa: E402
+from art_runtime.kernels.page_bounds import (block_mass_estimate_kernel, block_suffix_kernel,  # noqa: E402
+                                             page_mass_estimate_kernel, page_sketch_bound_kernel,
                                              segment_carry_kernel)
 from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
@@ -76,31 +77,38 @@ def main():
         compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=2 if mode == 1 and dim <= 128 else 4,
                        num_stages=2)  # decode.BatchARTDecodeWrapper._num_warps
         count += 1
-        if mode in (2, 3) and not split:  # the pre-pass does not depend on the split
+        box_ptrs = dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv")
+        if mode == 3 and not split:  # the pre-pass does not depend on the split
+            pages_pow2 = 1 << (block_pages - 1).bit_length()
+            compile_kernel(block_mass_estimate_kernel,
+                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
+                                BLOCK_D=min(64, dim), BLOCK_PAGES=block_pages, PAGES_POW2=pages_pow2,
+                                TILE_BLOCKS=max(1, 64 // pages_pow2), DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                           box_ptrs, num_warps=4, num_stages=3)  # decode.ESTIMATE_STAGES
+            compile_kernel(block_suffix_kernel, dict(GROUP_SIZE=group, GROUP_PAD=group_pad, BLOCK_PAGES=block_pages,
+                                                     TILE_BLOCKS=4096 // group_pad), int_ptrs)  # decode
+            count += 2
+        if mode == 2 and not split:
             page_pow2 = 1 << (page - 1).bit_length()
             segments = 3
             common = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, SEG_PAGES=64,
                           SEGMENTS=segments)
-            compile_kernel(page_mass_estimate_kernel, dict(common, TILE=32, DOT_IN_INPUT_DTYPE=dtype != "fp32",
-                                                           VALUES=mode == 2),
-                           dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
-            carries = ((False, True), (True, True)) if mode == 2 else ((False, False),)  # (CERTIFIED, VALUES)
-            for certified, values in carries:
+            compile_kernel(page_mass_estimate_kernel, dict(common, TILE=32, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                           box_ptrs)
+            for certified in (False, True):
                 compile_kernel(segment_carry_kernel, dict(GROUP_SIZE=group, GROUP_PAD=group_pad, TILE=32, SEG_PAGES=64,
-                                                          SEGMENTS=segments, SEGMENTS_POW2=4, CERTIFIED=certified,
-                                                          VALUES=values), int_ptrs)
-            count += 1 + len(carries)
-            if mode == 2:
-                compile_kernel(page_sketch_bound_kernel,
-                               dict(common, TILE=max(16, 256 // page_pow2), SEGMENTS_POW2=4,
-                                    DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
-                               dict(int_ptrs, **SKETCH_PTRS, q_ptr=dtype))
-                count += 1
+                                                          SEGMENTS=segments, SEGMENTS_POW2=4, CERTIFIED=certified),
+                               int_ptrs)
+            compile_kernel(page_sketch_bound_kernel,
+                           dict(common, TILE=max(16, 256 // page_pow2), SEGMENTS_POW2=4,
+                                DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
+                           dict(int_ptrs, **SKETCH_PTRS, q_ptr=dtype))
+            count += 4
         if mode == 2:
             compile_kernel(quest_page_scores_kernel,
                            dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=min(64, dim),
                                 TILE=64, REDUCE_MAX=not split, ESTIMATE=values, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
-                           dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"))
+                           box_ptrs)
             count += 1
         if split and mode == 0:
             compile_kernel(art_merge_kernel, dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,

@@ -304,23 +304,27 @@ def test_bound_suffix_terms_agree_between_backends(chunk_pages, segment_pages, d
     assert (terms.log2_rest_mass_low <= terms.log2_rest_mass).all()
 
 
-@pytest.mark.parametrize("chunk_pages,segment_pages", PREPASS_LAYOUTS)
-def test_mass_suffix_terms_agree_between_backends(chunk_pages, segment_pages, device, monkeypatch):
-    """The Triton mass pre-pass writes the estimates the torch backend computes (and no value norms)."""
-    import art_runtime.decode
+@pytest.mark.parametrize("chunk_pages,page_size,block_pages", [(None, 16, 8), (24, 16, 8), (12, 5, 3), (None, 1, 128)])
+def test_mass_suffix_terms_agree_between_backends(chunk_pages, page_size, block_pages, device):
+    """The Triton mass pre-pass (block estimates, then their suffix sums over each work item)
+    writes at every block's first position what the torch backend computes there: blocks of
+    split rows end at their chunk's end; block page counts that are not powers of two."""
     from art_runtime.reference import bound_terms_torch
 
-    monkeypatch.setattr(art_runtime.decode, "SEGMENT_PAGES", segment_pages)
-    case = adversarial_case(seq_lens=[700, 70], group=4, page_size=16, logit_scale=10.0, tie=False,
-                            late_dominator=False, value_outlier=True, seed=43, device=device)
-    termination = TerminationConfig(mode="mass", eps=0.02, min_pages=1)
+    case = adversarial_case(seq_lens=[1400 if page_size == 1 else 700, 70], group=4, page_size=page_size,
+                            logit_scale=10.0, tie=False, late_dominator=False, value_outlier=True, seed=43,
+                            device=device)
+    termination = TerminationConfig(mode="mass", eps=0.02, min_pages=1, block_pages=block_pages)
     wrapper = BatchARTDecodeWrapper(backend="triton")
     wrapper.plan(*case.plan_args(), termination=termination, chunk_pages=chunk_pages)
     meta = case.page_meta()
     wrapper.run(case.q, case.cache, page_meta=meta)
-    terms = bound_terms_torch(wrapper._plan, case.q, meta)
-    assert torch.allclose(wrapper._log2w[:, :4], terms.log2_rest_mass, rtol=1e-5, atol=1e-3)
-    assert terms.log2_rest_mass.isfinite().all()
+    plan = wrapper._plan
+    assert plan.split == (chunk_pages is not None)
+    firsts = torch.cat([torch.arange(int(s), int(e), block_pages) for s, e in zip(plan.work_start, plan.work_end)])
+    reference = bound_terms_torch(plan, case.q, meta).log2_rest_mass[firsts.to(device)]
+    assert reference.isfinite().all()
+    assert torch.allclose(wrapper._log2w[firsts.to(device), :4], reference, rtol=1e-5, atol=1e-3)
     assert wrapper._vrest.numel() == 0  # mode mass's check never reads the value norms
 
 
