@@ -32,14 +32,16 @@ BOUND_TILE = 32
 # segments scanned in parallel, then joined by segment_carry_kernel).
 SEGMENT_PAGES = 64
 # Mode mass's pre-pass: about this many positions per program, the head dimension in slices of
-# ESTIMATE_BLOCK_D (the Quest scoring kernel's layout, page_scores.SCORE_*).
-ESTIMATE_TILE_PAGES = 64
+# ESTIMATE_BLOCK_D, ESTIMATE_STAGES deep: the fastest of a sweep (H100, Llama-3-8B shape at
+# batch 64 / 32K: tiles 32-256 pages, slices 32-128, 2-4 stages; 133 µs against 145 µs for
+# the Quest scoring kernel's 64 / 64 / 3; benchmarks/NOTES.md v20).
+ESTIMATE_TILE_PAGES = 128
 ESTIMATE_BLOCK_D = 64
 ESTIMATE_STAGES = 3
-# Elements ([GROUP_PAD, blocks]) per step of the suffix sums over a work item's blocks: a row of
-# 2048 pages in one step at GQA groups up to 15 (fewer steps in the serial scan: H100, Llama-3-8B
-# shape at batch 64 / 32K, 64 blocks a step took 23 µs).
-SUFFIX_TILE_ELEMENTS = 4096
+# Elements ([GROUP_PAD, blocks]) per step of the suffix sums over a work item's blocks: 64 blocks
+# at GQA groups up to 15 (H100, Llama-3-8B shape at batch 64 / 32K: 23 µs; 256 blocks, so a
+# 2048-page row in one step, 44 µs: the wider scan costs more than the shorter serial chain).
+SUFFIX_TILE_ELEMENTS = 1024
 SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).

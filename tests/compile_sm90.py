@@ -83,10 +83,10 @@ def main():
             compile_kernel(block_mass_estimate_kernel,
                            dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
                                 BLOCK_D=min(64, dim), BLOCK_PAGES=block_pages, PAGES_POW2=pages_pow2,
-                                TILE_BLOCKS=max(1, 64 // pages_pow2), DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                                TILE_BLOCKS=max(1, 128 // pages_pow2), DOT_IN_INPUT_DTYPE=dtype != "fp32"),
                            box_ptrs, num_warps=4, num_stages=3)  # decode.ESTIMATE_STAGES
             compile_kernel(block_suffix_kernel, dict(GROUP_SIZE=group, GROUP_PAD=group_pad, BLOCK_PAGES=block_pages,
-                                                     TILE_BLOCKS=4096 // group_pad), int_ptrs)  # decode
+                                                     TILE_BLOCKS=1024 // group_pad), int_ptrs)  # decode
             count += 2
         if mode == 2 and not split:
             page_pow2 = 1 << (page - 1).bit_length()
