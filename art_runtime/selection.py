@@ -143,7 +143,8 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
             select_top_pages_kernel[(scores.shape[0],)](
                 scores, ctx.kv_indptr, layout.indptr, torch.empty(nnz, dtype=torch.int64, device=scores.device), pages,
                 *physical, scores.stride(0), ctx.page_size, NUM_KV_HEADS=ctx.num_kv_heads, WIDTH_POW2=width_pow2,
-                KEPT_POW2=max(16, 1 << (layout.kept - 1).bit_length()), PHYSICAL=out is not None,
+                KEPT_POW2=width_pow2 if layout.keeps_all else max(16, 1 << (layout.kept - 1).bit_length()),
+                KEEP_ALL=layout.keeps_all, PHYSICAL=out is not None,
                 num_warps=min(16, max(4, width_pow2 // 256)),  # 8 keys a thread at most, to stay in registers
             )
         return pages

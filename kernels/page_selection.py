@@ -6,7 +6,8 @@ largest score exactly by a radix select on the scores' 32-bit order keys (four r
 256-bin histogram over the row, in registers, in unsigned 32-bit arithmetic). The pages above
 that threshold, and as many tied with it as fit (the lower positions first), are compacted
 into the selection, and only those ``kept`` entries are sorted (score order, ties to the
-lower position). With ``PHYSICAL`` it also writes each entry's physical page id and token
+lower position); when every row keeps all its pages (``KEEP_ALL``, a dense order) the row is
+sorted as it is, with no threshold to find. With ``PHYSICAL`` it also writes each entry's physical page id and token
 count, so that a per-layer selection fills the decode plan's visit arrays in this one launch
 (the dozen gathers that did it in torch cost about as much as the selection itself). Sorting the kept pages instead of the whole row is what makes this cheap
 next to the scoring pass that reads every page's key box: a top-k over the row costs as much
@@ -31,7 +32,8 @@ def select_top_pages_kernel(
     phys_ptr,          # out (PHYSICAL): [nnz] int32 physical page of each entry
     tokens_ptr,        # out (PHYSICAL): [nnz] int32 tokens of each entry's page
     stride_sr, page_size,
-    NUM_KV_HEADS: tl.constexpr, WIDTH_POW2: tl.constexpr, KEPT_POW2: tl.constexpr, PHYSICAL: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, WIDTH_POW2: tl.constexpr, KEPT_POW2: tl.constexpr, KEEP_ALL: tl.constexpr,
+    PHYSICAL: tl.constexpr,
 ):
     row = tl.program_id(0)
     request = row // NUM_KV_HEADS
@@ -47,39 +49,41 @@ def select_top_pages_kernel(
     score = tl.where(pos == 0, float("inf"), score)  # the sink: first
     bits = score.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 order = float order
-    key = (ordered ^ -2147483648).to(tl.uint32, bitcast=True)  # the same order, unsigned: radix digits
-
-    # Radix select: the kept-th largest key, one byte per round from the top. Per round one
-    # histogram, one suffix sum and one max: the max packs (digit, keys above it) so that a
-    # single reduction finds both.
-    threshold = tl.zeros([], dtype=tl.uint32)
-    remaining = kept  # how many of the keys matching the threshold so far are still to take
-    bins = tl.arange(0, 256)
-    for shift in tl.static_range(24, -8, -8):
-        if shift == 24:
-            match = present
-        else:
-            match = present & ((key >> (shift + 8)) == (threshold >> (shift + 8)))
-        hist = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
-        at_least = tl.cumsum(hist, 0, reverse=True)  # matching keys with this byte >= bin
-        best = tl.max(tl.where(at_least >= remaining, (bins << 20) | (at_least - hist), -1), 0)
-        remaining -= best & 0xFFFFF
-        threshold = threshold | ((best >> 20).to(tl.uint32) << shift)
-
-    # Keep the keys above the threshold and the first `remaining` equal to it, compacted:
-    # one scan counts both (above: high word, equal: low word).
-    above = present & (key > threshold)
-    equal = present & (key == threshold)
-    counts = tl.cumsum((above.to(tl.int64) << 32) | equal.to(tl.int64), 0)
-    equal_rank = (counts & 0xFFFFFFFF).to(tl.int32)
-    take = above | (equal & (equal_rank <= remaining))
-    slot = (counts >> 32).to(tl.int32) + tl.minimum(equal_rank, remaining) - 1
     unique_key = (ordered.to(tl.int64) << 32) | (WIDTH_POW2 - 1 - pos).to(tl.int64)  # ties: the lower position first
-    tl.store(keys_ptr + start + slot, unique_key, mask=take)
-    tl.debug_barrier()  # the block's stores above are visible to its loads below
     k = tl.arange(0, KEPT_POW2)
-    chosen = tl.load(keys_ptr + start + k, mask=k < kept, other=-9223372036854775808)
-    chosen = tl.sort(chosen, descending=True)
+    if KEEP_ALL:  # KEPT_POW2 == WIDTH_POW2: the whole row, in registers
+        chosen = tl.sort(tl.where(present, unique_key, -9223372036854775808), descending=True)
+    else:
+        # Radix select: the kept-th largest key, one byte per round from the top. Per round
+        # one histogram, one suffix sum and one max: the max packs (digit, keys above it) so
+        # that a single reduction finds both.
+        key = (ordered ^ -2147483648).to(tl.uint32, bitcast=True)  # the same order, unsigned: radix digits
+        threshold = tl.zeros([], dtype=tl.uint32)
+        remaining = kept  # how many of the keys matching the threshold so far are still to take
+        bins = tl.arange(0, 256)
+        for shift in tl.static_range(24, -8, -8):
+            if shift == 24:
+                match = present
+            else:
+                match = present & ((key >> (shift + 8)) == (threshold >> (shift + 8)))
+            hist = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
+            at_least = tl.cumsum(hist, 0, reverse=True)  # matching keys with this byte >= bin
+            best = tl.max(tl.where(at_least >= remaining, (bins << 20) | (at_least - hist), -1), 0)
+            remaining -= best & 0xFFFFF
+            threshold = threshold | ((best >> 20).to(tl.uint32) << shift)
+
+        # Keep the keys above the threshold and the first `remaining` equal to it, compacted:
+        # one scan counts both (above: high word, equal: low word).
+        above = present & (key > threshold)
+        equal = present & (key == threshold)
+        counts = tl.cumsum((above.to(tl.int64) << 32) | equal.to(tl.int64), 0)
+        equal_rank = (counts & 0xFFFFFFFF).to(tl.int32)
+        take = above | (equal & (equal_rank <= remaining))
+        slot = (counts >> 32).to(tl.int32) + tl.minimum(equal_rank, remaining) - 1
+        tl.store(keys_ptr + start + slot, unique_key, mask=take)
+        tl.debug_barrier()  # the block's stores above are visible to its loads below
+        chosen = tl.load(keys_ptr + start + k, mask=k < kept, other=-9223372036854775808)
+        chosen = tl.sort(chosen, descending=True)
     page = (WIDTH_POW2 - 1 - (chosen & 0xFFFFFFFF)).to(tl.int32)
     tl.store(pages_ptr + start + k, page, mask=k < kept)
     if PHYSICAL:

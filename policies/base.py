@@ -80,6 +80,8 @@ class SelectionLayout:
         Pages of the longest row (the score matrices' width).
     kept : int
         The most pages any row keeps.
+    keeps_all : bool
+        Every row keeps every page of its request (the selection is an order only).
     """
 
     indptr: torch.Tensor
@@ -87,6 +89,7 @@ class SelectionLayout:
     rank: torch.Tensor
     width: int
     kept: int
+    keeps_all: bool = False
 
 
 class PagePolicy:
@@ -151,7 +154,8 @@ class PagePolicy:
         row = torch.arange(kept.numel(), device=pages.device).repeat_interleave(kept)
         rank = torch.arange(nnz, device=pages.device) - indptr[:-1][row]
         width = int(pages.max()) if pages.numel() else 0
-        return SelectionLayout(indptr.to(torch.int32), row, rank, width, int(kept.max()) if kept.numel() else 0)
+        return SelectionLayout(indptr.to(torch.int32), row, rank, width, int(kept.max()) if kept.numel() else 0,
+                               bool((kept == pages).all()))
 
     def select(self, ctx: PolicyContext, layout: SelectionLayout, layer_id: int = 0, q=None, page_meta=None,
                out=None):

@@ -120,9 +120,11 @@ def main():
         compile_kernel(page_metadata_update_kernel,
                        dict(PAGE_SIZE=page, PAGE_SIZE_POW2=1 << (page - 1).bit_length(), HEAD_DIM=dim), ptrs)
         count += 1
-    for width_pow2, physical in ((16, False), (2048, True), (8192, False), (8192, True)):
-        compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=max(16, width_pow2),
-                                                    KEPT_POW2=max(16, width_pow2 // 16), PHYSICAL=physical),
+    for width_pow2, physical, keep_all in ((16, False, False), (2048, True, False), (8192, False, False),
+                                           (8192, True, False), (16, True, True), (2048, True, True), (8192, False, True)):
+        compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=width_pow2,
+                                                    KEPT_POW2=width_pow2 if keep_all else max(16, width_pow2 // 16),
+                                                    KEEP_ALL=keep_all, PHYSICAL=physical),
                        dict(int_ptrs, keys_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
     for paged in (False, True):  # state per request slot, or per physical page (SGLang: kv_indptr stands in)

@@ -80,6 +80,7 @@ def test_selection_kernel_equals_torch_ordering(budget, device):
     ctx = context(case)
     policy = QuestPolicy(budget=budget)
     layout = policy.layout(ctx)
+    assert layout.keeps_all == (budget == 1000)  # the kernel then sorts whole rows, without the radix select
     gen = torch.Generator().manual_seed(budget)
     scores = torch.randint(-3, 4, (ctx.num_rows, layout.width), generator=gen).float().to(case.q.device)  # many ties
     scores[0, 3] = float("inf")  # a score equal to the sink's still comes after the sink and the current page
