@@ -42,6 +42,12 @@ ESTIMATE_STAGES = 3
 # at GQA groups up to 15 (H100, Llama-3-8B shape at batch 64 / 32K: 23 µs; 256 blocks, so a
 # 2048-page row in one step, 44 µs: the wider scan costs more than the shorter serial chain).
 SUFFIX_TILE_ELEMENTS = 1024
+# Mode mass launches its work items longest first, by the blocks the pre-pass predicts each
+# will read (its estimated unread share still above eps), so that deep rows do not start in
+# the last wave, when there are more items than the planned parallel programs. H100,
+# Llama-3-8B shape on real captures at batch 64 / 32K: decode kernel 4-25% faster (SmolLM2
+# layer 15 at eps 0.02: 1521 -> 1137 µs), the sort ~12 µs (benchmarks/NOTES.md v21).
+LONGEST_FIRST = True
 SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
@@ -240,14 +246,15 @@ class BatchARTDecodeWrapper:
         else:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
         self._selection = selection
+        parallel_programs = self._parallel_programs(device, head_dim, (kv_indptr.numel() - 1) * num_kv_heads,
+                                                    termination.reads_page_metadata)
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-            termination, float(sm_scale), selection, chunk_pages,
-            self._parallel_programs(device, head_dim, (kv_indptr.numel() - 1) * num_kv_heads,
-                                    termination.reads_page_metadata),
-            tile_tokens(head_dim),
+            termination, float(sm_scale), selection, chunk_pages, parallel_programs, tile_tokens(head_dim),
         )
         self._plan = plan
+        # Launch order matters only when the work items run in more than one wave.
+        self._longest_first = LONGEST_FIRST and termination.mode == "mass" and plan.num_work > parallel_programs
         self._page_table = (kv_indptr, kv_indices, kv_last_page_len)
         self._pages_in_table = int(kv_indptr[-1])  # on the host now: run() never syncs to count bytes
         self._record_page_mass = record_page_mass or (self._policy is not None and self._policy[0].needs_page_mass)
@@ -313,6 +320,10 @@ class BatchARTDecodeWrapper:
         self._seg_bounds = torch.empty((3, plan.num_work, segments if certified else 0, group_pad),
                                        dtype=torch.float32, device=device)
         self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
+        self._work_order = torch.arange(num_work, dtype=torch.int64, device=device)  # program -> work item
+        mass = plan.termination.mode == "mass" and self._backend == "triton"
+        self._predicted_blocks = torch.empty((num_work if mass else 0,), dtype=torch.int32, device=device)
+        self._predicted_sorted = torch.empty_like(self._predicted_blocks)
         self._page_lse = torch.empty((plan.nnz if self._record_page_mass else 0, group_pad), dtype=torch.float32,
                                      device=device)
 
@@ -485,11 +496,15 @@ class BatchARTDecodeWrapper:
             DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
             num_warps=4, num_stages=ESTIMATE_STAGES,
         )
+        eps = plan.termination.eps
         block_suffix_kernel[(plan.num_work,)](
-            self._log2w, plan.work_start, plan.work_end,
+            self._log2w, plan.work_start, plan.work_end, self._predicted_blocks,
+            math.log2(eps) if eps > 0 else float("-inf"),
             GROUP_SIZE=plan.group_size, GROUP_PAD=self._group_pad, BLOCK_PAGES=plan.block_pages,
             TILE_BLOCKS=SUFFIX_TILE_ELEMENTS // self._group_pad,
         )
+        if self._longest_first:
+            torch.sort(self._predicted_blocks, descending=True, out=(self._predicted_sorted, self._work_order))
 
     def _run_bound_prepass(self, plan: DecodePlan, q, page_meta, qk_scale: float) -> None:
         """Mode bound: the per-position suffix terms the decode kernel's check reads
@@ -560,8 +575,8 @@ class BatchARTDecodeWrapper:
             out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
         art_decode_kernel[(plan.num_work,)](
             q, k_cache, v_cache, out, lse, self._part_out, self._part_lse,
-            plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, plan.row_start,
-            self._log2w, self._vrest, self._vscale, self._log2w_low, self._log2wv,
+            plan.visit_phys, plan.visit_tokens, self._work_order, plan.work_row, plan.work_start, plan.work_end,
+            plan.row_start, self._log2w, self._vrest, self._vscale, self._log2w_low, self._log2wv,
             self._visited_pages, self._visited_tokens, self._loaded_tokens, self._stable_at, self._page_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),

@@ -9,7 +9,8 @@ Mode ``mass``:
    one load measured 15-50% slower there).
 2. ``block_suffix_kernel``: one program per work item turns those into suffix sums over the
    work item's blocks, in place: at a block's first position, the estimated mass of that
-   block and every later one, which the decode kernel's check reads.
+   block and every later one, which the decode kernel's check reads. It also predicts how
+   many blocks the item will read, so that the decode launch can run the longest first.
 
 Mode ``bound``: every work item (a chunk of one (request, KV head)'s visit order) is cut into
 segments of ``SEG_PAGES`` positions, one program each (grid ``[W, segments]``), so that a long
@@ -167,9 +168,14 @@ def block_mass_estimate_kernel(
 def block_suffix_kernel(
     block_log2w_ptr,                    # in/out: [nnz, GROUP_PAD] fp32 at each block's first position
     work_start_ptr, work_end_ptr,
+    predicted_blocks_ptr,               # out: [W] int32, blocks before the estimated share falls to 2^log2_share
+    log2_share,
     GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_PAGES: tl.constexpr, TILE_BLOCKS: tl.constexpr,
 ):
-    """Suffix log-sum-exp (base 2) of a work item's block estimates, backwards in tiles."""
+    """Suffix log-sum-exp (base 2) of a work item's block estimates, backwards in tiles; and the
+    item's predicted length, its blocks at which some head's estimated unread share of the
+    item (the suffix over the total) is still above ``2^log2_share`` (the decode launch runs
+    the longest first)."""
     work = tl.program_id(0)
     start = tl.load(work_start_ptr + work)
     blocks = tl.cdiv(tl.load(work_end_ptr + work) - start, BLOCK_PAGES)
@@ -186,6 +192,16 @@ def block_suffix_kernel(
         x = tl.load(block_log2w_ptr + at, mask=lanes, other=float("-inf"))
         suffix, carry_m, carry_s = _suffix_log2_sum(x, ok, carry_m, carry_s)
         tl.store(block_log2w_ptr + at, suffix, mask=lanes)
+    tl.debug_barrier()  # the stores above are visible to the loads below
+    threshold = carry_m + tl.log2(carry_s) + log2_share
+    predicted = blocks * 0
+    for tile in range(0, tl.cdiv(blocks, TILE_BLOCKS)):
+        block = tile * TILE_BLOCKS + b
+        lanes = (block < blocks)[None, :] & g_ok[:, None]
+        suffix = tl.load(block_log2w_ptr + (start + block * BLOCK_PAGES)[None, :] * GROUP_PAD + g[:, None],
+                         mask=lanes, other=float("-inf"))
+        predicted += tl.sum(tl.max((suffix > threshold[:, None]).to(tl.int32), 0), 0)
+    tl.store(predicted_blocks_ptr + work, predicted)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ from art_runtime.plan import group_tile  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "sm_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale", "log2_slack", "log2_cut_share",
-              "overflow_log2", "mass_max_share", "tie_break", "recent_score"}
+              "overflow_log2", "mass_max_share", "tie_break", "recent_score", "log2_share"}
 SKETCH_PTRS = {"codes_ptr": "u8", "base_ptr": "i16", "exponent_ptr": "i8"}
 
 
@@ -59,7 +59,8 @@ def main():
                                   "loaded_tokens_ptr",
                                   "stable_at_ptr", "row_work_indptr_ptr", "batch_indices_ptr", "positions_ptr",
                                   "append_indptr_ptr", "kv_indices_ptr", "kv_indptr_ptr", "sel_indptr_ptr", "pages_ptr",
-                                  "kv_last_page_len_ptr", "phys_ptr", "tokens_ptr")}
+                                  "kv_last_page_len_ptr", "phys_ptr", "tokens_ptr", "predicted_blocks_ptr")}
+    int_ptrs["work_order_ptr"] = "i64"
     # Every value of every parameter appears with every mode; the full product takes ~9 min.
     shapes = [("bf16", 1, 64, 1, 64), ("fp16", 7, 64, 16, 4), ("fp32", 4, 128, 64, 1), ("bf16", 16, 256, 3, 21),
               ("bf16", 8, 128, 16, 4)]

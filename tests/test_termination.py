@@ -322,10 +322,40 @@ def test_mass_suffix_terms_agree_between_backends(chunk_pages, page_size, block_
     plan = wrapper._plan
     assert plan.split == (chunk_pages is not None)
     firsts = torch.cat([torch.arange(int(s), int(e), block_pages) for s, e in zip(plan.work_start, plan.work_end)])
-    reference = bound_terms_torch(plan, case.q, meta).log2_rest_mass[firsts.to(device)]
+    suffixes = bound_terms_torch(plan, case.q, meta).log2_rest_mass
+    reference = suffixes[firsts.to(device)]
     assert reference.isfinite().all()
     assert torch.allclose(wrapper._log2w[firsts.to(device), :4], reference, rtol=1e-5, atol=1e-3)
     assert wrapper._vrest.numel() == 0  # mode mass's check never reads the value norms
+    # Each item's predicted length: its blocks at which some head's estimated share is above eps
+    # (up to the estimates' rounding: the GPU dots them in bf16); the launch takes the longest first.
+    predicted = wrapper._predicted_blocks.tolist()
+    for w, (s, e) in enumerate(zip(plan.work_start.tolist(), plan.work_end.tolist())):
+        item = suffixes[torch.arange(s, e, block_pages, device=device)]  # [blocks, G]
+        share = item - item[0] - math.log2(termination.eps)
+        assert int((share > 2e-3).any(-1).sum()) <= predicted[w] <= int((share > -2e-3).any(-1).sum())
+    assert 0 < min(predicted) < max(predicted)
+    order = wrapper._work_order.tolist()
+    if wrapper._longest_first:  # more items than parallel programs (always on the CPU)
+        assert [predicted[w] for w in order] == sorted(predicted, reverse=True)
+    else:
+        assert order == list(range(plan.num_work))
+
+
+def test_mass_launch_order_changes_nothing(device):
+    """Work items launched longest first give exactly what the plain launch order gives."""
+    case = structured_case(device, seed=11)
+    results = []
+    for longest_first in (False, True):
+        wrapper = BatchARTDecodeWrapper(backend="triton")
+        wrapper.plan(*case.plan_args(), termination=MASS, chunk_pages=24)
+        wrapper._longest_first = longest_first  # the plan decides by the device's size; force both
+        out = wrapper.run(case.q, case.cache, page_meta=case.page_meta())
+        order = wrapper._work_order.tolist()
+        assert (order != sorted(order)) == longest_first
+        results.append((out, wrapper.last_stats.visited_pages))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert (results[0][1] < wrapper.last_stats.selected_pages).any()  # some rows stopped early
 
 
 def simulate_mass(case, termination):
