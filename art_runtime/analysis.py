@@ -747,7 +747,10 @@ def analyze_capture(
                              sm_scale=data.scaling, policy=policy, selection=selections["best"] if o == "best" else None)
                 out = wrapper.run(batch.q, batch.cache, page_meta=meta).double()
                 stats = wrapper.last_stats
-                if not torch.equal(stats.selection.pages.long(), selections[o].pages.long()):
+                # Mode off reads every page whatever the order (the wrapper plans a dense policy
+                # without it); every other mode must have walked the analysis's order.
+                if setting.config.mode != "off" and not torch.equal(stats.selection.pages.long(),
+                                                                    selections[o].pages.long()):
                     raise RuntimeError(f"the wrapper visited another order than the analysis for {o}")
                 report.criteria.append(_criterion_result(
                     data.layer, o, setting, out, stats, o_exact, vscale, batch, meta, esize,
@@ -773,9 +776,10 @@ def _criterion_result(layer, order, setting, out, stats, o_exact, vscale, batch,
     tokens_read = int(stats.visited_tokens.long().sum())
     # The kernel's count: K+V in the simulated dtype (fp32, re-expressed in the capture dtype),
     # the metadata of every selected page in modes mass and bound, and every page's key box when
-    # the Quest order scores them (dense selections: selected pages = every page). Checked.
+    # the Quest or mass order scores them (dense selections: selected pages = every page; mode
+    # off plans without the order, so it scores nothing). Checked.
     selected = int(stats.selected_pages.sum())
-    scored = order in ("quest", "mass")
+    scored = order in ("quest", "mass") and setting.config.mode != "off"
     meta32 = int(stats.kv_bytes_read) - tokens_read * 2 * dim * batch.cache.element_size()
     expected32 = selected * (meta.nbytes_per_page(setting.config.mode) + meta.key_box_bytes_per_page() * scored)
     sketch_pages = int(stats.sketch_pages.long().sum()) if stats.sketch_pages is not None else 0
