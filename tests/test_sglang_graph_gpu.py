@@ -131,10 +131,11 @@ interpreted = pytest.mark.skipif(not triton_runs_on(torch.device("cpu")),
 
 
 @interpreted
+@pytest.mark.parametrize("mode", ["bound", "mass"])  # the modes with a pre-pass
 @pytest.mark.parametrize("policy_name", POLICIES)
-def test_the_graph_test_steps_run_on_cpu(policy_name):
+def test_the_graph_test_steps_run_on_cpu(policy_name, mode):
     """The GPU test's steps without the capture, float32 under the Triton interpreter."""
-    replay_a_new_batch(policy_name, "bound", "cpu", torch.float32, capture=False)
+    replay_a_new_batch(policy_name, mode, "cpu", torch.float32, capture=False)
 
 
 @pytest.mark.parametrize("policy_name", ["quest", "h2o"])

@@ -34,7 +34,10 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
     This subclass sets the wrapper's plan state itself instead of calling ``plan()``; it
     relies on the attributes ``plan()`` would set (``_plan``, ``_backend``, ``_policy``,
     ``_selection``, ``_page_table``, ``_pages_in_table``, ``_record_page_mass``,
-    ``_raw_stats``), the buffers ``_allocate`` makes and the ``_select_pages`` hook of ``run``.
+    ``_longest_first``, ``_raw_stats``), the buffers ``_allocate`` makes and the
+    ``_select_pages`` hook of ``run``. Its work items run in plan order (``plan()`` may
+    launch mass work items longest first; here the buffers hold the largest batch's items,
+    and a smaller batch's would sort with stale ones).
 
     Parameters
     ----------
@@ -74,6 +77,7 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
             raise ValueError(f"policy {policy.name}: the page mass needs block_pages (--art-block-pages) * page_size "
                              f"to be a power of two, got {block_tokens}")
         self._pages_in_table = 0  # key boxes read by scoring are not counted in last_stats.kv_bytes_read
+        self._longest_first = False
         self._page_table = None  # the caller always passes the page metadata, never rebuilt here
         self._plans = {}
         self._allocate(self._plan_for(max_batch)[0], buffers.row_start.device)
