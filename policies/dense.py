@@ -36,7 +36,9 @@ class DensePolicy(PagePolicy):
     ``benchmarks/results/bound_sketch_2026-11-26/``); the paper's stability rule stops earlier in recency order (15-30% of pages
     against 17-43%) but with larger errors (max over heads relative to |o| up to 0.74 against
     0.44; 0.36 against 0.13 on SmolLM2 layer 15). ``plan(policy=None)`` stays a recency-
-    ordered dense selection, which needs neither the query nor page metadata.
+    ordered dense selection, which needs neither the query nor page metadata. In termination
+    mode ``off`` the wrapper plans this policy as ``policy=None``: every page is read, so the
+    order would only cost its scoring and sort.
     """
 
     name = "dense"
