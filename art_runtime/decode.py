@@ -32,7 +32,7 @@ BOUND_TILE = 32
 # segments scanned in parallel, then joined by segment_carry_kernel).
 SEGMENT_PAGES = 64
 # Mode mass's pre-pass: about this many positions per program, the head dimension in slices of
-# ESTIMATE_BLOCK_D, ESTIMATE_STAGES deep: the fastest of a sweep (H100, Llama-3-8B shape at
+# ESTIMATE_BLOCK_D (bound's estimate slices it alike), ESTIMATE_STAGES deep: the fastest of a sweep (H100, Llama-3-8B shape at
 # batch 64 / 32K: tiles 32-256 pages, slices 32-128, 2-4 stages; 133 µs against 145 µs for
 # the Quest scoring kernel's 64 / 64 / 3; benchmarks/NOTES.md v20).
 ESTIMATE_TILE_PAGES = 128
@@ -527,7 +527,8 @@ class BatchARTDecodeWrapper:
             self._log2w, self._vrest, seg_est, seg_vmax,
             q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
             page_meta.value_norm_max.stride(0), qk_scale, plan.sm_scale, VALUE_NORM_SCALE,
-            TILE=estimate_tile, DOT_IN_INPUT_DTYPE=dot_in_input_dtype, **common,
+            BLOCK_D=min(ESTIMATE_BLOCK_D, plan.head_dim), TILE=estimate_tile, DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
+            **common,
         )
         carry = dict(GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad, TILE=estimate_tile, SEG_PAGES=seg_pages,
                      SEGMENTS=segments, SEGMENTS_POW2=next_power_of_two(segments))

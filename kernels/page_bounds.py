@@ -72,14 +72,6 @@ def _suffix_log2_sum(x, ok, carry_m, carry_s):
 
 
 @triton.jit
-def _dot(a, b, DOT_IN_INPUT_DTYPE: tl.constexpr):
-    if DOT_IN_INPUT_DTYPE:
-        return tl.dot(a, b)
-    else:
-        return tl.dot(a, b, input_precision="ieee")
-
-
-@triton.jit
 def _segment(work_start_ptr, work_end_ptr, work, segment, SEG_PAGES: tl.constexpr):
     """``(start, end, seg_start, seg_end)`` of a work item and of its segment (empty past the end)."""
     start = tl.load(work_start_ptr + work)
@@ -101,6 +93,39 @@ def _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
     q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
                 mask=(g < GROUP_SIZE)[:, None], other=0.0)
     return q, head
+
+
+@triton.jit
+def _box_log2_mass(q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, phys, ok, request, head,
+                   stride_qb, stride_qh, stride_mp, stride_mh, stride_sp, qk_scale, sm_scale,
+                   GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   TILE: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr):
+    """``[GROUP_PAD, TILE]``: mode mass's estimate of the base-2 log-mass of the pages ``phys``
+    (``[TILE]`` int64, ``ok`` valid) without their token counts, keys spread around the box
+    centre with deviation half the half-width; the head dimension in slices of ``BLOCK_D``."""
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP_SIZE
+    scale = tl.load(key_scale_ptr + phys * stride_sp + head, mask=ok, other=0.0)  # before the loop: p5
+    mean = tl.zeros([GROUP_PAD, TILE], tl.float32)
+    variance = tl.zeros([GROUP_PAD, TILE], tl.float32)
+    for d0 in range(0, HEAD_DIM, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
+                    mask=g_ok[:, None], other=0.0)
+        box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
+        kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
+        kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
+        q32 = q.to(tl.float32)
+        # an estimate: 16-bit rounding of the centre, q^2 and the spread is harmless
+        centre = (kmin + kmax) * 0.5
+        spread = (kmax - kmin) * 0.25
+        if DOT_IN_INPUT_DTYPE:
+            mean += tl.dot(q, tl.trans(centre.to(q.dtype)))
+            variance += tl.dot((q32 * q32).to(q.dtype), tl.trans((spread * spread).to(q.dtype)))
+        else:
+            mean += tl.dot(q32, tl.trans(centre), input_precision="ieee")
+            variance += tl.dot(q32 * q32, tl.trans(spread * spread), input_precision="ieee")
+    return mean * (scale * qk_scale)[None, :] + variance * (scale * scale * (qk_scale * sm_scale * 0.5))[None, :]
 
 
 @triton.jit
@@ -134,27 +159,9 @@ def block_mass_estimate_kernel(
     g_ok = g < GROUP_SIZE
     phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
     tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
-    scale = tl.load(key_scale_ptr + phys * stride_sp + head, mask=ok, other=0.0)  # before the loop: p5
-    mean = tl.zeros([GROUP_PAD, TILE_BLOCKS * PAGES_POW2], tl.float32)
-    variance = tl.zeros([GROUP_PAD, TILE_BLOCKS * PAGES_POW2], tl.float32)
-    for d0 in range(0, HEAD_DIM, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
-                    mask=g_ok[:, None], other=0.0)
-        box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
-        kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-        kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-        q32 = q.to(tl.float32)
-        # an estimate: 16-bit rounding of the centre, q^2 and the spread is harmless
-        centre = (kmin + kmax) * 0.5
-        spread = (kmax - kmin) * 0.25
-        if DOT_IN_INPUT_DTYPE:
-            mean += tl.dot(q, tl.trans(centre.to(q.dtype)))
-            variance += tl.dot((q32 * q32).to(q.dtype), tl.trans((spread * spread).to(q.dtype)))
-        else:
-            mean += tl.dot(q32, tl.trans(centre), input_precision="ieee")
-            variance += tl.dot(q32 * q32, tl.trans(spread * spread), input_precision="ieee")
-    logit = mean * (scale * qk_scale)[None, :] + variance * (scale * scale * (qk_scale * sm_scale * 0.5))[None, :]
+    logit = _box_log2_mass(q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, phys, ok, request, head,
+                           stride_qb, stride_qh, stride_mp, stride_mh, stride_sp, qk_scale, sm_scale,
+                           GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_D, TILE_BLOCKS * PAGES_POW2, DOT_IN_INPUT_DTYPE)
     x = tl.where(ok[None, :], logit + tl.log2(tokens.to(tl.float32))[None, :], float("-inf"))
     x = tl.reshape(x, [GROUP_PAD, TILE_BLOCKS, PAGES_POW2])
     top = tl.max(x, 2)
@@ -213,19 +220,17 @@ def page_mass_estimate_kernel(
     stride_qb, stride_qh, stride_mp, stride_mh, stride_np,
     qk_scale, sm_scale, value_norm_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_IN_INPUT_DTYPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr,
+    SEGMENTS: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
 ):
     work = tl.program_id(0)
     segment = tl.program_id(1)
     start, end, seg_start, seg_end = _segment(work_start_ptr, work_end_ptr, work, segment, SEG_PAGES)
-    q, head = _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
-                                NUM_KV_HEADS, GROUP_SIZE, GROUP_PAD, HEAD_DIM)
-    dot_dtype = q.dtype if DOT_IN_INPUT_DTYPE else tl.float32
-    q = q.to(tl.float32)
+    row = tl.load(work_row_ptr + work)
+    request = row // NUM_KV_HEADS
+    head = row % NUM_KV_HEADS
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP_SIZE
-    dims = tl.arange(0, HEAD_DIM)
     t = tl.arange(0, TILE)
 
     carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -236,16 +241,9 @@ def page_mass_estimate_kernel(
         ok = pos >= seg_start
         phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
         tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
-        # log-mass of keys spread around the box centre with deviation half the half-width
-        box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
-        kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-        kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-        scale = tl.load(key_scale_ptr + phys * stride_np + head, mask=ok, other=0.0)[None, :]
-        centre = ((kmin + kmax) * 0.5).to(dot_dtype)
-        spread = (kmax - kmin) * 0.25
-        mean = _dot(q.to(dot_dtype), tl.trans(centre), DOT_IN_INPUT_DTYPE)
-        variance = _dot((q * q).to(dot_dtype), tl.trans((spread * spread).to(dot_dtype)), DOT_IN_INPUT_DTYPE)
-        logit = mean * scale * qk_scale + variance * (scale * scale) * (qk_scale * sm_scale * 0.5)
+        logit = _box_log2_mass(q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, phys, ok, request, head,
+                               stride_qb, stride_qh, stride_mp, stride_mh, stride_np, qk_scale, sm_scale,
+                               GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_D, TILE, DOT_IN_INPUT_DTYPE)
         x = logit + tl.log2(tokens.to(tl.float32))[None, :]
         estimate, carry_m, carry_s = _suffix_log2_sum(x, ok, carry_m, carry_s)
         tl.store(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], estimate, mask=ok[None, :] & g_ok[:, None])
@@ -395,11 +393,11 @@ def page_sketch_bound_kernel(
         exponent = tl.load(exponent_ptr + grid, mask=ok[:, None], other=0).to(tl.int32)
         step = ((exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^exponent, exactly
         base = tl.load(base_ptr + grid, mask=ok[:, None], other=0).to(tl.float32)
-        offset = _dot(q, tl.trans(step * base), False)  # [GROUP_PAD, TILE]; ieee: base has 16 bits
-        up = _dot(tl.maximum(q, 0.0), tl.trans(step), False)
-        down = _dot(tl.minimum(q, 0.0), tl.trans(step), False)
+        offset = tl.dot(q, tl.trans(step * base), input_precision="ieee")  # [GROUP_PAD, TILE]; base has 16 bits
+        up = tl.dot(tl.maximum(q, 0.0), tl.trans(step), input_precision="ieee")
+        down = tl.dot(tl.minimum(q, 0.0), tl.trans(step), input_precision="ieee")
         reach = tl.maximum(tl.abs(base), tl.abs(base + SKETCH_LEVELS)) * step
-        margin = _dot(tl.abs(q), tl.trans(reach), False) * ROUNDING_MARGIN
+        margin = tl.dot(tl.abs(q), tl.trans(reach), input_precision="ieee") * ROUNDING_MARGIN
         # Every token's y = sum_d q_d s_d c_d: codes times steps are exact in bf16 and fp32.
         token_ok = ok[:, None] & (slots[None, :] < tokens[:, None])  # [TILE, P2]
         code_at = phys[:, None, None] * stride_cp + head * stride_ch + slots[None, :, None] * HEAD_DIM + \

@@ -94,7 +94,8 @@ def main():
             segments = 3
             common = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, SEG_PAGES=64,
                           SEGMENTS=segments)
-            compile_kernel(page_mass_estimate_kernel, dict(common, TILE=32, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+            compile_kernel(page_mass_estimate_kernel, dict(common, BLOCK_D=min(64, dim), TILE=32,
+                                                           DOT_IN_INPUT_DTYPE=dtype != "fp32"),
                            box_ptrs)
             for certified in (False, True):
                 compile_kernel(segment_carry_kernel, dict(GROUP_SIZE=group, GROUP_PAD=group_pad, TILE=32, SEG_PAGES=64,
