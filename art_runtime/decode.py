@@ -134,6 +134,16 @@ class DecodeStats:
     loaded_tokens: torch.Tensor | None = None
 
 
+def policy_for_mode(policy, termination: TerminationConfig):
+    """The policy a plan runs: ``None`` for a ``DensePolicy`` in mode ``off``, else ``policy``.
+
+    Mode off reads every selected page, so a dense policy's visit order changes nothing but the
+    order of fp32 additions: its per-layer scoring and sort are skipped (7% of a
+    Llama-3-8B-shape layer at batch 64 / 32K on an H100, benchmarks/NOTES.md v20).
+    """
+    return None if isinstance(policy, DensePolicy) and termination.mode == "off" else policy
+
+
 def _check_int(name: str, value, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
@@ -232,11 +242,8 @@ class BatchARTDecodeWrapper:
         device = kv_indptr.device
         self._backend = resolve_backend(self.backend, device)
         self._policy = None
-        if isinstance(policy, DensePolicy) and termination.mode == "off" and selection is None:
-            # Mode off reads every selected page, so a dense policy's visit order changes nothing
-            # but the order of fp32 additions: skip its per-layer scoring and sort (7% of a
-            # Llama-3-8B-shape layer at batch 64 / 32K on an H100, benchmarks/NOTES.md v20).
-            policy = None
+        if selection is None:  # with both, _plan_policy refuses them below
+            policy = policy_for_mode(policy, termination)
         if policy is not None:
             selection = self._plan_policy(policy, selection, PolicyContext(
                 kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, page_size, request_ids,

@@ -16,8 +16,8 @@ step synchronizes with the host; shapes depend only on the buffers' sizes.
 
 from __future__ import annotations
 
-from art_runtime.decode import BatchARTDecodeWrapper
-from art_runtime.policies import DensePolicy, PagePolicy, PolicyContext, SelectionLayout
+from art_runtime.decode import BatchARTDecodeWrapper, policy_for_mode
+from art_runtime.policies import PagePolicy, PolicyContext, SelectionLayout
 from art_runtime.selection import PageSelection
 from art_runtime.termination import TerminationConfig
 
@@ -64,8 +64,7 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
             raise ValueError(f"policy: {policy.name} keys its state by request id, which fixed-buffer plans do not "
                              "have; use its page-keyed form (art_runtime.integrations.sglang.page_state)")
         super().__init__(kv_layout="NHD", backend=backend)
-        if isinstance(policy, DensePolicy) and termination.mode == "off":
-            policy = None  # as BatchARTDecodeWrapper.plan: the order cannot change what mode off reads
+        policy = policy_for_mode(policy, termination)
         self.buffers = buffers
         self._shape = (num_qo_heads, head_dim, page_size, termination, sm_scale, num_pages)
         self._num_qo_heads, self._page_size, self._sm_scale = num_qo_heads, page_size, sm_scale
