@@ -140,8 +140,10 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
             width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
             physical = (pages, pages, pages, pages) if out is None else (
                 ctx.kv_indices, ctx.kv_last_page_len, out.phys, out.tokens)
+            # The radix select compacts the kept keys through this scratch; a keep-all row sorts in registers.
+            keys = pages if layout.keeps_all else torch.empty(nnz, dtype=torch.int64, device=scores.device)
             select_top_pages_kernel[(scores.shape[0],)](
-                scores, ctx.kv_indptr, layout.indptr, torch.empty(nnz, dtype=torch.int64, device=scores.device), pages,
+                scores, ctx.kv_indptr, layout.indptr, keys, pages,
                 *physical, scores.stride(0), ctx.page_size, NUM_KV_HEADS=ctx.num_kv_heads, WIDTH_POW2=width_pow2,
                 KEPT_POW2=width_pow2 if layout.keeps_all else max(16, 1 << (layout.kept - 1).bit_length()),
                 KEEP_ALL=layout.keeps_all, PHYSICAL=out is not None,
