@@ -500,7 +500,7 @@ class BatchARTDecodeWrapper:
             NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=self._group_pad,
             HEAD_DIM=plan.head_dim, BLOCK_D=min(ESTIMATE_BLOCK_D, plan.head_dim), BLOCK_PAGES=plan.block_pages,
             PAGES_POW2=pages_pow2, TILE_BLOCKS=tile_blocks,
-            DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
+            TENSOR_CORES=q.dtype != torch.float32 and not triton_interpreter_enabled(),
             num_warps=4, num_stages=ESTIMATE_STAGES,
         )
         eps = plan.termination.eps
@@ -534,7 +534,7 @@ class BatchARTDecodeWrapper:
             self._log2w, self._vrest, seg_est, seg_vmax,
             q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
             page_meta.value_norm_max.stride(0), qk_scale, plan.sm_scale, VALUE_NORM_SCALE,
-            BLOCK_D=min(ESTIMATE_BLOCK_D, plan.head_dim), TILE=estimate_tile, DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
+            BLOCK_D=min(ESTIMATE_BLOCK_D, plan.head_dim), TILE=estimate_tile, TENSOR_CORES=dot_in_input_dtype,
             **common,
         )
         carry = dict(GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad, TILE=estimate_tile, SEG_PAGES=seg_pages,

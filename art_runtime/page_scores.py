@@ -17,8 +17,9 @@ from .plan import group_tile
 # or mean, or the estimated log-mass of mode ``mass`` summed over the group.
 KEY_BOX_SCORES = ("max", "mean", "mass")
 # Pages per program, head-dim slice and pipeline depth of the scoring kernel: the fastest of a
-# sweep on an H100 (benchmarks/NOTES.md, p5).
-SCORE_TILE = 64
+# sweep on an H100 with bf16 dots (benchmarks/NOTES.md, p5), the tile then doubled with fp16
+# dots (an H200 sweep, p11).
+SCORE_TILE = 128
 SCORE_BLOCK_D = 64
 SCORE_STAGES = 3
 
@@ -98,7 +99,8 @@ def _launch(ctx, q, page_meta, width, score, sm_scale):
         page_meta.key_scale.stride(0), 1.0 if sm_scale is None else sm_scale,
         NUM_KV_HEADS=ctx.num_kv_heads, GROUP_SIZE=group, GROUP_PAD=group_tile(group),
         HEAD_DIM=head_dim, BLOCK_D=min(SCORE_BLOCK_D, head_dim), TILE=SCORE_TILE, REDUCE_MAX=score == "max",
-        ESTIMATE=score == "mass", DOT_IN_INPUT_DTYPE=q.dtype != torch.float32 and not triton_interpreter_enabled(),
+        ESTIMATE=score == "mass",
+        TENSOR_CORES=q.dtype != torch.float32 and not triton_interpreter_enabled(),
         num_warps=4, num_stages=SCORE_STAGES,
     )
     return scores

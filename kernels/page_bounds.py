@@ -38,6 +38,8 @@ log-sum-exp scans, so no range of logits underflows into a wrong zero.
 import triton
 import triton.language as tl
 
+from .page_scoring import box_log2_mass
+
 # Relative margin added to every logit bound, covering fp32 rounding of both this dot
 # product and the decode kernel's (a D-term sum has relative error below D * 2^-24).
 ROUNDING_MARGIN = tl.constexpr(2.0 ** -12)
@@ -96,39 +98,6 @@ def _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
 
 
 @triton.jit
-def _box_log2_mass(q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, phys, ok, request, head,
-                   stride_qb, stride_qh, stride_mp, stride_mh, stride_sp, qk_scale, sm_scale,
-                   GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   TILE: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr):
-    """``[GROUP_PAD, TILE]``: mode mass's estimate of the base-2 log-mass of the pages ``phys``
-    (``[TILE]`` int64, ``ok`` valid) without their token counts, keys spread around the box
-    centre with deviation half the half-width; the head dimension in slices of ``BLOCK_D``."""
-    g = tl.arange(0, GROUP_PAD)
-    g_ok = g < GROUP_SIZE
-    scale = tl.load(key_scale_ptr + phys * stride_sp + head, mask=ok, other=0.0)  # before the loop: p5
-    mean = tl.zeros([GROUP_PAD, TILE], tl.float32)
-    variance = tl.zeros([GROUP_PAD, TILE], tl.float32)
-    for d0 in range(0, HEAD_DIM, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
-                    mask=g_ok[:, None], other=0.0)
-        box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
-        kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-        kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0).to(tl.float32)
-        q32 = q.to(tl.float32)
-        # an estimate: 16-bit rounding of the centre, q^2 and the spread is harmless
-        centre = (kmin + kmax) * 0.5
-        spread = (kmax - kmin) * 0.25
-        if DOT_IN_INPUT_DTYPE:
-            mean += tl.dot(q, tl.trans(centre.to(q.dtype)))
-            variance += tl.dot((q32 * q32).to(q.dtype), tl.trans((spread * spread).to(q.dtype)))
-        else:
-            mean += tl.dot(q32, tl.trans(centre), input_precision="ieee")
-            variance += tl.dot(q32 * q32, tl.trans(spread * spread), input_precision="ieee")
-    return mean * (scale * qk_scale)[None, :] + variance * (scale * scale * (qk_scale * sm_scale * 0.5))[None, :]
-
-
-@triton.jit
 def block_mass_estimate_kernel(
     q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr,
     visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
@@ -136,7 +105,7 @@ def block_mass_estimate_kernel(
     stride_qb, stride_qh, stride_mp, stride_mh, stride_sp, qk_scale, sm_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PAGES: tl.constexpr, PAGES_POW2: tl.constexpr,
-    TILE_BLOCKS: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+    TILE_BLOCKS: tl.constexpr, TENSOR_CORES: tl.constexpr,
 ):
     """Base-2 log of each block's estimated softmax mass, per query head of the group.
 
@@ -159,9 +128,9 @@ def block_mass_estimate_kernel(
     g_ok = g < GROUP_SIZE
     phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
     tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
-    logit = _box_log2_mass(q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, phys, ok, request, head,
-                           stride_qb, stride_qh, stride_mp, stride_mh, stride_sp, qk_scale, sm_scale,
-                           GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_D, TILE_BLOCKS * PAGES_POW2, DOT_IN_INPUT_DTYPE)
+    logit = box_log2_mass(q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, phys, ok, request, head,
+                          stride_qb, stride_qh, stride_mp, stride_mh, stride_sp, qk_scale, sm_scale,
+                          GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_D, TILE_BLOCKS * PAGES_POW2, TENSOR_CORES)
     x = tl.where(ok[None, :], logit + tl.log2(tokens.to(tl.float32))[None, :], float("-inf"))
     x = tl.reshape(x, [GROUP_PAD, TILE_BLOCKS, PAGES_POW2])
     top = tl.max(x, 2)
@@ -221,7 +190,7 @@ def page_mass_estimate_kernel(
     qk_scale, sm_scale, value_norm_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr,
-    SEGMENTS: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+    SEGMENTS: tl.constexpr, TENSOR_CORES: tl.constexpr,
 ):
     work = tl.program_id(0)
     segment = tl.program_id(1)
@@ -241,9 +210,9 @@ def page_mass_estimate_kernel(
         ok = pos >= seg_start
         phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
         tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
-        logit = _box_log2_mass(q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, phys, ok, request, head,
-                               stride_qb, stride_qh, stride_mp, stride_mh, stride_np, qk_scale, sm_scale,
-                               GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_D, TILE, DOT_IN_INPUT_DTYPE)
+        logit = box_log2_mass(q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, phys, ok, request, head,
+                              stride_qb, stride_qh, stride_mp, stride_mh, stride_np, qk_scale, sm_scale,
+                              GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_D, TILE, TENSOR_CORES)
         x = logit + tl.log2(tokens.to(tl.float32))[None, :]
         estimate, carry_m, carry_s = _suffix_log2_sum(x, ok, carry_m, carry_s)
         tl.store(log2w_ptr + pos[None, :] * GROUP_PAD + g[:, None], estimate, mask=ok[None, :] & g_ok[:, None])

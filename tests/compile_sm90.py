@@ -84,7 +84,7 @@ def main():
             compile_kernel(block_mass_estimate_kernel,
                            dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
                                 BLOCK_D=min(64, dim), BLOCK_PAGES=block_pages, PAGES_POW2=pages_pow2,
-                                TILE_BLOCKS=max(1, 128 // pages_pow2), DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                                TILE_BLOCKS=max(1, 128 // pages_pow2), TENSOR_CORES=dtype != "fp32"),
                            box_ptrs, num_warps=4, num_stages=3)  # decode.ESTIMATE_STAGES
             compile_kernel(block_suffix_kernel, dict(GROUP_SIZE=group, GROUP_PAD=group_pad, BLOCK_PAGES=block_pages,
                                                      TILE_BLOCKS=1024 // group_pad), int_ptrs)  # decode
@@ -95,7 +95,7 @@ def main():
             common = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, SEG_PAGES=64,
                           SEGMENTS=segments)
             compile_kernel(page_mass_estimate_kernel, dict(common, BLOCK_D=min(64, dim), TILE=32,
-                                                           DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                                                           TENSOR_CORES=dtype != "fp32"),
                            box_ptrs)
             for certified in (False, True):
                 compile_kernel(segment_carry_kernel, dict(GROUP_SIZE=group, GROUP_PAD=group_pad, TILE=32, SEG_PAGES=64,
@@ -109,7 +109,7 @@ def main():
         if mode == 2:
             compile_kernel(quest_page_scores_kernel,
                            dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=min(64, dim),
-                                TILE=64, REDUCE_MAX=not split, ESTIMATE=values, DOT_IN_INPUT_DTYPE=dtype != "fp32"),
+                                TILE=128, REDUCE_MAX=not split, ESTIMATE=values, TENSOR_CORES=dtype != "fp32"),
                            box_ptrs)
             count += 1
         if split and mode == 0:

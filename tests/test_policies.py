@@ -400,3 +400,20 @@ def test_key_box_scores_for_every_head_dim(head_dim, device):
     kernel = estimated_page_log_mass(ctx, case.q, meta, 19, head_dim ** -0.5)
     reference = _key_box_scores_torch(ctx, case.q, meta, 19, "mass", head_dim ** -0.5)
     assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-3, 3e4, 1e30])
+def test_quest_bound_on_tensor_cores_is_exact_at_any_query_scale(magnitude, device, monkeypatch):
+    """Quest's bound dots in fp16 after scaling each query head's slice by a power of two, so
+    bf16 queries far outside fp16's range (1e30 would be inf, 1e-30 zero) keep exact products.
+    Off the GPU the tensor-core path is forced (fp16 dots are exact in the interpreter too)."""
+    import art_runtime.page_scores as page_scores
+
+    monkeypatch.setattr(page_scores, "triton_interpreter_enabled", lambda: False)
+    case = make_case([300, 200], 8, 2, 128, 16, device=device, seed=5)
+    ctx, meta = context(case), case.page_meta()
+    q = (case.q * magnitude).to(torch.bfloat16)
+    kernel = page_scores.quest_page_scores(ctx, q, meta, 19)
+    reference = page_scores._key_box_scores_torch(ctx, q.float(), meta, 19, "max")
+    assert torch.isfinite(kernel[:, :13]).all()
+    assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-6 * magnitude)
