@@ -78,8 +78,9 @@ PASS_BLOCKS = 8
 # v10): 14/2/64 stability 2.0-2.1x -> 1.5-1.6x of `off`; at head_dim 128 it cost 8-9% more
 # (1.11x -> 1.20x), the shared-memory pipeline taking occupancy that already hid the latency.
 SPECULATE_MAX_HEAD_DIM = 64
-# Chunks of a split row that the merge kernel reads per step ([MERGE_CHUNKS, head_dim] fp32).
-MERGE_CHUNKS = 16
+# Elements of the [chunks, head_dim] fp32 tile the merge kernel reads per step: 64 chunks (a
+# whole row at the split cap, MAX_CHUNKS_PER_ROW) at head_dim 64, 32 at 128 (NOTES v23).
+MERGE_TILE_ELEMENTS = 4096
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight per program (H100/H200: 227 KiB)
 
 
@@ -601,7 +602,7 @@ class BatchARTDecodeWrapper:
             art_merge_kernel[(plan.num_rows, plan.group_size)](
                 self._part_out, self._part_lse, plan.row_work_indptr, out, lse, out.stride(0), out.stride(1),
                 NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
-                HEAD_DIM=plan.head_dim, CHUNKS=MERGE_CHUNKS,
+                HEAD_DIM=plan.head_dim, CHUNKS=MERGE_TILE_ELEMENTS // plan.head_dim,
             )
         if out is not final_out:
             final_out.copy_(out)

@@ -272,10 +272,12 @@ def art_merge_kernel(
 ):
     """Combine the chunks of one (request, KV head) row for one query head by their base-2 LSEs.
 
-    Grid ``(rows, GROUP_SIZE)``. The chunks are read ``CHUNKS`` at a time (one load of their
-    LSEs, one of their ``[CHUNKS, D]`` outputs): a small batch splits a row into up to a few
-    hundred chunks, and folding them one by one was a serial chain of loads that cost more than
-    the decode itself (14/2/64 at batch 1 / 32K on an H100: 19 µs against 12; NOTES v14).
+    Grid ``(rows, GROUP_SIZE)``. One pass, ``CHUNKS`` chunks a step (one load of their LSEs and
+    one of their ``[CHUNKS, D]`` outputs, issued together), rescaling the running sum when the
+    maximum grows: a small batch splits a row into up to 64 chunks, and every dependent load is
+    a round trip that the merge cannot hide (folding chunks one by one cost more than the
+    decode itself, 14/2/64 at batch 1 / 32K on an H100: 19 µs against 12, NOTES v14; a first
+    pass for the maximum cost another, v23).
     """
     row = tl.program_id(0)
     g = tl.program_id(1)
@@ -286,19 +288,21 @@ def art_merge_kernel(
     first = tl.load(row_work_indptr_ptr + row)
     last = tl.load(row_work_indptr_ptr + row + 1)
     m = tl.max(tl.full([CHUNKS], float("-inf"), tl.float32), 0)
-    for start in range(first, last, CHUNKS):
-        lse = tl.load(part_lse_ptr + (start + c) * GROUP_PAD + g, mask=start + c < last, other=float("-inf"))
-        m = tl.maximum(m, tl.max(lse, 0))
     s = tl.sum(tl.zeros([CHUNKS], tl.float32), 0)
     acc = tl.zeros([HEAD_DIM], tl.float32)
     for start in range(first, last, CHUNKS):
         work = start + c
         ok = work < last
-        w = tl.exp2(tl.load(part_lse_ptr + work * GROUP_PAD + g, mask=ok, other=float("-inf")) - m)
+        lse = tl.load(part_lse_ptr + work * GROUP_PAD + g, mask=ok, other=float("-inf"))
         o = tl.load(part_out_ptr + (work * GROUP_PAD + g)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None],
                     other=0.0)
-        s += tl.sum(w, 0)
-        acc += tl.sum(w[:, None] * o, 0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        s = s * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m = m_new
     out_row = head * GROUP_SIZE + g
     tl.store(out_ptr + request * stride_ob + out_row * stride_oh + dims, (acc / s).to(out_ptr.dtype.element_ty))
     tl.store(lse_ptr + request * NUM_KV_HEADS * GROUP_SIZE + out_row, m + tl.log2(s))

@@ -114,7 +114,7 @@ def main():
             count += 1
         if split and mode == 0:
             compile_kernel(art_merge_kernel, dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
-                                                  CHUNKS=16),
+                                                  CHUNKS=4096 // dim),
                            dict(int_ptrs, out_ptr=dtype))
             count += 1
     for dtype, page, dim in [("bf16", 1, 64), ("fp16", 3, 128), ("fp32", 16, 256), ("bf16", 64, 128)]:

@@ -69,9 +69,10 @@ def test_layouts(backend, kv_layout, separate_kv, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("chunk_pages", [1, 3, 8])
-def test_split_rows_merge_to_exact_attention(backend, chunk_pages, device):
-    case = make_case([400, 31, 257], 8, 2, 64, 8, device=device, seed=5)
+@pytest.mark.parametrize("chunk_pages,head_dim", [(1, 64), (3, 64), (8, 64), (1, 256)])
+def test_split_rows_merge_to_exact_attention(backend, chunk_pages, head_dim, device):
+    """Head dim 256 with 50 one-page chunks: the merge reads 16 chunks a step and rescales."""
+    case = make_case([400, 31, 257], 8, 2, head_dim, 8, device=device, seed=5)
     termination = TerminationConfig(mode="off", block_pages=1)
     out, lse, stats = run_art(case, backend, termination, chunk_pages=chunk_pages)
     ref, ref_lse = exact_attention(case)
