@@ -58,15 +58,17 @@ NUM_WARPS = None  # None: STABILITY_WARPS in mode stability (up to head_dim 128,
 # 2 warps were 3-18% slower (benchmarks/NOTES.md v18). 128-token blocks need the 4 warps.
 STABILITY_WARPS = 2
 NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipeline), else 2
-# Work items per SM that the split heuristic aims for; None: 2 for head_dim <= 64, else 8
-# (H200 sweep: both land at ~9 chunks per row for batch 16 at 16K-32K tokens), and 2 for any
-# head_dim when a batch has at most FEW_ROWS (request, KV head) rows: on H100, 32/8/128 at
-# batch 1 / 32K took 66 µs at 2 against 90 at 8, and batch 4 at 16K-32K 0.99-1.0x FlashInfer
-# against 0.83-0.90x (benchmarks/NOTES.md v8, v12). Also 2 in modes mass and bound: a chunk
-# judges its own unread share, and the chunks after a row's first hold little of its mass,
-# so they read nearly all of it (Llama-3-8B shape at batch 64 on real attention: mass read
-# 84% / 40% of two layers' pages split in 2, 68% / 11% whole; v13).
-PROGRAMS_PER_SM = None
+# Work items per SM that the split heuristic aims for: PROGRAMS_PER_SM, or
+# STABILITY_PROGRAMS_PER_SM in mode stability with more than FEW_ROWS rows at head_dim > 64
+# (its 2-warp programs up to head_dim 128, STABILITY_WARPS). For `off`, 2 against 8 swept on an
+# H100 and an H200 (32/8/128, batch 16-128, 4K-32K): 2 was 8-10% faster at batch 16 / 4K, 3.5%
+# at batch 64 / 4K and within 0.7% elsewhere; stability at 2 took 1.25-1.28x its time at 8 at
+# batch 16 (benchmarks/NOTES.md v24; 2 had won at batch 1-4 before, v8, v12). In modes mass
+# and bound a chunk judges its own unread share, and the chunks after a row's first hold
+# little of its mass, so they read nearly all of it (Llama-3-8B shape at batch 64 on real
+# attention: mass read 84% / 40% of two layers' pages split in 2, 68% / 11% whole; v13).
+PROGRAMS_PER_SM = 2
+STABILITY_PROGRAMS_PER_SM = 8
 FEW_ROWS = 32
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256: 64 tokens)
@@ -254,8 +256,7 @@ class BatchARTDecodeWrapper:
         else:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
         self._selection = selection
-        parallel_programs = self._parallel_programs(device, head_dim, (kv_indptr.numel() - 1) * num_kv_heads,
-                                                    termination.reads_page_metadata)
+        parallel_programs = self._parallel_programs(device, termination, head_dim, (kv_indptr.numel() - 1) * num_kv_heads)
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
             termination, float(sm_scale), selection, chunk_pages, parallel_programs, tile_tokens(head_dim),
@@ -287,19 +288,18 @@ class BatchARTDecodeWrapper:
         return PageSelection(layout.indptr, policy.select(ctx, layout))
 
     @staticmethod
-    def _parallel_programs(device: torch.device, head_dim: int, num_rows: int, estimates_share: bool) -> int:
-        """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU, none on a CPU.
+    def _parallel_programs(device: torch.device, termination: TerminationConfig, head_dim: int, num_rows: int) -> int:
+        """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU (mode stability
+        with many rows at head_dim > 64: ``STABILITY_PROGRAMS_PER_SM``), none on a CPU.
 
-        ``estimates_share``: the criterion compares a chunk's unread mass with its read mass
-        (modes ``mass`` and ``bound``), so splitting a row makes it read more.
-
-        It depends on the device and the batch's shape only, so both backends plan the same
-        chunks (and so give the same results) on the same device.
+        It depends on the device, the mode and the batch's shape only, so both backends plan
+        the same chunks (and so give the same results) on the same device.
         """
-        if device.type == "cuda":
-            few = head_dim <= 64 or num_rows <= FEW_ROWS or estimates_share
-            return (PROGRAMS_PER_SM or (2 if few else 8)) * torch.cuda.get_device_properties(device).multi_processor_count
-        return 1
+        if device.type != "cuda":
+            return 1
+        many_stability = termination.mode == "stability" and head_dim > 64 and num_rows > FEW_ROWS
+        return ((STABILITY_PROGRAMS_PER_SM if many_stability else PROGRAMS_PER_SM)
+                * torch.cuda.get_device_properties(device).multi_processor_count)
 
     def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
         # Mode mass's check reads the plain mean of the values from one query row of zeros.

@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.launch = [tuple(int(x) for x in text.split("/")) for text in args.launch]
     from art_runtime import decode as art_decode
 
-    args.programs_per_sm = args.programs_per_sm or [art_decode.PROGRAMS_PER_SM or 0]  # 0: art_runtime's choice
+    args.programs_per_sm = args.programs_per_sm or [art_decode.PROGRAMS_PER_SM]
     args.off_block_tokens = args.off_block_tokens or [art_decode.OFF_BLOCK_TOKENS]
     # One kernel configuration: (warps, stages, programs per SM, off tile tokens).
     args.configs = list(itertools.product(args.launch, args.programs_per_sm, args.off_block_tokens))
@@ -268,7 +268,7 @@ def benchmark_row(
     rows = []
     for mode, ((num_warps, num_stages), programs_per_sm, off_tokens) in itertools.product(modes, configs):
         art_decode.NUM_WARPS, art_decode.NUM_STAGES = num_warps or None, num_stages or None
-        art_decode.PROGRAMS_PER_SM, art_decode.OFF_BLOCK_TOKENS = programs_per_sm or None, off_tokens
+        art_decode.PROGRAMS_PER_SM, art_decode.OFF_BLOCK_TOKENS = programs_per_sm, off_tokens
         art = BatchARTDecodeWrapper(kv_layout="NHD", backend="triton")
         art.plan(*page_table, *layer, termination=TerminationConfig(mode=mode))
         run_art = functools.partial(
