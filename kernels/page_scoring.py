@@ -10,19 +10,18 @@ and its scale, and nothing of K or V. The head dimension is walked in slices so 
 loads of the next slice are in flight while the tensor cores work on this one (a whole
 [TILE, D] box per load measured 15-50% slower on an H100: see benchmarks/NOTES.md).
 
-The dots run on tensor cores in fp16 (``TENSOR_CORES``, for 16-bit queries): an fp8 box converts
-to fp16 in one instruction per pair, where bf16 takes a detour through fp32 that cost a
-quarter of the kernel's time (benchmarks/NOTES.md p11). In each head-dim slice every query
-head is first scaled by the power of two that brings its largest |q_d| there to
-[2^14, 2^15): every bf16 or fp16 component then converts exactly (components below 2^-31 of
-the largest excepted), the products are exact in the fp32 accumulator, and dividing the
-slice's dot by the power of two is exact too.
-``box_log2_mass`` is mode ``mass``'s estimate, shared with its pre-pass (``page_bounds``).
+With ``TENSOR_CORES`` (16-bit queries, off the Triton interpreter) Quest's bound dots in fp16:
+an fp8 box converts to fp16 in one instruction per pair, where bf16 takes a detour through
+fp32 that cost a sixth of the kernel's time on an H200 (benchmarks/NOTES.md p11). In each
+head-dim slice every query head is first scaled by the power of two that brings its largest
+|q_d| there to [2^14, 2^15): every bf16 or fp16 component then converts exactly (components
+below 2^-31 of the largest excepted), the products are exact in the fp32 accumulator, and
+scaling the slice's dot back by the inverse power of two is exact too. Mode ``mass``'s
+estimate (``box_log2_mass``, shared with its pre-pass in ``page_bounds``) dots in bf16.
 """
 
 import triton
 import triton.language as tl
-
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -39,10 +38,11 @@ def _group_query(q_ptr, request, head, stride_qb, stride_qh, dims,
 
 @triton.jit
 def _fp16_row_scale(q, LOG2_TOP: tl.constexpr):
-    """``[rows]`` powers of two that bring each row's largest |q| into [2^LOG2_TOP, 2^(LOG2_TOP + 1))
-    (2^127 for a zero row), built from the float's exponent bits, and their inverses."""
+    """``[rows]`` powers of two that bring each row's largest |q| into [2^LOG2_TOP, 2^(LOG2_TOP + 1)),
+    at most 2^126 (a zero row, or one below 2^-112), built from the float's exponent bits, and
+    their inverses (normal floats: exact)."""
     exponent = (tl.max(tl.abs(q), 1).to(tl.int32, bitcast=True) >> 23) & 0xFF
-    biased = tl.minimum(254 + LOG2_TOP - exponent, 254)
+    biased = tl.minimum(254 + LOG2_TOP - exponent, 253)
     return (biased << 23).to(tl.float32, bitcast=True), ((254 - biased) << 23).to(tl.float32, bitcast=True)
 
 

@@ -402,10 +402,12 @@ def test_key_box_scores_for_every_head_dim(head_dim, device):
     assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("magnitude", [1e-30, 1e-3, 3e4, 1e30])
+@pytest.mark.parametrize("magnitude", [5e-35, 1e-30, 1e-3, 3e4, 1e30])
 def test_quest_bound_on_tensor_cores_is_exact_at_any_query_scale(magnitude, device, monkeypatch):
     """Quest's bound dots in fp16 after scaling each query head's slice by a power of two, so
-    bf16 queries far outside fp16's range (1e30 would be inf, 1e-30 zero) keep exact products.
+    bf16 queries far outside fp16's range (1e30 would be inf, 1e-30 zero) keep exact products;
+    at 5e-35 (the largest |q| below 2^-112) the scale is capped at 2^126 so that its inverse
+    stays a normal float (uncapped it would be 0 and so would the bound).
     Off the GPU the tensor-core path is forced (fp16 dots are exact in the interpreter too)."""
     import art_runtime.page_scores as page_scores
 
@@ -414,6 +416,7 @@ def test_quest_bound_on_tensor_cores_is_exact_at_any_query_scale(magnitude, devi
     ctx, meta = context(case), case.page_meta()
     q = (case.q * magnitude).to(torch.bfloat16)
     kernel = page_scores.quest_page_scores(ctx, q, meta, 19)
-    reference = page_scores._key_box_scores_torch(ctx, q.float(), meta, 19, "max")
+    shift = 2.0 ** -round(math.log2(magnitude))  # the fp32 reference away from subnormal products
+    reference = page_scores._key_box_scores_torch(ctx, q.float() * shift, meta, 19, "max") / shift
     assert torch.isfinite(kernel[:, :13]).all()
     assert torch.allclose(kernel, reference, rtol=1e-5, atol=1e-6 * magnitude)
