@@ -14,6 +14,13 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def tensor_core_dots(q: torch.Tensor) -> bool:
+    """Whether the Triton kernels dot ``q`` (and what they load with it) in 16 bits on tensor
+    cores: 16-bit queries, off the interpreter, which computes bf16 dots wrongly (there, and
+    for fp32 queries, they dot in fp32 with ``input_precision="ieee"``)."""
+    return q.dtype != torch.float32 and not triton_interpreter_enabled()
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Whether a Triton kernel can run on tensors of ``device`` in this process."""
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import resolve_backend, triton_interpreter_enabled
+from .backend import resolve_backend, tensor_core_dots, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
 from .plan import DecodePlan, build_plan, group_tile, next_power_of_two
@@ -501,7 +501,7 @@ class BatchARTDecodeWrapper:
             NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=self._group_pad,
             HEAD_DIM=plan.head_dim, BLOCK_D=min(ESTIMATE_BLOCK_D, plan.head_dim), BLOCK_PAGES=plan.block_pages,
             PAGES_POW2=pages_pow2, TILE_BLOCKS=tile_blocks,
-            TENSOR_CORES=q.dtype != torch.float32 and not triton_interpreter_enabled(),
+            TENSOR_CORES=tensor_core_dots(q),
             num_warps=4, num_stages=ESTIMATE_STAGES,
         )
         eps = plan.termination.eps
@@ -526,7 +526,7 @@ class BatchARTDecodeWrapper:
         seg_pages, segments, estimate_tile, sketch_tile = self._prepass_segments(plan)
         grid = (plan.num_work, segments)
         seg_est, seg_vmax, seg_bounds = self._seg_est, self._seg_vmax, self._seg_bounds
-        dot_in_input_dtype = q.dtype != torch.float32 and not triton_interpreter_enabled()
+        dot_in_input_dtype = tensor_core_dots(q)
         common = dict(NUM_KV_HEADS=plan.num_kv_heads, GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad,
                       HEAD_DIM=plan.head_dim, SEG_PAGES=seg_pages, SEGMENTS=segments)
         page_mass_estimate_kernel[grid](
@@ -578,7 +578,7 @@ class BatchARTDecodeWrapper:
         interpreted = triton_interpreter_enabled()
         # The interpreter computes bf16 dots wrongly and truncates fp32 -> bf16 stores; there,
         # dot in fp32 and let torch round the output.
-        dot_in_input_dtype = q.dtype != torch.float32 and not interpreted
+        dot_in_input_dtype = tensor_core_dots(q)
         final_out = out
         if interpreted and out.dtype == torch.bfloat16:
             out = torch.empty(out.shape, dtype=torch.float32, device=out.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .backend import triton_interpreter_enabled, triton_runs_on
+from .backend import tensor_core_dots, triton_runs_on
 from .page_metadata import PageMetadata
 from .plan import group_tile
 
@@ -99,8 +99,7 @@ def _launch(ctx, q, page_meta, width, score, sm_scale):
         page_meta.key_scale.stride(0), 1.0 if sm_scale is None else sm_scale,
         NUM_KV_HEADS=ctx.num_kv_heads, GROUP_SIZE=group, GROUP_PAD=group_tile(group),
         HEAD_DIM=head_dim, BLOCK_D=min(SCORE_BLOCK_D, head_dim), TILE=SCORE_TILE, REDUCE_MAX=score == "max",
-        ESTIMATE=score == "mass",
-        TENSOR_CORES=q.dtype != torch.float32 and not triton_interpreter_enabled(),
+        ESTIMATE=score == "mass", TENSOR_CORES=tensor_core_dots(q),
         num_warps=4, num_stages=SCORE_STAGES,
     )
     return scores

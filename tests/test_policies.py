@@ -411,7 +411,7 @@ def test_quest_bound_on_tensor_cores_is_exact_at_any_query_scale(magnitude, devi
     Off the GPU the tensor-core path is forced (fp16 dots are exact in the interpreter too)."""
     import art_runtime.page_scores as page_scores
 
-    monkeypatch.setattr(page_scores, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(page_scores, "tensor_core_dots", lambda q: True)
     case = make_case([300, 200], 8, 2, 128, 16, device=device, seed=5)
     ctx, meta = context(case), case.page_meta()
     q = (case.q * magnitude).to(torch.bfloat16)
