@@ -51,25 +51,28 @@ LONGEST_FIRST = True
 SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
-NUM_WARPS = None  # None: STABILITY_WARPS in mode stability (up to head_dim 128, more than FEW_ROWS rows), else 4
-# Mode stability checks every 64-token block. With more than FEW_ROWS rows, 2 warps instead of
-# 4 took its time over mode `off` from 1.31-1.39x to 1.02-1.12x at 32/8/128 (H200, batch 16-64,
-# 4K-32K, one run) and from 2.21x to 2.16x at 14/2/64 batch 64; with fewer rows (batch 1-4)
-# 2 warps were 3-18% slower (benchmarks/NOTES.md v18). 128-token blocks need the 4 warps.
+NUM_WARPS = None  # None: STABILITY_WARPS in mode stability (see below), else 4
+# Mode stability checks every 64-token block, so its programs are small: 2 warps instead of 4
+# where the plan has at least STABILITY_WARPS_MIN_ITEMS work items per SM (up to head_dim 128;
+# 128-token blocks need the 4), and STABILITY_PROGRAMS_PER_SM work items per SM aimed for. Swept on
+# an H100 (benchmarks/NOTES.md v26; thresholds that never fire, both core shapes, batch 1-128,
+# 4K-32K): 4 items per SM with that warp rule took stability over `off` from 1.56-1.66x to
+# 1.07-1.18x at 14/2/64 batch 16-128 (16K+ at batch 16) and from 1.19x to 1.03-1.06x at 32/8/128
+# batch 4 / 16K-32K; with fewer items than 2 per SM (batch 4 / 4K: 128 items) 2 warps were 17%
+# slower. Before: 2 warps with more than 32 rows, 8 items per SM only at head_dim > 64 (v18, v24).
 STABILITY_WARPS = 2
+STABILITY_WARPS_MIN_ITEMS = 2
 NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipeline), else 2
 # Work items per SM that the split heuristic aims for: PROGRAMS_PER_SM, or
-# STABILITY_PROGRAMS_PER_SM in mode stability with more than FEW_ROWS rows at head_dim > 64
-# (its 2-warp programs up to head_dim 128, STABILITY_WARPS). For `off`, 2 against 8 swept on an
+# STABILITY_PROGRAMS_PER_SM in mode stability (above). For `off`, 2 against 8 swept on an
 # H100 and an H200 (32/8/128, batch 16-128, 4K-32K): 2 was 8-10% faster at batch 16 / 4K, 3.5%
-# at batch 64 / 4K and within 0.7% elsewhere; stability at 2 took 1.25-1.28x its time at 8 at
-# batch 16 (benchmarks/NOTES.md v24; 2 had won at batch 1-4 before, v8, v12). In modes mass
+# at batch 64 / 4K and within 0.7% elsewhere (benchmarks/NOTES.md v24; 2 had won at batch 1-4
+# before, v8, v12). In modes mass
 # and bound a chunk judges its own unread share, and the chunks after a row's first hold
 # little of its mass, so they read nearly all of it (Llama-3-8B shape at batch 64 on real
 # attention: mass read 84% / 40% of two layers' pages split in 2, 68% / 11% whole; v13).
 PROGRAMS_PER_SM = 2
-STABILITY_PROGRAMS_PER_SM = 8
-FEW_ROWS = 32
+STABILITY_PROGRAMS_PER_SM = 4
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256: 64 tokens)
 # Blocks per pass of the termination loop (a `for` loop the compiler may pipeline, inside
@@ -256,7 +259,7 @@ class BatchARTDecodeWrapper:
         else:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
         self._selection = selection
-        parallel_programs = self._parallel_programs(device, termination, head_dim, (kv_indptr.numel() - 1) * num_kv_heads)
+        parallel_programs = self._parallel_programs(device, termination)
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
             termination, float(sm_scale), selection, chunk_pages, parallel_programs, tile_tokens(head_dim),
@@ -288,18 +291,17 @@ class BatchARTDecodeWrapper:
         return PageSelection(layout.indptr, policy.select(ctx, layout))
 
     @staticmethod
-    def _parallel_programs(device: torch.device, termination: TerminationConfig, head_dim: int, num_rows: int) -> int:
-        """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU (mode stability
-        with many rows at head_dim > 64: ``STABILITY_PROGRAMS_PER_SM``), none on a CPU.
+    def _parallel_programs(device: torch.device, termination: TerminationConfig) -> int:
+        """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU
+        (``STABILITY_PROGRAMS_PER_SM`` in mode stability), none on a CPU.
 
-        It depends on the device, the mode and the batch's shape only, so both backends plan
-        the same chunks (and so give the same results) on the same device.
+        It depends on the device and the mode only, so both backends plan the same chunks
+        (and so give the same results) on the same device.
         """
         if device.type != "cuda":
             return 1
-        many_stability = termination.mode == "stability" and head_dim > 64 and num_rows > FEW_ROWS
-        return ((STABILITY_PROGRAMS_PER_SM if many_stability else PROGRAMS_PER_SM)
-                * torch.cuda.get_device_properties(device).multi_processor_count)
+        per_sm = STABILITY_PROGRAMS_PER_SM if termination.mode == "stability" else PROGRAMS_PER_SM
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
     def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
         # Mode mass's check reads the plain mean of the values from one query row of zeros.
@@ -596,7 +598,7 @@ class BatchARTDecodeWrapper:
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
             DOT_IN_INPUT_DTYPE=dot_in_input_dtype, PAGE_MASS=self._record_page_mass, PASS_BLOCKS=PASS_BLOCKS,
             SPECULATE=plan.head_dim <= SPECULATE_MAX_HEAD_DIM,
-            num_warps=self._num_warps(plan), num_stages=self._num_stages(plan, block_n, k_cache.element_size()),
+            num_warps=self._num_warps(plan, q.device), num_stages=self._num_stages(plan, block_n, k_cache.element_size()),
         )
         if plan.split:
             art_merge_kernel[(plan.num_rows, plan.group_size)](
@@ -608,11 +610,13 @@ class BatchARTDecodeWrapper:
             final_out.copy_(out)
 
     @staticmethod
-    def _num_warps(plan: DecodePlan) -> int:
+    def _num_warps(plan: DecodePlan, device: torch.device) -> int:
         if NUM_WARPS is not None:
             return NUM_WARPS
-        many_rows = plan.num_rows > FEW_ROWS
-        return STABILITY_WARPS if plan.termination.mode == "stability" and plan.head_dim <= 128 and many_rows else 4
+        if plan.termination.mode != "stability" or plan.head_dim > 128 or device.type != "cuda":
+            return 4
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return STABILITY_WARPS if plan.num_work >= STABILITY_WARPS_MIN_ITEMS * sms else 4
 
     @staticmethod
     def _num_stages(plan: DecodePlan, block_n: int, element_size: int) -> int:

@@ -196,7 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--programs-per-sm", nargs="+", type=int, default=None, metavar="N",
-        help="split heuristic targets to try: work items per SM (default: art_runtime's)",
+        help="split heuristic targets to try: work items per SM, for every mode (default: art_runtime's, "
+             "which depends on the mode)",
     )
     parser.add_argument(
         "--off-block-tokens", nargs="+", type=int, default=None, metavar="TOKENS",
@@ -219,7 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.launch = [tuple(int(x) for x in text.split("/")) for text in args.launch]
     from art_runtime import decode as art_decode
 
-    args.programs_per_sm = args.programs_per_sm or [art_decode.PROGRAMS_PER_SM]
+    args.programs_per_sm = args.programs_per_sm or [0]  # 0: art_runtime's own choice
     args.off_block_tokens = args.off_block_tokens or [art_decode.OFF_BLOCK_TOKENS]
     # One kernel configuration: (warps, stages, programs per SM, off tile tokens).
     args.configs = list(itertools.product(args.launch, args.programs_per_sm, args.off_block_tokens))
@@ -266,9 +267,12 @@ def benchmark_row(
     nbytes = bytes_moved(shape, batch, kv_len)
     floor_us = nbytes / (copy_tbps * 1e12) * 1e6
     rows = []
+    own_programs_per_sm = (art_decode.PROGRAMS_PER_SM, art_decode.STABILITY_PROGRAMS_PER_SM)
     for mode, ((num_warps, num_stages), programs_per_sm, off_tokens) in itertools.product(modes, configs):
         art_decode.NUM_WARPS, art_decode.NUM_STAGES = num_warps or None, num_stages or None
-        art_decode.PROGRAMS_PER_SM, art_decode.OFF_BLOCK_TOKENS = programs_per_sm, off_tokens
+        art_decode.PROGRAMS_PER_SM = programs_per_sm or own_programs_per_sm[0]
+        art_decode.STABILITY_PROGRAMS_PER_SM = programs_per_sm or own_programs_per_sm[1]
+        art_decode.OFF_BLOCK_TOKENS = off_tokens
         art = BatchARTDecodeWrapper(kv_layout="NHD", backend="triton")
         art.plan(*page_table, *layer, termination=TerminationConfig(mode=mode))
         run_art = functools.partial(
@@ -305,6 +309,7 @@ def benchmark_row(
             "max_relative_error": max_relative_error(art_out, flashinfer_out),
             "flashinfer_backend": getattr(flashinfer_wrapper, "resolved_backend", None),
         })
+    art_decode.PROGRAMS_PER_SM, art_decode.STABILITY_PROGRAMS_PER_SM = own_programs_per_sm
     return rows
 
 
