@@ -183,12 +183,17 @@ def art_decode_kernel(
                 next_pos = block_pos + BLOCK_PAGES
                 rest = next_pos < end  # the criterion only means something while pages remain
                 # o_t = acc / l is never divided out: |o_t| = |acc| / l, and o_t points where acc
-                # does (the cosine is scale-free), so each check costs two row reductions.
-                acc_norm = tl.sqrt(tl.sum(acc * acc, 1))
+                # does (the cosine is scale-free), so each check costs two row reductions, done
+                # as one (one exchange across the warps instead of two).
+                if MODE == 1:
+                    acc_sq, acc_dot = tl.reduce((acc * acc, acc * prev_acc), 1, _add_pair)
+                    acc_norm = tl.sqrt(acc_sq)
+                else:
+                    acc_norm = tl.sqrt(tl.sum(acc * acc, 1))
                 o_norm = acc_norm / l_i
                 if MODE == 1:
                     mag_change = tl.abs(o_norm - prev_norm) / tl.maximum(o_norm, 1e-30)
-                    dir_change = 1.0 - tl.sum(acc * prev_acc, 1) / tl.maximum(acc_norm * prev_acc_norm, 1e-30)
+                    dir_change = 1.0 - acc_dot / tl.maximum(acc_norm * prev_acc_norm, 1e-30)
                     calm = (mag_change < tau_mag) & (dir_change < tau_dir) & (block > first_block)
                     streak = tl.where(live, tl.where(calm, streak + 1, 0), streak)
                     head_ok = streak >= patience
