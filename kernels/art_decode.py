@@ -172,9 +172,9 @@ def art_decode_kernel(
         pull_sq = tl.full([GROUP_PAD], float("inf"), tl.float32)  # mode mass: the last measured
         o_sq = tl.zeros([GROUP_PAD], tl.float32)  # |o_t - mean|^2 and |o_t|^2 (none yet: no stop)
         if MODE >= 2:
-            # The check's terms for the block after the next are loaded while this block is read:
-            # loaded where they are used, each check waited on a global round trip (mode mass
-            # at 14/2/64 took 1.57x the time of `off` on an H200, NOTES v28).
+            # Each check's terms are loaded one block ahead, while the block before the check is
+            # read: loaded where they were used, every check waited on a global round trip (mode
+            # mass at 14/2/64 took 1.57x the time of `off` on an H200, NOTES v28).
             next_log2w, next_log2w_low, next_log2wv, next_vrest = _rest_terms(
                 bound_log2w_ptr, bound_vrest_ptr, bound_log2w_low_ptr, bound_log2wv_ptr, pos + BLOCK_PAGES, end,
                 g, g_ok, GROUP_PAD, MODE)
