@@ -14,6 +14,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from art_runtime.decode import MERGE_TILE_ELEMENTS  # noqa: E402
 from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  # noqa: E402
 from art_runtime.kernels.h2o_state import h2o_observe_kernel, h2o_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_bounds import (block_mass_estimate_kernel, block_suffix_kernel,  # noqa: E402
@@ -114,7 +115,7 @@ def main():
             count += 1
         if split and mode == 0:
             compile_kernel(art_merge_kernel, dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
-                                                  CHUNKS=4096 // dim),
+                                                  CHUNKS=MERGE_TILE_ELEMENTS // dim),
                            dict(int_ptrs, out_ptr=dtype))
             count += 1
     for dtype, page, dim in [("bf16", 1, 64), ("fp16", 3, 128), ("fp32", 16, 256), ("bf16", 64, 128)]:
