@@ -17,6 +17,9 @@ from .backend import triton_runs_on
 SINK_SCORE = float("inf")
 CURRENT_SCORE = torch.finfo(torch.float32).max
 TOP_POLICY_SCORE = 3.4028232635611926e38  # the float32 below CURRENT_SCORE: policies' scores are clamped to it
+# The selection kernel ranks at most this many pages in the kept-th page's value bin among
+# themselves; a row with more takes its exact radix select.
+SELECTION_EDGE = 64
 
 
 @dataclass
@@ -140,13 +143,15 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
             width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
             physical = (pages, pages, pages, pages) if out is None else (
                 ctx.kv_indices, ctx.kv_last_page_len, out.phys, out.tokens)
-            # The radix select compacts the kept keys through this scratch; a keep-all row sorts in registers.
-            keys = pages if layout.keeps_all else torch.empty(nnz, dtype=torch.int64, device=scores.device)
+            kept_pow2 = width_pow2 if layout.keeps_all else max(16, 1 << (layout.kept - 1).bit_length())
+            # A row's kept pages and its edge bin are compacted through this scratch; a keep-all
+            # row sorts in registers.
+            keys = pages if layout.keeps_all else torch.empty(scores.shape[0] * (kept_pow2 + SELECTION_EDGE),
+                                                               dtype=torch.int64, device=scores.device)
             select_top_pages_kernel[(scores.shape[0],)](
                 scores, ctx.kv_indptr, layout.indptr, keys, pages,
                 *physical, scores.stride(0), ctx.page_size, NUM_KV_HEADS=ctx.num_kv_heads, WIDTH_POW2=width_pow2,
-                KEPT_POW2=width_pow2 if layout.keeps_all else max(16, 1 << (layout.kept - 1).bit_length()),
-                KEEP_ALL=layout.keeps_all, PHYSICAL=out is not None,
+                KEPT_POW2=kept_pow2, EDGE=SELECTION_EDGE, KEEP_ALL=layout.keeps_all, PHYSICAL=out is not None,
                 num_warps=min(16, max(4, width_pow2 // 256)),  # 8 keys a thread at most, to stay in registers
             )
         return pages

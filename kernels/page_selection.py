@@ -1,19 +1,27 @@
 """Triton kernel: a policy's scores to its ordered page selection, one program per row.
 
-One program per (request, KV head) row. It loads the row's page scores, forces the sink page
-(0) first and the current page (the request's last) second, and finds the row's ``kept``-th
-largest score exactly by a radix select on the scores' 32-bit order keys (four rounds of a
-256-bin histogram over the row, in registers, in unsigned 32-bit arithmetic). The pages above
-that threshold, and as many tied with it as fit (the lower positions first), are compacted
-into the selection, and only those ``kept`` entries are sorted (score order, ties to the
-lower position); when every row keeps all its pages (``KEEP_ALL``, a dense order) the row is
-sorted as it is, with no threshold to find. With ``PHYSICAL`` it also writes each entry's physical page id and token
-count, so that a per-layer selection fills the decode plan's visit arrays in this one launch
-(the dozen gathers that did it in torch cost about as much as the selection itself). Sorting the kept pages instead of the whole row is what makes this cheap
-next to the scoring pass that reads every page's key box: a top-k over the row costs as much
-as that pass. (Selecting in the scoring kernel's last program of each row instead, to save
-the launch, measured slower: the selection's registers cost the scoring its occupancy;
-benchmarks/NOTES.md p5.)
+One program per (request, KV head) row. It loads the row's page scores and forces the sink
+page (0) first and the current page (the request's last) second. The other pages are
+narrowed down to the edge, the pages that hold the kept-th highest: a first round of a
+256-bin histogram between the row's lowest and highest score (scores are dense in value, so
+the edge is a handful of pages: every page in a higher bin is kept), then, while the edge is
+crowded (more than ``EDGE`` pages: ties, or one far outlier that stretched the bins), rounds
+over the scores' 32-bit order keys, each cutting the edge's key span by 2^7 at least. The
+edge is ranked among itself by pairwise comparison (or, when all its keys are equal, in
+position order), the kept pages are compacted through a scratch row, and only those are
+sorted (score order, ties to the lower position). This replaced an exact radix select of
+four fixed rounds: each round is a chain of block-wide reductions (~1.5 µs of latency a row
+on an H100), and one round usually suffices (benchmarks/NOTES.md p12). When every row keeps
+all its pages (``KEEP_ALL``, a dense order) the row is sorted as it is. With ``PHYSICAL`` it
+also writes each entry's physical page id and token count, so that a per-layer selection
+fills the decode plan's visit arrays in this one launch (the dozen gathers that did it in
+torch cost about as much as the selection itself). Sorting the kept pages instead of the
+whole row is what makes this cheap next to the scoring pass that reads every page's key
+box: a top-k over the row costs as much as that pass. (Selecting in the scoring kernel's last
+program of each row instead, to save the launch, measured slower: the selection's registers
+cost the scoring its occupancy; benchmarks/NOTES.md p5.) Registers matter here too: the
+64-bit keys are built only where they are stored, which keeps the kernel at 126 registers,
+two programs an SM at 8 warps (built before the narrowing, 150-171).
 """
 
 import triton
@@ -21,19 +29,45 @@ import triton.language as tl
 
 
 @triton.jit
+def _unique_key(ordered, pos, WIDTH_POW2: tl.constexpr):
+    """64-bit keys in the order of the 32-bit order keys, ties to the lower position first."""
+    return (ordered.to(tl.int64) << 32) | (WIDTH_POW2 - 1 - pos).to(tl.int64)
+
+
+@triton.jit
+def _min_max(low_a, high_a, low_b, high_b):
+    return tl.minimum(low_a, low_b), tl.maximum(high_a, high_b)
+
+
+@triton.jit
+def _narrow(bin, sure, edge, need):
+    """One round: of the ``edge`` pages (``bin`` in 0..255, monotone in their order), find the
+    bin of the ``need``-th highest; the pages above it become ``sure``, those in it the new edge.
+    Returns ``(sure, edge, need, edge count)``."""
+    hist = tl.histogram(tl.where(edge, bin, 0), 256, mask=edge)
+    at_least = tl.cumsum(hist, 0, reverse=True)  # edge pages in this bin or above
+    bins = tl.arange(0, 256).to(tl.int64)
+    # The bin, the pages above it and in it, packed so that one max finds all three.
+    best = tl.max(tl.where(at_least >= need, (bins << 40) | ((at_least - hist).to(tl.int64) << 20) | hist, -1), 0)
+    edge_bin = (best >> 40).to(tl.int32)
+    return (sure | (edge & (bin > edge_bin)), edge & (bin == edge_bin), need - ((best >> 20) & 0xFFFFF).to(tl.int32),
+            (best & 0xFFFFF).to(tl.int32))
+
+
+@triton.jit
 def select_top_pages_kernel(
     scores_ptr,        # [R, width] fp32, higher is kept and visited first
     kv_indptr_ptr,     # [B + 1] int32 page-table row pointers
     sel_indptr_ptr,    # [R + 1] int32 selection row pointers (kept pages per row)
-    keys_ptr,          # scratch: [nnz] int64
+    keys_ptr,          # scratch: [R, KEPT_POW2 + EDGE] int64
     pages_ptr,         # out: [nnz] int32 logical pages in visit order
     kv_indices_ptr,    # [pages in table] int32 physical page ids (read with PHYSICAL)
     kv_last_page_len_ptr,  # [B] int32 tokens in each request's last page (read with PHYSICAL)
     phys_ptr,          # out (PHYSICAL): [nnz] int32 physical page of each entry
     tokens_ptr,        # out (PHYSICAL): [nnz] int32 tokens of each entry's page
     stride_sr, page_size,
-    NUM_KV_HEADS: tl.constexpr, WIDTH_POW2: tl.constexpr, KEPT_POW2: tl.constexpr, KEEP_ALL: tl.constexpr,
-    PHYSICAL: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, WIDTH_POW2: tl.constexpr, KEPT_POW2: tl.constexpr, EDGE: tl.constexpr,
+    KEEP_ALL: tl.constexpr, PHYSICAL: tl.constexpr,
 ):
     row = tl.program_id(0)
     request = row // NUM_KV_HEADS
@@ -43,47 +77,56 @@ def select_top_pages_kernel(
     kept = tl.load(sel_indptr_ptr + row + 1) - start
     pos = tl.arange(0, WIDTH_POW2)
     present = pos < num_pages
+    forced = present & ((pos == 0) | (pos == num_pages - 1))
     score = tl.load(scores_ptr + row * stride_sr + pos, mask=present, other=float("-inf"))
     score = tl.minimum(score, 3.4028232635611926e38)  # below the forced pages' scores, even +inf
-    score = tl.where(pos == num_pages - 1, 3.4028234663852886e38, score)  # the current page: second
-    score = tl.where(pos == 0, float("inf"), score)  # the sink: first
-    bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(pos == num_pages - 1, 3.4028234663852886e38, score)  # the current page: second
+    bits = tl.where(pos == 0, float("inf"), bits).to(tl.int32, bitcast=True)  # the sink: first
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 order = float order
-    unique_key = (ordered.to(tl.int64) << 32) | (WIDTH_POW2 - 1 - pos).to(tl.int64)  # ties: the lower position first
     k = tl.arange(0, KEPT_POW2)
     if KEEP_ALL:  # KEPT_POW2 == WIDTH_POW2: the whole row, in registers
-        chosen = tl.sort(tl.where(present, unique_key, -9223372036854775808), descending=True)
+        chosen = tl.sort(tl.where(present, _unique_key(ordered, pos, WIDTH_POW2), -9223372036854775808),
+                         descending=True)
     else:
-        # Radix select: the kept-th largest key, one byte per round from the top. Per round
-        # one histogram, one suffix sum and one max: the max packs (digit, keys above it) so
-        # that a single reduction finds both.
-        key = (ordered ^ -2147483648).to(tl.uint32, bitcast=True)  # the same order, unsigned: radix digits
-        threshold = tl.zeros([], dtype=tl.uint32)
-        remaining = kept  # how many of the keys matching the threshold so far are still to take
-        bins = tl.arange(0, 256)
-        for shift in tl.static_range(24, -8, -8):
-            if shift == 24:
-                match = present
-            else:
-                match = present & ((key >> (shift + 8)) == (threshold >> (shift + 8)))
-            hist = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
-            at_least = tl.cumsum(hist, 0, reverse=True)  # matching keys with this byte >= bin
-            best = tl.max(tl.where(at_least >= remaining, (bins << 20) | (at_least - hist), -1), 0)
-            remaining -= best & 0xFFFFF
-            threshold = threshold | ((best >> 20).to(tl.uint32) << shift)
-
-        # Keep the keys above the threshold and the first `remaining` equal to it, compacted:
-        # one scan counts both (above: high word, equal: low word).
-        above = present & (key > threshold)
-        equal = present & (key == threshold)
-        counts = tl.cumsum((above.to(tl.int64) << 32) | equal.to(tl.int64), 0)
-        equal_rank = (counts & 0xFFFFFFFF).to(tl.int32)
-        take = above | (equal & (equal_rank <= remaining))
-        slot = (counts >> 32).to(tl.int32) + tl.minimum(equal_rank, remaining) - 1
-        tl.store(keys_ptr + start + slot, unique_key, mask=take)
-        tl.debug_barrier()  # the block's stores above are visible to its loads below
-        chosen = tl.load(keys_ptr + start + k, mask=k < kept, other=-9223372036854775808)
-        chosen = tl.sort(chosen, descending=True)
+        # Narrow the pages that are not forced down to an edge of at most EDGE pages that holds
+        # the kept-th: a first round of 256 equal bins between the lowest and the highest score
+        # (scores are dense in value, so the edge is small), then rounds over the order keys
+        # while it is crowded (ties, or one far outlier that stretched the bins).
+        candidate = present & ~forced
+        wanted = kept - tl.sum(forced.to(tl.int32), 0)  # pages to choose besides the forced ones
+        low, high = tl.reduce((tl.where(candidate, score, float("inf")), tl.where(candidate, score, float("-inf"))),
+                              0, _min_max)
+        span = high - low
+        spread = (span > 0) & (span < float("inf"))  # else (one value, or infinite scores) every page in bin 0
+        offset = tl.where(spread, tl.where(candidate, score - low, 0.0), 0.0)
+        bin = tl.minimum((offset * (256.0 / tl.where(spread, span, 1.0))).to(tl.int32), 255)
+        sure, edge, need, num_edge = _narrow(bin, forced, candidate & (wanted > 0), wanted)
+        key = (ordered ^ -2147483648).to(tl.uint32, bitcast=True)  # the same order, unsigned
+        low_key, high_key = tl.reduce((tl.where(edge, key, 0xFFFFFFFF), tl.where(edge, key, 0)), 0, _min_max)
+        while (num_edge > EDGE) & (low_key < high_key):  # each round cuts the key span by 2^7 at least
+            span_bits = ((high_key - low_key).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 126  # >= its bit length
+            bin = tl.minimum(((key - low_key) >> tl.maximum(span_bits - 8, 0)).to(tl.int32), 255)
+            sure, edge, need, num_edge = _narrow(bin, sure, edge, need)
+            low_key, high_key = tl.reduce((tl.where(edge, key, 0xFFFFFFFF), tl.where(edge, key, 0)), 0, _min_max)
+        # Compact: the sure pages into the row's first slots, and of the edge the `need` highest:
+        # ranked among themselves by pairwise comparison, or, when all its keys are equal, in
+        # position order (one scan counts both sets: sure in the high word, edge in the low).
+        unique_key = _unique_key(ordered, pos, WIDTH_POW2)
+        counts = tl.cumsum((sure.to(tl.int64) << 32) | edge.to(tl.int64), 0)
+        edge_rank = (counts & 0xFFFFFFFF).to(tl.int32)  # 1-based, in position order
+        row_keys = keys_ptr + row * (KEPT_POW2 + EDGE)
+        tl.store(row_keys + (counts >> 32) - 1, unique_key, mask=sure)
+        if num_edge <= EDGE:
+            tl.store(row_keys + KEPT_POW2 + edge_rank - 1, unique_key, mask=edge)
+            tl.debug_barrier()  # the block's stores above are visible to its loads below
+            e = tl.arange(0, EDGE)
+            edge_key = tl.load(row_keys + KEPT_POW2 + e, mask=e < num_edge, other=-9223372036854775808)
+            rank = tl.sum((edge_key[None, :] > edge_key[:, None]).to(tl.int32), 1)  # edge keys above it
+            tl.store(row_keys + kept - need + rank, edge_key, mask=(e < num_edge) & (rank < need))
+        else:
+            tl.store(row_keys + kept - need + edge_rank - 1, unique_key, mask=edge & (edge_rank <= need))
+        tl.debug_barrier()
+        chosen = tl.sort(tl.load(row_keys + k, mask=k < kept, other=-9223372036854775808), descending=True)
     page = (WIDTH_POW2 - 1 - (chosen & 0xFFFFFFFF)).to(tl.int32)
     tl.store(pages_ptr + start + k, page, mask=k < kept)
     if PHYSICAL:

@@ -24,6 +24,7 @@ from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noq
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
 from art_runtime.plan import group_tile  # noqa: E402
+from art_runtime.selection import SELECTION_EDGE  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "sm_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale", "log2_slack", "log2_cut_share",
@@ -125,9 +126,10 @@ def main():
         count += 1
     for width_pow2, physical, keep_all in ((16, False, False), (2048, True, False), (8192, False, False),
                                            (8192, True, False), (16, True, True), (2048, True, True), (8192, False, True)):
-        compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=width_pow2,
-                                                    KEPT_POW2=width_pow2 if keep_all else max(16, width_pow2 // 16),
-                                                    KEEP_ALL=keep_all, PHYSICAL=physical),
+        kept_pow2 = width_pow2 if keep_all else max(16, width_pow2 // 16)
+        compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2,
+                                                    EDGE=SELECTION_EDGE, KEEP_ALL=keep_all,
+                                                    PHYSICAL=physical),
                        dict(int_ptrs, keys_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
     for paged in (False, True):  # state per request slot, or per physical page (SGLang: kv_indptr stands in)

@@ -122,17 +122,33 @@ def test_selection_writes_a_plans_visit_buffers(kernel, device):
                               out=selection.VisitBuffers(out.pages[:nnz - 1], out.phys, out.tokens))
 
 
-@pytest.mark.parametrize("values, budget", [(1000, 7), (2, 7), (2, 600), (1, 1000)],
-                         ids=["spread", "ties-fallback", "ties-large-budget", "all-equal-dense"])
-def test_selection_kernel_wide_rows(values, budget, device):
-    """Rows of 1000 pages with spread scores, many ties, a large budget and all scores equal."""
+@pytest.mark.parametrize("kind, budget", [("spread", 7), ("ties", 7), ("ties", 600), ("equal", 1000),
+                                          ("normal", 100), ("outlier", 100), ("infinite", 100)],
+                         ids=["spread", "ties-by-position", "ties-large-budget", "all-equal-dense", "normal",
+                              "outlier-key-rounds", "infinite-key-rounds"])
+def test_selection_kernel_wide_rows(kind, budget, device):
+    """Rows of 1000 pages: spread integer scores and continuous scores, where the kernel's one
+    round over 256 value bins leaves an edge of a few pages, ranked pairwise; many ties (an
+    edge of equal keys, taken in position order), a large budget, all scores equal (a keep-all
+    row); one outlier per row, or -inf and +inf scores, which crowd one value bin (or make the
+    span infinite), so that the kernel narrows the edge by rounds over the order keys."""
     from art_runtime import selection
 
-    case = make_case([16 * 1000 - 3, 16 * 900], 4, 2, 16, 16, device=device, seed=values)
+    case = make_case([16 * 1000 - 3, 16 * 900], 4, 2, 16, 16, device=device, seed=len(kind))
     ctx = context(case)
     layout = QuestPolicy(budget=budget).layout(ctx)
     gen = torch.Generator().manual_seed(budget)
-    scores = torch.randint(0, values, (ctx.num_rows, layout.width), generator=gen).float().to(case.q.device)
+    shape = (ctx.num_rows, layout.width)
+    if kind in ("spread", "ties", "equal"):
+        scores = torch.randint(0, {"spread": 1000, "ties": 2, "equal": 1}[kind], shape, generator=gen).float()
+    else:
+        scores = torch.randn(shape, generator=gen)
+        if kind == "outlier":
+            scores[:, 500] = 1e30
+        if kind == "infinite":
+            scores[:, 7::50] = float("-inf")
+            scores[1, 9] = float("inf")
+    scores = scores.to(case.q.device)
     kernel = selection.order_pages(scores, ctx, layout, kernel=True)
     assert torch.equal(kernel, selection.order_pages(scores, ctx, layout, kernel=False))
 
