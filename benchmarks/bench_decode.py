@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from common import (
     COPY_BUFFER_BYTES,
+    WARMUP_REPLAYS,
     L2Flusher,
     as_cuda_graph,
     copy_bandwidth_tbps,
@@ -43,7 +44,6 @@ DEFAULT_ITERS = 100
 QUICK_BATCHES = [1, 16]
 QUICK_KV_LENS = [4096]
 QUICK_ITERS = 10
-WARMUP_ITERS = 10
 PAGE_SIZE = 16
 DTYPE = torch.bfloat16
 MAX_CACHE_FRACTION_OF_FREE = 0.4
@@ -256,18 +256,14 @@ def benchmark_row(
     run_flashinfer = functools.partial(flashinfer_wrapper.run, inputs.q, inputs.paged_kv_cache)
     flashinfer_out = run_flashinfer()
     replay_flashinfer, flashinfer_graph = as_cuda_graph(run_flashinfer)
-    flashinfer_us = median_time_us(replay_flashinfer, iters, WARMUP_ITERS, flush_l2)
+    flashinfer_us = median_time_us(replay_flashinfer, iters, flush_l2)
 
     nbytes = bytes_moved(shape, batch, kv_len)
     floor_us = nbytes / (copy_tbps * 1e12) * 1e6
     rows = []
     own_programs_per_sm = (art_decode.PROGRAMS_PER_SM, art_decode.STABILITY_PROGRAMS_PER_SM)
-    # Modes without page metadata are timed before it is built: in runs that built it first,
-    # `off` took 8-19% longer on the same code (H100 and H200; FlashInfer, timed before it, did
-    # not move; cause not found: benchmarks/results/check_prefetch_2026-11-27/README.md).
     page_meta = None
-    timing_order = sorted(modes, key=lambda mode: mode in MODES_NEEDING_PAGE_METADATA)
-    for mode, ((num_warps, num_stages), programs_per_sm, off_tokens) in itertools.product(timing_order, configs):
+    for mode, ((num_warps, num_stages), programs_per_sm, off_tokens) in itertools.product(modes, configs):
         if mode in MODES_NEEDING_PAGE_METADATA and page_meta is None:
             from art_runtime import PageMetadata
 
@@ -285,7 +281,7 @@ def benchmark_row(
         art_out = run_art()
         stats = art.last_stats
         replay_art, art_graph = as_cuda_graph(run_art)
-        art_us = median_time_us(replay_art, iters, WARMUP_ITERS, flush_l2)
+        art_us = median_time_us(replay_art, iters, flush_l2)
         rows.append({
             "shape": str(shape),
             "num_qo_heads": shape.num_qo_heads,
@@ -313,7 +309,7 @@ def benchmark_row(
             "flashinfer_backend": getattr(flashinfer_wrapper, "resolved_backend", None),
         })
     art_decode.PROGRAMS_PER_SM, art_decode.STABILITY_PROGRAMS_PER_SM = own_programs_per_sm
-    return sorted(rows, key=lambda row: modes.index(row["mode"]))  # stable: configs keep their order
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python3", *sys.argv])
     timing = (f"median of {args.iters} CUDA-graph replays (one decode call each, GPU time "
               f"without Python launch overhead, for ART and FlashInfer alike) after "
-              f"{WARMUP_ITERS} warm-up replays, each timed alone with CUDA events, L2 flushed "
+              f"{WARMUP_REPLAYS} warm-up replays, each timed alone with CUDA events, L2 flushed "
               f"before every replay by reading a {flush_l2.nbytes >> 20} MiB buffer")
     markdown = "\n".join([
         f"# Paged decode: ART vs FlashInfer on {device['name']}",

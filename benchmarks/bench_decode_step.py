@@ -271,7 +271,7 @@ def main(argv=None) -> int:
         device, info = "cuda", device_info()
         versions = {key: info.pop(key) for key in ("python", "torch", "cuda", "triton")}
         copy_tbps, flush_l2 = copy_bandwidth_tbps(), L2Flusher()
-        timer = lambda fn: median_time_us(as_cuda_graph(fn)[0], args.iters, 5, flush_l2)  # noqa: E731
+        timer = lambda fn: median_time_us(as_cuda_graph(fn)[0], args.iters, flush_l2)  # noqa: E731
         timing = (f"median of {args.iters} CUDA-graph replays after 5 warm-up replays, each timed alone with CUDA "
                   f"events, L2 flushed before each by reading a {flush_l2.nbytes >> 20} MiB buffer")
         if not args.no_flashinfer:

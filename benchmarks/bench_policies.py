@@ -101,7 +101,7 @@ def main(argv=None):
         for kv_len in args.kv_lens:
             q, cache, table, meta = build(batch, kv_len)
             fi.plan(*table, hq, hk, dim, PAGE_SIZE, q_data_type=DTYPE, kv_data_type=DTYPE)
-            fi_us = median_time_us(as_cuda_graph(lambda: fi.run(q, cache))[0], args.iters, 5, flush)
+            fi_us = median_time_us(as_cuda_graph(lambda: fi.run(q, cache))[0], args.iters, flush)
             ids = [f"r{b}" for b in range(batch)]
             off_us = {}
             for label in tqdm(args.policies, desc=f"batch {batch} kv {kv_len}"):
@@ -111,7 +111,7 @@ def main(argv=None):
                     wrapper.plan(*table, hq, hk, dim, PAGE_SIZE, termination=termination, policy=policy,
                                  request_ids=ids)
                     replay, graphed = as_cuda_graph(lambda: wrapper.run(q, cache, page_meta=meta))
-                    us = median_time_us(replay, args.iters, 5, flush)
+                    us = median_time_us(replay, args.iters, flush)
                     stats = wrapper.last_stats
                     off_us.setdefault(label, us)
                     rows.append(dict(batch=batch, kv_len=kv_len, policy=label, mode=mode, us=us, flashinfer_us=fi_us,
@@ -123,21 +123,21 @@ def main(argv=None):
             policy = make_policy("quest", q, cache, table, batch, kv_len)
             ctx = PolicyContext(*table, hq, hk, PAGE_SIZE, ids)
             layout = policy.layout(ctx)
-            select_us = median_time_us(as_cuda_graph(lambda: policy.select(ctx, layout, 0, q, meta))[0], args.iters, 5, flush)
+            select_us = median_time_us(as_cuda_graph(lambda: policy.select(ctx, layout, 0, q, meta))[0], args.iters, flush)
             scores = quest_page_scores(ctx, q, meta, layout.width)
             scoring_us = median_time_us(as_cuda_graph(lambda: quest_page_scores(ctx, q, meta, layout.width))[0],
-                                        args.iters, 5, flush)
+                                        args.iters, flush)
             ordering_us = median_time_us(as_cuda_graph(lambda: order_pages(scores, ctx, layout))[0],
-                                         args.iters, 5, flush)
+                                         args.iters, flush)
             fixed = BatchARTDecodeWrapper(backend="triton")
             fixed.plan(*table, hq, hk, dim, PAGE_SIZE, termination=modes["off"],
                        selection=PageSelection(layout.indptr, order_pages(scores, ctx, layout)))
-            fixed_us = median_time_us(as_cuda_graph(lambda: fixed.run(q, cache))[0], args.iters, 5, flush)
+            fixed_us = median_time_us(as_cuda_graph(lambda: fixed.run(q, cache))[0], args.iters, flush)
             in_step_us = off_us["quest"] - fixed_us if "quest" in off_us else float("nan")
             box_bytes = ctx.num_rows * layout.width * meta.key_box_bytes_per_page()
             dense = BatchARTDecodeWrapper(backend="triton")
             dense.plan(*table, hq, hk, dim, PAGE_SIZE, termination=modes["off"])
-            dense_off = median_time_us(as_cuda_graph(lambda: dense.run(q, cache))[0], args.iters, 5, flush)
+            dense_off = median_time_us(as_cuda_graph(lambda: dense.run(q, cache))[0], args.iters, flush)
             scoring.append(dict(batch=batch, kv_len=kv_len, quest_select_us=select_us, dense_decode_us=dense_off,
                                 fraction=select_us / dense_off, scoring_us=scoring_us, ordering_us=ordering_us,
                                 box_bytes=box_bytes, scoring_floor_us=box_bytes / copy_tbps / 1e6,

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         versions = {key: info.pop(key) for key in ("python", "torch", "cuda", "triton")}
         versions["flashinfer"] = flashinfer.__version__
         copy_tbps, flush_l2 = copy_bandwidth_tbps(), L2Flusher()
-        timer = lambda fn: median_time_us(as_cuda_graph(fn)[0], args.iters, 10, flush_l2)  # noqa: E731
+        timer = lambda fn: median_time_us(as_cuda_graph(fn)[0], args.iters, flush_l2)  # noqa: E731
         flashinfer_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda"), "NHD", use_tensor_cores=True)
         timing = (f"median of {args.iters} CUDA-graph replays after 10 warm-up replays, each timed alone with CUDA "

@@ -93,8 +93,17 @@ def as_cuda_graph(fn: Callable[[], object]) -> tuple[Callable[[], None], bool]:
     return graph.replay, True
 
 
+# Untimed replays before every timing. The first ~35 replays after PageMetadata.from_cache
+# ran 18% slower on an H100, for ART's graph and (in the policy runs) FlashInfer's alike:
+# timed twice in a row, the same graph measured 3348 then 2822 µs (32/8/128, batch 64 / 32K);
+# 5 s of idle or 2000 L2 flushes in between did not help, replaying it did. Cause not found
+# (benchmarks/NOTES.md p12); with 5-10 warm-up replays it had made FlashInfer look 1.17x slower
+# in policy runs and ART `off` 8-19% slower in decode runs that built metadata first.
+WARMUP_REPLAYS = 50
+
+
 def median_time_us(
-    fn: Callable[[], object], iters: int, warmup: int, flush_l2: Callable[[], None]
+    fn: Callable[[], object], iters: int, flush_l2: Callable[[], None], warmup: int = WARMUP_REPLAYS
 ) -> float:
     """Median GPU time of ``fn`` in microseconds, each call timed alone with CUDA events.
 
@@ -104,10 +113,10 @@ def median_time_us(
         The work to time; launches GPU work on the current stream.
     iters : int
         Number of timed calls.
-    warmup : int
-        Untimed calls made first (compilation, autotuning, allocator warm-up).
     flush_l2 : callable
         Called before every timed call, outside the timed region.
+    warmup : int
+        Untimed calls made first (compilation, autotuning, allocator warm-up; ``WARMUP_REPLAYS``).
 
     Returns
     -------
