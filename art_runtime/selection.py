@@ -18,7 +18,7 @@ SINK_SCORE = float("inf")
 CURRENT_SCORE = torch.finfo(torch.float32).max
 TOP_POLICY_SCORE = 3.4028232635611926e38  # the float32 below CURRENT_SCORE: policies' scores are clamped to it
 # The selection kernel ranks at most this many pages in the kept-th page's value bin among
-# themselves; a row with more takes its exact radix select.
+# themselves; a row with more narrows that bin by rounds over the scores' order keys first.
 SELECTION_EDGE = 64
 
 
@@ -138,7 +138,7 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
 
         pages = torch.empty(nnz, dtype=torch.int32, device=scores.device) if out is None else out.pages
         if nnz:
-            if layout.width > 1 << 20:  # the radix select counts in 20 bits
+            if layout.width > 1 << 20:  # the selection kernel packs page counts in 20 bits
                 raise ValueError(f"a request of {layout.width} pages: the selection kernel takes at most 2^20 pages")
             width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
             physical = (pages, pages, pages, pages) if out is None else (

@@ -73,14 +73,14 @@ def test_quest_scoring_reference(policy, case):
 
 @pytest.mark.parametrize("budget", [2, 7, 1000])
 def test_selection_kernel_equals_torch_ordering(budget, device):
-    """The Triton radix select + sort and the torch sort give the same visit order, ties included."""
+    """The Triton selection kernel and the torch sort give the same visit order, ties included."""
     from art_runtime import selection
 
     case = make_case([300, 5, 161, 33], 8, 2, 64, 16, device=device, seed=5)  # 19, 1, 11 and 3 pages
     ctx = context(case)
     policy = QuestPolicy(budget=budget)
     layout = policy.layout(ctx)
-    assert layout.keeps_all == (budget == 1000)  # the kernel then sorts whole rows, without the radix select
+    assert layout.keeps_all == (budget == 1000)  # the kernel then sorts whole rows, with no kept-th page to find
     gen = torch.Generator().manual_seed(budget)
     scores = torch.randint(-3, 4, (ctx.num_rows, layout.width), generator=gen).float().to(case.q.device)  # many ties
     scores[0, 3] = float("inf")  # a score equal to the sink's still comes after the sink and the current page
