@@ -18,13 +18,10 @@ from .plan import group_tile
 KEY_BOX_SCORES = ("max", "mean", "mass")
 # Pages per program, head-dim slice and pipeline depth of the scoring kernel: the fastest of a
 # sweep on an H100 with bf16 dots (benchmarks/NOTES.md, p5), the tile then doubled with fp16
-# dots (an H200 sweep, p11). The slices are the mass estimate's only: Quest's bound loads whole
-# boxes (p13), at most SCORE_BOX_ELEMENTS box bytes a program (128 pages at D = 128, the
-# measured case; 64 at D = 256 so that the box stays in registers).
+# dots (an H200 sweep, p11).
 SCORE_TILE = 128
 SCORE_BLOCK_D = 64
 SCORE_STAGES = 3
-SCORE_BOX_ELEMENTS = 128 * 256
 
 
 def quest_page_scores(ctx, q: torch.Tensor, page_meta: PageMetadata, width: int, group_reduce: str = "max"):
@@ -86,11 +83,6 @@ def _check(q, page_meta, score, sm_scale):
         raise ValueError(f"score must be one of {KEY_BOX_SCORES}, got {score!r}")
     if score == "mass" and sm_scale is None:
         raise ValueError("sm_scale: the mass estimate needs the softmax scale")
-    key_min, key_max = page_meta.key_min, page_meta.key_max
-    if (key_max.data_ptr() != key_min.data_ptr() + key_min.shape[-1] * key_min.element_size()
-            or key_max.stride() != key_min.stride()):
-        raise ValueError("page_meta: key_max must follow key_min in one [pages, H_kv, 2, D] tensor "
-                         "(PageMetadata.allocate), the scoring kernel reads each box as 2 * D contiguous bytes")
 
 
 def _launch(ctx, q, page_meta, width, score, sm_scale):
@@ -101,13 +93,12 @@ def _launch(ctx, q, page_meta, width, score, sm_scale):
         return scores
     group = ctx.num_qo_heads // ctx.num_kv_heads
     head_dim = q.shape[-1]
-    tile = SCORE_TILE if score == "mass" else min(SCORE_TILE, SCORE_BOX_ELEMENTS // (2 * head_dim))
-    quest_page_scores_kernel[(ctx.num_rows, triton.cdiv(width, tile))](
+    quest_page_scores_kernel[(ctx.num_rows, triton.cdiv(width, SCORE_TILE))](
         q, page_meta.key_min, page_meta.key_max, page_meta.key_scale, ctx.kv_indptr, ctx.kv_indices, scores,
         width, q.stride(0), q.stride(1), page_meta.key_min.stride(0), page_meta.key_min.stride(1),
         page_meta.key_scale.stride(0), 1.0 if sm_scale is None else sm_scale,
         NUM_KV_HEADS=ctx.num_kv_heads, GROUP_SIZE=group, GROUP_PAD=group_tile(group),
-        HEAD_DIM=head_dim, BLOCK_D=min(SCORE_BLOCK_D, head_dim), TILE=tile, REDUCE_MAX=score == "max",
+        HEAD_DIM=head_dim, BLOCK_D=min(SCORE_BLOCK_D, head_dim), TILE=SCORE_TILE, REDUCE_MAX=score == "max",
         ESTIMATE=score == "mass", TENSOR_CORES=tensor_core_dots(q),
         num_warps=4, num_stages=SCORE_STAGES,
     )

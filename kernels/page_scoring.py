@@ -6,22 +6,20 @@ logit over the page's tokens from the page's key box,
 mean); with ``ESTIMATE`` it instead estimates each query head's log-mass of the page from the
 box centre and half-width (``art_runtime.termination``, mode ``mass``) and reduces over the
 group by log-sum-exp (the group's estimated mass). It reads the page's fp8 box (2 * D bytes)
-and its scale, and nothing of K or V.
-
-Quest's bound loads each page's whole box, ``kmin`` then ``kmax`` (2 * D contiguous bytes:
-``PageMetadata`` stores them side by side), in one load and dots it once with ``[q- | q+]``
-(K = 2 * D): gathered in 64-byte slices of ``kmin`` and ``kmax`` the same boxes took 1.3-1.5x
-as long at batch 16-64 on an H100 (benchmarks/NOTES.md p13). The mass estimate still walks
-the head dimension in slices (it pairs ``kmin`` and ``kmax`` elementwise).
+and its scale, and nothing of K or V. The head dimension is walked in slices so that the box
+loads of the next slice are in flight while the tensor cores work on this one (a whole
+[TILE, D] box per load measured 15-50% slower on an H100, p5; with fp16 dots, the whole
+2 * D box in one load and one dot: 1-5% slower at batch 16, 1-5% faster at batch 64 on an H100
+and an H200, p13: see benchmarks/NOTES.md).
 
 With ``TENSOR_CORES`` (16-bit queries, off the Triton interpreter) Quest's bound dots in fp16:
 an fp8 box converts to fp16 in one instruction per pair, where bf16 takes a detour through
-fp32 that cost a sixth of the kernel's time on an H200 (benchmarks/NOTES.md p11). Every query
-head is first scaled by the power of two that brings its largest |q_d| to [2^14, 2^15):
-every bf16 or fp16 component then converts exactly (components below 2^-31 of the largest
-excepted), the products are exact in the fp32 accumulator, and scaling the dot back by the
-inverse power of two is exact too. Mode ``mass``'s estimate (``box_log2_mass``, shared with
-its pre-pass in ``page_bounds``) dots in bf16.
+fp32 that cost a sixth of the kernel's time on an H200 (benchmarks/NOTES.md p11). In each
+head-dim slice every query head is first scaled by the power of two that brings its largest
+|q_d| there to [2^14, 2^15): every bf16 or fp16 component then converts exactly (components
+below 2^-31 of the largest excepted), the products are exact in the fp32 accumulator, and
+scaling the slice's dot back by the inverse power of two is exact too. Mode ``mass``'s
+estimate (``box_log2_mass``, shared with its pre-pass in ``page_bounds``) dots in bf16.
 """
 
 import triton
@@ -51,23 +49,30 @@ def _fp16_row_scale(q, LOG2_TOP: tl.constexpr):
 
 
 @triton.jit
-def box_upper_bound(q_ptr, key_box_ptr, phys, ok, request, head, stride_qb, stride_qh, stride_mp, stride_mh,
+def box_upper_bound(q_ptr, key_min_ptr, key_max_ptr, phys, ok, request, head,
+                    stride_qb, stride_qh, stride_mp, stride_mh,
                     GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    TILE: tl.constexpr, TENSOR_CORES: tl.constexpr):
+                    BLOCK_D: tl.constexpr, TILE: tl.constexpr, TENSOR_CORES: tl.constexpr):
     """``[GROUP_PAD, TILE]``: ``sum_d max(q_gd kmax_d, q_gd kmin_d)`` over the boxes of the pages
-    ``phys`` (``[TILE]`` int64, ``ok`` valid), in box units (times the page's key scale: q . k).
-    ``key_box_ptr`` points at ``kmin`` of page 0, head 0, with ``kmax`` right after it (2 * D
-    bytes a box); exact products in fp16 on tensor cores (the module docstring), else in fp32."""
-    c = tl.arange(0, 2 * HEAD_DIM)
-    box = tl.load(key_box_ptr + phys[:, None] * stride_mp + head * stride_mh + c[None, :], mask=ok[:, None], other=0.0)
-    g = tl.arange(0, GROUP_PAD)
-    q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + (c % HEAD_DIM)[None, :],
-                mask=(g < GROUP_SIZE)[:, None], other=0.0).to(tl.float32)
-    q = tl.where((c >= HEAD_DIM)[None, :], tl.maximum(q, 0.0), tl.minimum(q, 0.0))  # [q- | q+] meets [kmin | kmax]
-    if TENSOR_CORES:
-        q_scale, q_unscale = _fp16_row_scale(q, 14)
-        return tl.dot((q * q_scale[:, None]).to(tl.float16), tl.trans(box.to(tl.float16))) * q_unscale[:, None]
-    return tl.dot(q, tl.trans(box.to(tl.float32)), input_precision="ieee")
+    ``phys`` (``[TILE]`` int64, ``ok`` valid), in box units (times the page's key scale: q . k);
+    exact products in fp16 on tensor cores (the module docstring), else in fp32."""
+    ub = tl.zeros([GROUP_PAD, TILE], tl.float32)
+    for d0 in range(0, HEAD_DIM, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        q = _group_query(q_ptr, request, head, stride_qb, stride_qh, dims, GROUP_SIZE, GROUP_PAD)
+        box = phys[:, None] * stride_mp + head * stride_mh + dims[None, :]
+        kmin = tl.load(key_min_ptr + box, mask=ok[:, None], other=0.0)
+        kmax = tl.load(key_max_ptr + box, mask=ok[:, None], other=0.0)
+        if TENSOR_CORES:
+            q_scale, q_unscale = _fp16_row_scale(q, 14)
+            q = q * q_scale[:, None]
+            part = tl.dot(tl.maximum(q, 0.0).to(tl.float16), tl.trans(kmax.to(tl.float16)))
+            part = tl.dot(tl.minimum(q, 0.0).to(tl.float16), tl.trans(kmin.to(tl.float16)), part)
+            ub += part * q_unscale[:, None]
+        else:
+            ub += tl.dot(tl.maximum(q, 0.0), tl.trans(kmax.to(tl.float32)), input_precision="ieee")
+            ub += tl.dot(tl.minimum(q, 0.0), tl.trans(kmin.to(tl.float32)), input_precision="ieee")
+    return ub
 
 
 @triton.jit
@@ -103,8 +108,7 @@ def box_log2_mass(q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, phys, ok, requ
 
 @triton.jit
 def quest_page_scores_kernel(
-    q_ptr, key_min_ptr, key_max_ptr,       # key_max_ptr == key_min_ptr + HEAD_DIM (one box tensor)
-    key_scale_ptr, kv_indptr_ptr, kv_indices_ptr,
+    q_ptr, key_min_ptr, key_max_ptr, key_scale_ptr, kv_indptr_ptr, kv_indices_ptr,
     scores_ptr,                            # out: [R, width] fp32 (-inf past a row's pages)
     width, stride_qb, stride_qh, stride_mp, stride_mh, stride_sp, sm_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -129,10 +133,11 @@ def quest_page_scores_kernel(
         score = (top + tl.log2(tl.sum(tl.exp2(log2_mass - top[None, :]), 0))) * LN2
     else:
         # The scales first: a gather of its own whose latency then hides behind the box loads
-        # (loaded after them it cost 16-20% at batch 64 on an H100, benchmarks/NOTES.md p5).
+        # (loaded after the loop it cost 16-20% at batch 64 on an H100, benchmarks/NOTES.md p5).
         scale = tl.load(key_scale_ptr + phys * stride_sp + head, mask=ok, other=0.0)
-        ub = box_upper_bound(q_ptr, key_min_ptr, phys, ok, request, head, stride_qb, stride_qh, stride_mp, stride_mh,
-                             GROUP_SIZE, GROUP_PAD, HEAD_DIM, TILE, TENSOR_CORES) * scale[None, :]
+        ub = box_upper_bound(q_ptr, key_min_ptr, key_max_ptr, phys, ok, request, head, stride_qb, stride_qh,
+                             stride_mp, stride_mh, GROUP_SIZE, GROUP_PAD, HEAD_DIM, BLOCK_D, TILE,
+                             TENSOR_CORES) * scale[None, :]
         if REDUCE_MAX:
             score = tl.max(tl.where(g_ok[:, None], ub, float("-inf")), 0)
         else:

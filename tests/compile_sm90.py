@@ -23,7 +23,6 @@ from art_runtime.kernels.page_bounds import (block_mass_estimate_kernel, block_s
 from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
-from art_runtime.page_scores import SCORE_BLOCK_D, SCORE_BOX_ELEMENTS, SCORE_TILE  # noqa: E402
 from art_runtime.plan import group_tile  # noqa: E402
 from art_runtime.selection import SELECTION_EDGE  # noqa: E402
 
@@ -111,10 +110,8 @@ def main():
             count += 4
         if mode == 2:
             compile_kernel(quest_page_scores_kernel,
-                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
-                                BLOCK_D=min(SCORE_BLOCK_D, dim),
-                                TILE=SCORE_TILE if values else min(SCORE_TILE, SCORE_BOX_ELEMENTS // (2 * dim)),
-                                REDUCE_MAX=not split, ESTIMATE=values, TENSOR_CORES=dtype != "fp32"),
+                           dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=min(64, dim),
+                                TILE=128, REDUCE_MAX=not split, ESTIMATE=values, TENSOR_CORES=dtype != "fp32"),
                            box_ptrs)
             count += 1
         if split and mode == 0:

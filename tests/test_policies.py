@@ -404,17 +404,6 @@ def test_stateful_policy_needs_request_ids(case):
                      selection=PageSelection(case.kv_indptr, case.kv_indices))
 
 
-def test_key_box_scores_need_the_boxes_side_by_side(case):
-    """The scoring kernel reads a (page, head)'s kmin and kmax as one 2 * D-byte box, so metadata
-    whose key_max is not right after key_min is refused, not read past."""
-    from art_runtime.page_scores import quest_page_scores
-
-    meta = case.page_meta()
-    meta.key_max = meta.key_max.clone()
-    with pytest.raises(ValueError, match="page_meta"):
-        quest_page_scores(context(case), case.q, meta, 19)
-
-
 @pytest.mark.parametrize("head_dim", [16, 32, 128])
 def test_key_box_scores_for_every_head_dim(head_dim, device):
     """Head dims below the scoring kernel's D slice (16) must not read past q."""
@@ -431,7 +420,7 @@ def test_key_box_scores_for_every_head_dim(head_dim, device):
 
 @pytest.mark.parametrize("magnitude", [5e-35, 1e-30, 1e-3, 3e4, 1e30])
 def test_quest_bound_on_tensor_cores_is_exact_at_any_query_scale(magnitude, device, monkeypatch):
-    """Quest's bound dots in fp16 after scaling each query head by a power of two, so
+    """Quest's bound dots in fp16 after scaling each query head's slice by a power of two, so
     bf16 queries far outside fp16's range (1e30 would be inf, 1e-30 zero) keep exact products;
     at 5e-35 (the largest |q| below 2^-112) the scale is capped at 2^126 so that its inverse
     stays a normal float (uncapped it would be 0 and so would the bound).
