@@ -3,10 +3,18 @@
 The Triton interpreter accepts code that the GPU compiler rejects (Python ``break``, ``tl.dot``
 with K < 16, ...); compiling to a cubin here makes such code fail CPU CI. Runs in its own
 process because kernels created under ``TRITON_INTERPRET=1`` cannot be compiled.
+
+``python tests/compile_sm90.py --resources`` also prints each variant's registers and spill
+bytes a thread (``cuobjdump --dump-resource-usage``, shipped with Triton): the numbers the GPU
+will run with, since the variants are compiled as the launches specialize them.
 """
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"
 
@@ -47,11 +55,37 @@ def signature(kernel, constexprs, pointer_types):
     return sig
 
 
+def launch_divisibility(kernel, constexprs):
+    """The launches' specialization: pointers and ``stride_*`` arguments divisible by 16.
+
+    torch's allocations are 16-byte aligned and every stride of ours is a multiple of the head
+    dimension, so Triton's JIT sees 16-divisible pointers and strides at every launch; that is
+    what turns on 16-byte loads and asynchronous copies. Compiled without the hint, a kernel
+    takes paths no launch runs (scalar loads, no pipelining, other register counts).
+    """
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+            if name not in constexprs and (name.endswith("_ptr") or name.startswith("stride_"))}
+
+
 def compile_kernel(kernel, constexprs, pointer_types, **options):
-    source = ASTSource(fn=kernel, signature=signature(kernel, constexprs, pointer_types), constexprs=constexprs)
+    source = ASTSource(fn=kernel, signature=signature(kernel, constexprs, pointer_types), constexprs=constexprs,
+                       attrs=launch_divisibility(kernel, constexprs))
     compiled = triton.compile(source, target=TARGET, options=options)
     assert compiled.asm["cubin"], kernel.fn.__name__
+    if "--resources" in sys.argv:
+        print(kernel.fn.__name__, resource_usage(compiled.asm["cubin"]), constexprs, options)
     return compiled
+
+
+def resource_usage(cubin: bytes) -> str:
+    """``REG:n STACK:m`` of a cubin (registers a thread, spill stack bytes a thread)."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([str(cuobjdump), "--dump-resource-usage", file.name], capture_output=True,
+                                text=True, check=True).stdout
+    return re.search(r"REG:\d+ STACK:\d+", report).group(0)
 
 
 def main():
