@@ -4,6 +4,8 @@ The Triton interpreter accepts code that the GPU compiler rejects (Python ``brea
 with K < 16, ...); compiling to a cubin here makes such code fail CPU CI. Runs in its own
 process because kernels created under ``TRITON_INTERPRET=1`` cannot be compiled.
 
+Mode ``off`` and Quest's scoring, as they launch for the core benchmark's shapes, must also
+compile without register spills (``check_hot_launches_do_not_spill``).
 ``python tests/compile_sm90.py --resources`` also prints each variant's registers and spill
 bytes a thread (``cuobjdump --dump-resource-usage``, shipped with Triton): the numbers the GPU
 will run with, since the variants are compiled as the launches specialize them.
@@ -171,7 +173,42 @@ def main():
         compile_kernel(h2o_page_scores_kernel, dict(NUM_KV_HEADS=8, TILE=64, PAGED=paged), h2o_ptrs)
         compile_kernel(h2o_observe_kernel, dict(NUM_KV_HEADS=8, TILE=64, KEPT_TILE=64, PAGED=paged), h2o_ptrs)
         count += 2
+    count += check_hot_launches_do_not_spill(int_ptrs)
     print(f"compiled {count} kernel variants for sm_90")
+
+
+def check_hot_launches_do_not_spill(int_ptrs) -> int:
+    """Mode ``off`` and Quest's scoring as they launch for the core benchmark's shapes
+    (32/8/128 and 14/2/64, bf16, page 16) compile without register spills: a spill there is a
+    slowdown no CPU test would otherwise see. Returns the variants compiled."""
+    from types import SimpleNamespace
+
+    from art_runtime.decode import OFF_BLOCK_TOKENS, PASS_BLOCKS, SPECULATE_MAX_HEAD_DIM, BatchARTDecodeWrapper
+    from art_runtime.page_scores import SCORE_BLOCK_D, SCORE_STAGES, SCORE_TILE
+
+    page = 16
+    launches = []
+    for group, dim in ((4, 128), (7, 64)):
+        plan = SimpleNamespace(head_dim=dim, termination=SimpleNamespace(mode="off"))
+        warps = BatchARTDecodeWrapper._num_warps(plan, SimpleNamespace(type="cuda"))
+        stages = BatchARTDecodeWrapper._num_stages(plan, OFF_BLOCK_TOKENS, 2)
+        for split in (False, True):
+            launches.append((art_decode_kernel, dict(
+                NUM_KV_HEADS=8, GROUP_SIZE=group, GROUP_PAD=group_tile(group), HEAD_DIM=dim, PAGE_SIZE=page,
+                BLOCK_PAGES=OFF_BLOCK_TOKENS // page, BLOCK_N=OFF_BLOCK_TOKENS, MODE=0, VALUES_RELATIVE=False,
+                SPLIT=split, DOT_IN_INPUT_DTYPE=True, PAGE_MASS=False, PASS_BLOCKS=PASS_BLOCKS,
+                SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM),
+                dict(int_ptrs, q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16"),
+                dict(num_warps=warps, num_stages=stages)))
+        launches.append((quest_page_scores_kernel, dict(
+            NUM_KV_HEADS=8, GROUP_SIZE=group, GROUP_PAD=group_tile(group), HEAD_DIM=dim,
+            BLOCK_D=min(SCORE_BLOCK_D, dim), TILE=SCORE_TILE, REDUCE_MAX=True, ESTIMATE=False, TENSOR_CORES=True),
+            dict(int_ptrs, q_ptr="bf16", key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"),
+            dict(num_warps=4, num_stages=SCORE_STAGES)))
+    for kernel, constexprs, pointer_types, options in launches:
+        usage = resource_usage(compile_kernel(kernel, constexprs, pointer_types, **options).asm["cubin"])
+        assert usage.endswith("STACK:0"), f"{kernel.fn.__name__} spills registers ({usage}): {constexprs} {options}"
+    return len(launches)
 
 
 if __name__ == "__main__":
