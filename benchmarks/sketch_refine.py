@@ -15,12 +15,19 @@ This script measures that trade on real captures, exactly, through the torch bac
 ``two_level_bound_terms`` (the reference's pre-pass with the two-level page bounds), and the
 bytes are recounted as high planes of every sketched page plus low planes of the refined ones
 (grid included once). ``share`` 0 refines every page (the shipped 8-bit sketch, as a check),
-``inf`` none (a 4-bit sketch). Not the shipped code.
+``inf`` none (a 4-bit sketch).
+
+Two more levers of the same pre-pass: ``--reorder-tail`` visits each work item's pages after the
+cut by their sketch bound of the group's mass, largest first (the pre-pass bounds exactly those
+pages, so the order costs no bytes; the kernel would need a segmented sort there), and
+``--cut-shares`` moves the cut (sketching from where every head's estimated unread share is at
+most that many eps). Not the shipped code.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -35,9 +42,14 @@ NIBBLE = 16
 COUNTS = {"sketched": 0, "refined": 0}
 
 
-def two_level_bound_terms(plan, q, page_meta, share: float, chunk: int = 4096) -> BoundTerms:
+def two_level_bound_terms(plan, q, page_meta, share: float, reorder_tail: bool = False,
+                          cut_share: float = SKETCH_CUT_SHARE, chunk: int = 4096) -> BoundTerms:
     """``reference.bound_terms_torch`` for mode ``bound`` with high-nibble bounds, refined by
-    the full code where the high-nibble upper mass exceeds ``share * eps`` of the item's estimate."""
+    the full code where the high-nibble upper mass exceeds ``share * eps`` of the item's estimate.
+
+    ``reorder_tail``: the pages after each work item's cut (the ones the pre-pass sketches
+    anyway) are then visited by their sketch upper bound of the group's mass, largest first
+    (the plan's visit arrays are permuted in place), instead of the box estimate's order."""
     qk_scale = plan.sm_scale * LOG2E
     phys, head = plan.visit_phys.long(), plan.visit_row % plan.num_kv_heads
     q_groups = q.float().view(plan.batch_size, plan.num_kv_heads, plan.group_size, plan.head_dim)
@@ -54,14 +66,14 @@ def two_level_bound_terms(plan, q, page_meta, share: float, chunk: int = 4096) -
     for w in range(plan.num_work):  # a study on small batches: the plain loop
         work_of[starts[w]:ends[w]] = w
     item = work_of.clamp(min=0)
-    threshold = estimate[starts] + math.log2(SKETCH_CUT_SHARE * plan.termination.eps)
+    threshold = estimate[starts] + math.log2(cut_share * plan.termination.eps)
     early = (work_of >= 0) & (estimate > threshold[item]).any(-1)
     cut = starts + torch.zeros_like(starts).index_add_(0, item, early.long())
     after_cut = (work_of >= 0) & (torch.arange(plan.nnz) >= cut[item])
     sketched = after_cut.nonzero().squeeze(1)
     upper = torch.full((plan.nnz, plan.group_size), float("-inf"))
     lower = torch.full_like(upper, float("-inf"))
-    refine_at = threshold + (math.log2(share) if share > 0 else float("-inf"))
+    refine_at = threshold - math.log2(cut_share) + (math.log2(share) if share > 0 else float("-inf"))
     for first in range(0, sketched.numel(), chunk):
         part = sketched[first: first + chunk]
         p, h = phys[part], head[part]
@@ -74,6 +86,15 @@ def two_level_bound_terms(plan, q, page_meta, share: float, chunk: int = 4096) -
         lower[part] = torch.where(refine, fine[1], coarse[1])
         COUNTS["refined"] += int(refine.sum())
     COUNTS["sketched"] += int(sketched.numel())
+    if reorder_tail:
+        group_upper = torch.logsumexp(upper / LOG2E, dim=-1)
+        for w in range(plan.num_work):
+            c, e = int(cut[w]), int(ends[w])
+            if e - c > 1:
+                perm = c + torch.argsort(group_upper[c:e], descending=True, stable=True)
+                for name in ("visit_phys", "visit_tokens"):
+                    getattr(plan, name)[c:e] = getattr(plan, name)[perm].clone()
+                upper[c:e], lower[c:e], vnorm[c:e] = upper[perm].clone(), lower[perm].clone(), vnorm[perm].clone()
     before_cut = ~after_cut[:, None]
     return BoundTerms(
         (_suffix_log2_sum(plan, upper) + LOG2_SLACK).masked_fill(before_cut, float("inf")), _suffix_max(plan, vnorm),
@@ -83,9 +104,11 @@ def two_level_bound_terms(plan, q, page_meta, share: float, chunk: int = 4096) -
     )
 
 
-def run(path, layer: int, order: str, setting: str, share: float, queries: int) -> dict:
+def run(path, layer: int, order: str, setting: str, share: float, queries: int, reorder_tail: bool = False,
+        cut_share: float = SKETCH_CUT_SHARE) -> dict:
     COUNTS.update(sketched=0, refined=0)
-    decode.bound_terms_torch = lambda plan, q, meta: two_level_bound_terms(plan, q, meta, share)
+    decode.bound_terms_torch = lambda plan, q, meta: two_level_bound_terms(plan, q, meta, share, reorder_tail,
+                                                                           cut_share)
     report = analysis.analyze_capture(path, layers=[layer], queries=queries, orders=[order], settings=[setting],
                                       progress=False)
     result = report.criteria[0]
@@ -93,7 +116,8 @@ def run(path, layer: int, order: str, setting: str, share: float, queries: int) 
     assert COUNTS["sketched"] == result.sketch_pages, (COUNTS, result.sketch_pages)
     metadata = result.metadata_bytes - result.sketch_pages * (2 * plane + grid) \
         + COUNTS["sketched"] * (plane + grid) + COUNTS["refined"] * plane
-    return dict(layer=layer, order=order, setting=setting, share=share, pages=result.pages_fraction,
+    return dict(layer=layer, order=order, setting=setting, share=share, reorder_tail=reorder_tail, cut_share=cut_share,
+                pages=result.pages_fraction,
                 bytes=(result.kv_bytes + metadata) / result.dense_bytes,
                 sketched=COUNTS["sketched"] / result.pages_selected, refined=COUNTS["refined"] / result.pages_selected,
                 violations=result.violations, p99_values=result.err_values["p99"], max_values=result.err_values["max"])
@@ -107,16 +131,21 @@ def main(argv=None):
     parser.add_argument("--setting", default="bound:eps=0.05,rel=values")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 1 / 4096, 1 / 1024, 1 / 256, 1 / 64, math.inf])
     parser.add_argument("--queries", type=int, default=8, help="captured queries per layer, as requests")
+    parser.add_argument("--reorder-tail", action="store_true",
+                        help="also visit each work item's pages after the cut by their sketch bound")
+    parser.add_argument("--cut-shares", type=float, nargs="+", default=[SKETCH_CUT_SHARE],
+                        help="sketch from where every head's estimated unread share is at most this times eps "
+                             f"(shipped: {SKETCH_CUT_SHARE:g})")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines file for the rows")
     args = parser.parse_args(argv)
-    print("| layer | share | pages | bytes | sketched | refined | violations | p99 / max err (values) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| layer | cut share | share | pages | bytes | sketched | refined | violations | p99 / max err (values) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for layer in args.layers:
-        for share in args.shares:
-            row = run(args.capture, layer, args.order, args.setting, share, args.queries)
+        for cut_share, share in itertools.product(args.cut_shares, args.shares):
+            row = run(args.capture, layer, args.order, args.setting, share, args.queries, args.reorder_tail, cut_share)
             rows.append(row)
-            print(f"| {layer} | {share:g} | {row['pages']:.1%} | {row['bytes']:.1%} | {row['sketched']:.1%} | "
+            print(f"| {layer} | {cut_share:g} | {share:g} | {row['pages']:.1%} | {row['bytes']:.1%} | {row['sketched']:.1%} | "
                   f"{row['refined']:.1%} | {row['violations']} | {row['p99_values']:.4f} / {row['max_values']:.4f} |",
                   flush=True)
     if args.out:
