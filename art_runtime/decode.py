@@ -576,7 +576,7 @@ class BatchARTDecodeWrapper:
             self._run_bound_prepass(plan, q, page_meta, qk_scale)
         if term.mode == "bound":  # the row's largest value norm (mode mass never reads them)
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
-        block_n = max(16, next_power_of_two(plan.block_pages * plan.page_size))
+        block_n, num_warps, num_stages = self._kernel_launch(plan, q.device, k_cache.element_size())
         interpreted = triton_interpreter_enabled()
         # The interpreter computes bf16 dots wrongly and truncates fp32 -> bf16 stores; there,
         # dot in fp32 and let torch round the output.
@@ -598,7 +598,7 @@ class BatchARTDecodeWrapper:
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
             DOT_IN_INPUT_DTYPE=dot_in_input_dtype, PAGE_MASS=self._record_page_mass, PASS_BLOCKS=PASS_BLOCKS,
             SPECULATE=plan.head_dim <= SPECULATE_MAX_HEAD_DIM,
-            num_warps=self._num_warps(plan, q.device), num_stages=self._num_stages(plan, block_n, k_cache.element_size()),
+            num_warps=num_warps, num_stages=num_stages,
         )
         if plan.split:
             art_merge_kernel[(plan.num_rows, plan.group_size)](
@@ -608,6 +608,14 @@ class BatchARTDecodeWrapper:
             )
         if out is not final_out:
             final_out.copy_(out)
+
+    @staticmethod
+    def _kernel_launch(plan: DecodePlan, device: torch.device, element_size: int) -> tuple[int, int, int]:
+        """``(BLOCK_N, num_warps, num_stages)`` of the decode kernel for ``plan`` (K/V of
+        ``element_size`` bytes): what ``run`` launches, and what benchmarks report."""
+        block_n = max(16, next_power_of_two(plan.block_pages * plan.page_size))
+        return (block_n, BatchARTDecodeWrapper._num_warps(plan, device),
+                BatchARTDecodeWrapper._num_stages(plan, block_n, element_size))
 
     @staticmethod
     def _num_warps(plan: DecodePlan, device: torch.device) -> int:

@@ -248,7 +248,6 @@ def benchmark_row(
     """
     from art_runtime import BatchARTDecodeWrapper, TerminationConfig
     from art_runtime import decode as art_decode
-    from art_runtime.plan import next_power_of_two
 
     inputs = make_inputs(shape, batch, kv_len)
     page_table = (inputs.kv_indptr, inputs.kv_indices, inputs.kv_last_page_len)
@@ -283,10 +282,7 @@ def benchmark_row(
         art_out = run_art()
         stats = art.last_stats
         # What the kernel ran with: a stage count whose tiles exceed SHARED_MEMORY_BUDGET is lowered.
-        plan = art._plan
-        block_n = max(16, next_power_of_two(plan.block_pages * plan.page_size))
-        ran = (f"{art._num_warps(plan, inputs.q.device)}/"
-               f"{art._num_stages(plan, block_n, inputs.paged_kv_cache.element_size())}")
+        _, ran_warps, ran_stages = art._kernel_launch(art._plan, inputs.q.device, inputs.paged_kv_cache.element_size())
         replay_art, art_graph = as_cuda_graph(run_art)
         art_us = median_time_us(replay_art, iters, flush_l2)
         rows.append({
@@ -298,7 +294,7 @@ def benchmark_row(
             "kv_len": kv_len,
             "mode": mode,
             "launch": f"{num_warps}/{num_stages}/{programs_per_sm}/{off_tokens}",
-            "warps_stages_run": ran,
+            "warps_stages_run": f"{ran_warps}/{ran_stages}",
             "cuda_graphs": f"{'yes' if art_graph else 'no'}/{'yes' if flashinfer_graph else 'no'}",
             "bytes": nbytes,
             "megabytes": nbytes / 1e6,

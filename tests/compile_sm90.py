@@ -189,13 +189,13 @@ def check_hot_launches_do_not_spill(int_ptrs) -> int:
     page = 16
     launches = []
     for group, dim in ((4, 128), (7, 64)):
-        plan = SimpleNamespace(head_dim=dim, termination=SimpleNamespace(mode="off"))
-        warps = BatchARTDecodeWrapper._num_warps(plan, SimpleNamespace(type="cuda"))
-        stages = BatchARTDecodeWrapper._num_stages(plan, OFF_BLOCK_TOKENS, 2)
+        plan = SimpleNamespace(head_dim=dim, page_size=page, block_pages=OFF_BLOCK_TOKENS // page,
+                               termination=SimpleNamespace(mode="off"))
+        block_n, warps, stages = BatchARTDecodeWrapper._kernel_launch(plan, SimpleNamespace(type="cuda"), 2)
         for split in (False, True):
             launches.append((art_decode_kernel, dict(
                 NUM_KV_HEADS=8, GROUP_SIZE=group, GROUP_PAD=group_tile(group), HEAD_DIM=dim, PAGE_SIZE=page,
-                BLOCK_PAGES=OFF_BLOCK_TOKENS // page, BLOCK_N=OFF_BLOCK_TOKENS, MODE=0, VALUES_RELATIVE=False,
+                BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n, MODE=0, VALUES_RELATIVE=False,
                 SPLIT=split, DOT_IN_INPUT_DTYPE=True, PAGE_MASS=False, PASS_BLOCKS=PASS_BLOCKS,
                 SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM),
                 dict(int_ptrs, q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16"),
