@@ -9,11 +9,12 @@ synchronization, CUDA-graph capturable on the Triton backend).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .backend import resolve_backend, tensor_core_dots, triton_interpreter_enabled
+from .kernels.page_bounds import POSITION_BITS as TAIL_ORDER_POSITION_BITS
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
 from .plan import DecodePlan, build_plan, group_tile, next_power_of_two
@@ -49,6 +50,7 @@ SUFFIX_TILE_ELEMENTS = 1024
 # layer 15 at eps 0.02: 1521 -> 1137 µs), the sort ~12 µs (benchmarks/NOTES.md v21).
 LONGEST_FIRST = True
 SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
+TAIL_SUFFIX_TILE = 32  # positions per step of tail_suffix_kernel
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
 NUM_WARPS = None  # None: STABILITY_WARPS in mode stability (see below), else 4
@@ -89,6 +91,12 @@ MERGE_TILE_ELEMENTS = 4096
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight per program (H100/H200: 227 KiB)
 
 
+def tail_order_warps(width_pow2: int) -> int:
+    """Warps of ``tail_order_kernel`` for work items of up to ``width_pow2`` pages: 4, and more
+    from 4096 pages on (the bitonic sort holds the item in registers)."""
+    return max(4, min(16, width_pow2 // 512))
+
+
 def tile_tokens(head_dim: int) -> int:
     """The longest K/V tile that reads fastest at ``head_dim`` (``OFF_BLOCK_TOKENS``, at most
     ``OFF_TILE_ELEMENTS`` elements): mode ``off``'s block, and the cap of the others'."""
@@ -115,7 +123,9 @@ class DecodeStats:
         mass and bound: every selected page's key box; bound also its value norm and the key
         sketch of ``sketch_pages``; key-box scoring policies such as Quest: every page's key box).
     selection : PageSelection
-        The selected pages in visit order, read or not (for per-layer policies: the last run's).
+        The selected pages in the order visited, read or not (for per-layer policies: the last
+        run's): the policy's order, except that mode ``bound`` visits each work item's pages
+        after its sketch cut by their certified mass bound (``reference.tail_visit_order``).
     page_mass : torch.Tensor or None
         ``[nnz]`` float32 aligned with ``selection.pages``: the softmax mass each page got,
         summed over the query heads of its group (0 for pages not read); only when planned
@@ -264,6 +274,10 @@ class BatchARTDecodeWrapper:
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
             termination, float(sm_scale), selection, chunk_pages, parallel_programs, tile_tokens(head_dim),
         )
+        longest_item = plan.max_work_blocks * plan.block_pages
+        if termination.mode == "bound" and longest_item >= 1 << TAIL_ORDER_POSITION_BITS.value:
+            raise ValueError(f"chunk_pages: bound orders work items of fewer than 2^{TAIL_ORDER_POSITION_BITS.value} "
+                             "pages; pass a smaller chunk_pages with relative_to='values'")
         self._plan = plan
         # Launch order matters only when the work items run in more than one wave.
         self._longest_first = LONGEST_FIRST and termination.mode == "mass" and plan.num_work > parallel_programs
@@ -324,6 +338,17 @@ class BatchARTDecodeWrapper:
         self._log2w_low = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._log2wv = torch.empty((plan.nnz if certified else 0, group_pad), dtype=torch.float32, device=device)
         self._vrest = torch.empty((plan.nnz if certified else 0,), dtype=torch.float32, device=device)
+        # bound: each page's own mass bounds (upper, lower) and the tail's sort key
+        # (reference.tail_key); then the run's visit order (kernels/page_bounds.tail_order_kernel).
+        self._page_bounds = torch.empty((2, plan.nnz if certified else 0, group_pad), dtype=torch.float32,
+                                        device=device)
+        self._tail_key = torch.empty((plan.nnz if certified else 0,), dtype=torch.float32, device=device)
+        self._visit_perm = torch.empty((plan.nnz if certified else 0,), dtype=torch.int64, device=device)
+        self._visit_phys = torch.empty((plan.nnz if certified else 0,), dtype=torch.int32, device=device)
+        self._visit_tokens = torch.empty_like(self._visit_phys)
+        # bound: the selection's pages in the order the last run visited them (_visited_order).
+        self._visit_pages = torch.zeros((plan.nnz if plan.termination.mode == "bound" else 0,), dtype=torch.int32,
+                                        device=device)
         segments = self._prepass_segments(plan)[1] if certified else 0
         self._seg_est = torch.empty((plan.num_work, segments, group_pad), dtype=torch.float32, device=device)
         self._seg_vmax = torch.empty((plan.num_work, segments if certified else 0), dtype=torch.float32, device=device)
@@ -397,10 +422,15 @@ class BatchARTDecodeWrapper:
             self._run_triton(plan, q, k_cache, v_cache, page_meta, out, lse)
         else:
             terms = bound_terms_torch(plan, q, page_meta) if bound else None
-            if terms is not None and terms.sketch_pages is not None:
+            run_plan = plan
+            if plan.termination.mode == "bound":
                 self._sketch_pages.copy_(terms.sketch_pages)
+                torch.index_select(self._selection.pages[: plan.nnz], 0, terms.visit_perm,
+                                   out=self._visit_pages[: plan.nnz])
+                run_plan = replace(plan, visit_phys=plan.visit_phys[terms.visit_perm],
+                                   visit_tokens=plan.visit_tokens[terms.visit_perm])
             o, o_lse, visited, tokens, stable_at = art_decode_torch(
-                plan, q, k_cache, v_cache, terms, self._page_lse if self._record_page_mass else None)
+                run_plan, q, k_cache, v_cache, terms, self._page_lse if self._record_page_mass else None)
             out.copy_(o)
             lse.copy_(o_lse)
             self._visited_pages.copy_(visited)
@@ -410,7 +440,7 @@ class BatchARTDecodeWrapper:
         page_mass = self._page_mass(plan, lse) if self._record_page_mass else None
         if page_mass is not None and self._policy is not None and self._policy[0].needs_page_mass:
             policy, ctx, layout = self._policy
-            policy.observe(ctx, layout, layer_id, self._selection.pages, page_mass)
+            policy.observe(ctx, layout, layer_id, self._visited_order(plan), page_mass)
         self._record_stats(plan, k_cache.element_size(), page_meta, page_mass)
         return (out, lse) if return_lse else out
 
@@ -424,6 +454,11 @@ class BatchARTDecodeWrapper:
         self._raw_stats = (plan, elem_size, meta_bytes, page_mass,
                            page_meta.key_sketch_bytes_per_page() if plan.termination.mode == "bound" else 0)
         self._last_run_inputs = (elem_size, page_meta)
+
+    def _visited_order(self, plan: DecodePlan) -> torch.Tensor:
+        """``[nnz]`` the selection's pages in the order the last run visited them: the policy's,
+        except in mode bound, whose pre-pass orders each work item's tail (``tail_visit_order``)."""
+        return self._visit_pages if plan.termination.mode == "bound" else self._selection.pages
 
     def _page_mass(self, plan: DecodePlan, lse: torch.Tensor) -> torch.Tensor:
         """``[nnz]`` softmax mass of each selected page, summed over its group's query heads."""
@@ -520,7 +555,7 @@ class BatchARTDecodeWrapper:
         """Mode bound: the per-position suffix terms the decode kernel's check reads
         (``kernels/page_bounds.py``: segments of ``SEGMENT_PAGES`` positions, one program each)."""
         from .kernels.page_bounds import (page_mass_estimate_kernel, page_sketch_bound_kernel,
-                                          segment_carry_kernel)
+                                          segment_carry_kernel, tail_order_kernel, tail_suffix_kernel)
 
         term = plan.termination
         group_pad = self._group_pad
@@ -547,17 +582,30 @@ class BatchARTDecodeWrapper:
             plan.work_start, plan.work_end, 0.0, CERTIFIED=False, **carry,
         )
         self._sketch_pages.zero_()
+        page_upper, page_lower = self._page_bounds
         page_sketch_bound_kernel[grid](
-            q, page_meta.value_norm_max, page_meta.key_codes, page_meta.key_grid_base,
-            page_meta.key_grid_exponent, plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start,
-            plan.work_end, seg_est, self._log2w, self._log2w_low, self._log2wv, *seg_bounds,
-            self._sketch_pages, q.stride(0), q.stride(1), page_meta.value_norm_max.stride(0),
-            page_meta.key_codes.stride(0), page_meta.key_codes.stride(1),
-            page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
-            qk_scale, VALUE_NORM_SCALE,
-            math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
+            q, page_meta.value_norm_max, page_meta.key_codes, page_meta.key_grid_base, page_meta.key_grid_exponent,
+            plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, seg_est,
+            self._log2w, self._log2w_low, self._log2wv, page_upper, page_lower, self._tail_key, self._sketch_pages,
+            q.stride(0), q.stride(1), page_meta.value_norm_max.stride(0), page_meta.key_codes.stride(0),
+            page_meta.key_codes.stride(1), page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
+            qk_scale, VALUE_NORM_SCALE, math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
             TILE=sketch_tile, SEGMENTS_POW2=next_power_of_two(segments), DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
             PAGE_SIZE_POW2=page_size_pow2, **common,
+        )
+        width_pow2 = next_power_of_two(plan.max_work_blocks * plan.block_pages)
+        tail_order_kernel[(plan.num_work,)](
+            self._tail_key, self._sketch_pages, plan.work_row, plan.work_start, plan.work_end, plan.row_start,
+            plan.visit_phys, plan.visit_tokens, self._selection.pages, self._visit_perm, self._visit_phys,
+            self._visit_tokens, self._visit_pages, term.min_pages,
+            WIDTH_POW2=width_pow2, num_warps=tail_order_warps(width_pow2),
+        )
+        tail_suffix_kernel[grid](
+            page_meta.value_norm_max, self._visit_perm, self._visit_phys, plan.work_row, plan.work_start, plan.work_end,
+            self._sketch_pages, page_upper, page_lower, self._log2w, self._log2w_low, self._log2wv, self._vrest,
+            *seg_bounds, seg_vmax, page_meta.value_norm_max.stride(0), VALUE_NORM_SCALE,
+            NUM_KV_HEADS=plan.num_kv_heads, GROUP_PAD=group_pad, TILE=TAIL_SUFFIX_TILE, SEG_PAGES=seg_pages,
+            SEGMENTS=segments,
         )
         segment_carry_kernel[grid](
             self._log2w, self._log2w_low, self._log2wv, self._vrest, *seg_bounds, seg_vmax,
@@ -576,6 +624,8 @@ class BatchARTDecodeWrapper:
             self._run_bound_prepass(plan, q, page_meta, qk_scale)
         if term.mode == "bound":  # the row's largest value norm (mode mass never reads them)
             self._vscale.zero_().scatter_reduce_(0, plan.work_row.long(), self._vrest[plan.work_start.long()], "amax")
+        # bound visits each work item's tail in the order of its mass bounds (the pre-pass's).
+        visit = (self._visit_phys, self._visit_tokens) if term.mode == "bound" else (plan.visit_phys, plan.visit_tokens)
         block_n, num_warps, num_stages = self._kernel_launch(plan, q.device, k_cache.element_size())
         interpreted = triton_interpreter_enabled()
         # The interpreter computes bf16 dots wrongly and truncates fp32 -> bf16 stores; there,
@@ -586,8 +636,8 @@ class BatchARTDecodeWrapper:
             out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
         art_decode_kernel[(plan.num_work,)](
             q, k_cache, v_cache, out, lse, self._part_out, self._part_lse,
-            plan.visit_phys, plan.visit_tokens, self._work_order, plan.work_row, plan.work_start, plan.work_end,
-            plan.row_start, self._log2w, self._vrest, self._vscale, self._log2w_low, self._log2wv,
+            *visit, self._work_order, plan.work_row, plan.work_start, plan.work_end, plan.row_start, self._log2w,
+            self._vrest, self._vscale, self._log2w_low, self._log2wv,
             self._visited_pages, self._visited_tokens, self._loaded_tokens, self._stable_at, self._page_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
@@ -666,7 +716,7 @@ class BatchARTDecodeWrapper:
             stable_at=stable.view(batch, hqo),
             kv_bytes_read=kv_bytes,
             # A copy: a per-layer policy rewrites the plan's pages in place on the next run.
-            selection=PageSelection(self._selection.indptr, self._selection.pages.clone()),
+            selection=PageSelection(self._selection.indptr, self._visited_order(plan).clone()),
             page_mass=page_mass,
             sketch_pages=sketch_pages,
             loaded_tokens=loaded.view(batch, hkv),

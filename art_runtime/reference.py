@@ -79,7 +79,9 @@ class BoundTerms(NamedTuple):
     ``log2_rest_mass_low [nnz, G]``, a lower bound of the same mass, and
     ``log2_rest_value_mass [nnz, G]``, the bound of ``sum_j W_j Vmax_j``, and
     ``sketch_pages [W]``, the pages of each work item whose key sketch was read (before the
-    cut the terms are infinite: no stop; see ``art_runtime.termination``).
+    cut the terms are infinite: no stop; see ``art_runtime.termination``), and
+    ``visit_perm [nnz]``, the run's visit order (``tail_visit_order``): position ``p`` visits
+    the plan's position ``visit_perm[p]``, and every term above is of that order.
     """
 
     log2_rest_mass: torch.Tensor
@@ -87,6 +89,7 @@ class BoundTerms(NamedTuple):
     log2_rest_mass_low: torch.Tensor | None = None
     log2_rest_value_mass: torch.Tensor | None = None
     sketch_pages: torch.Tensor | None = None
+    visit_perm: torch.Tensor | None = None
 
 
 def sketch_page_log2_mass(q_pos, codes, base, exponent, tokens, qk_scale):
@@ -138,6 +141,55 @@ def _suffix_max(plan, v):
     return out
 
 
+def tail_start(plan: DecodePlan, sketch_pages: torch.Tensor) -> torch.Tensor:
+    """``[W]`` each work item's first position that ``tail_visit_order`` may move: its cut
+    (``end - sketch_pages``), but never before the row's first ``min_pages`` positions (the
+    sink and current pages stay first)."""
+    ends = plan.work_end.long()
+    first_free = plan.row_start.long()[plan.work_row.long()] + plan.termination.min_pages
+    return torch.maximum(ends - sketch_pages.long(), first_free).minimum(ends)
+
+
+def tail_visit_order(plan: DecodePlan, key: torch.Tensor, tail_first: torch.Tensor) -> torch.Tensor:
+    """The run's visit order in mode ``bound``: ``[nnz]`` int64, position ``p`` visits the plan's
+    position ``perm[p]``.
+
+    Each work item's positions from ``tail_first [W]`` on (its pages after the sketch cut,
+    ``tail_start``) are visited by ``key [nnz]`` float32, largest first (ties: the earlier
+    position first); every other position keeps its place. The key (``tail_key``) comes from
+    the certified upper bounds of the pages' masses, which the pre-pass has for exactly those
+    pages: the unread bound then falls fastest, at no extra bytes. One stable segmented sort
+    of 32-bit keys, no host synchronization (CUDA-graph capturable); both backends call it, so
+    they visit alike given alike keys.
+    """
+    starts, ends = plan.work_start.long(), plan.work_end.long()
+    width = plan.max_work_blocks * plan.block_pages  # at least every work item's length
+    offset = torch.arange(width, device=key.device)
+    pos = starts[:, None] + offset
+    valid = pos < ends[:, None]
+    safe = torch.where(valid, pos, 0)
+    # Stable and descending: before the tail (+inf) first and in place (a tail key of +inf
+    # comes after them: it is later in the row); past the item's end (-inf, after every valid
+    # position) last, unused.
+    tail_keys = key.float()[safe]
+    tail_keys = torch.where(tail_keys.isnan(), float("inf"), tail_keys)  # no bound known: early
+    keys = torch.where(pos >= tail_first[:, None], tail_keys, float("inf"))
+    keys = torch.where(valid, keys, float("-inf"))
+    source = starts[:, None] + torch.sort(keys, dim=1, descending=True, stable=True).indices
+    perm = torch.arange(plan.nnz + 1, device=key.device)  # the last entry takes the unused writes
+    perm.scatter_(0, torch.where(valid, pos, plan.nnz).flatten(), source.flatten())
+    return perm[: plan.nnz]
+
+
+def tail_key(log2_upper: torch.Tensor, value_norm: torch.Tensor) -> torch.Tensor:
+    """``[n]`` the sort key of ``tail_visit_order``: base-2 log of pages' bound of ``sum_g W_jg V_j``
+    (the group's mass times the page's largest value norm, what each page adds to the bound's
+    error term (b)), from the per-head upper mass bounds ``[n, G]`` (base 2) and ``V_j [n]``.
+    Measured against the mass alone and against shares of each head's estimated total on the
+    shared captures: within half a point of pages, this one best (benchmarks/results/tail_order_2026-11-27)."""
+    return torch.logsumexp(log2_upper / LOG2E, dim=-1) * LOG2E + torch.log2(value_norm)
+
+
 def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata, chunk: int = 4096) -> BoundTerms:
     """The suffix terms of every visit-order position (what the ``kernels/page_bounds.py`` pre-pass writes).
 
@@ -151,7 +203,6 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
     q_groups = q.float().view(plan.batch_size, plan.num_kv_heads, plan.group_size, plan.head_dim)
     tokens = plan.visit_tokens.long()
     vnorm = page_meta.value_norm_max[phys, head] * VALUE_NORM_SCALE
-    value_rest = _suffix_max(plan, vnorm)
     # The mass estimate from the key boxes: mode mass's criterion, and bound's sketch cut.
     kmin, kmax = page_meta.key_bounds(phys, head)  # [nnz, D]
     q_pos = q_groups[plan.visit_row // plan.num_kv_heads, head]  # [nnz, G, D]
@@ -161,7 +212,7 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
     log2_tokens = torch.log2(tokens.float())[:, None]
     estimate = _suffix_log2_sum(plan, logit + log2_tokens)
     if plan.termination.mode == "mass":
-        return BoundTerms(estimate, value_rest)
+        return BoundTerms(estimate, _suffix_max(plan, vnorm))
 
     # Cut: before the first position where every head's estimated unread share is at most
     # SKETCH_CUT_SHARE * eps the bound is infinite; only the pages from there on need their sketch.
@@ -189,12 +240,18 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
         upper[part], lower[part] = sketch_page_log2_mass(
             q_pos[part], page_meta.key_codes[p, h], page_meta.key_grid_base[p, h], page_meta.key_grid_exponent[p, h],
             tokens[part], qk_scale)
+    # The pages after the cut by their bound of the group's sum_g W_jg V_j, the page's share of
+    # error term (b) (positions before the cut keep their place, so the masks below hold for
+    # the permuted order too).
+    sketch_pages = (ends - cut).to(torch.int32)
+    perm = tail_visit_order(plan, tail_key(upper, vnorm), tail_start(plan, sketch_pages))
+    upper, lower, vnorm = upper[perm], lower[perm], vnorm[perm]
     before_cut = ~after_cut[:, None]
     return BoundTerms(
-        (_suffix_log2_sum(plan, upper) + LOG2_SLACK).masked_fill(before_cut, float("inf")), value_rest,
+        (_suffix_log2_sum(plan, upper) + LOG2_SLACK).masked_fill(before_cut, float("inf")), _suffix_max(plan, vnorm),
         (_suffix_log2_sum(plan, lower) - LOG2_SLACK).masked_fill(before_cut, float("-inf")),
         (_suffix_log2_sum(plan, upper + torch.log2(vnorm)[:, None]) + LOG2_SLACK).masked_fill(before_cut, float("inf")),
-        (ends - cut).to(torch.int32),
+        sketch_pages, perm,
     )
 
 

@@ -27,9 +27,15 @@ visit order is not a serial scan of one program:
    from its 8-bit key sketch (``art_runtime.reference.sketch_page_log2_mass``: one dot of the
    query with the token's codes times the page's power-of-two steps, exact in bf16, plus
    per-page terms and a rounding margin), giving each page's mass upper bound ``W_j`` and
-   lower bound; their segment-local suffix sums and those of ``W_j Vmax_j``, and the
-   segment's totals. Then ``segment_carry_kernel`` again, with the ``2^-9`` slack of the
-   scans' fp32 rounding.
+   lower bound, and the page's bound of ``sum_g W_jg Vmax_j`` (``art_runtime.reference.tail_key``):
+   the key by which the pages after the cut are visited.
+4. ``tail_order_kernel``: one program per work item sorts its tail by that key
+   (``art_runtime.reference.tail_visit_order``, the torch oracle) and writes the run's visit
+   order: the permutation and the permuted physical pages, token counts and logical pages.
+5. ``tail_suffix_kernel``: in that order, from the cut on, the segment-local suffix sums of
+   ``W_j``, its lower bound and ``W_j Vmax_j``, the suffix max of ``Vmax_j``, and the segment's
+   totals. Then ``segment_carry_kernel`` again, with the ``2^-9`` slack of the scans' fp32
+   rounding.
 
 The decode kernel's check is then a few scalar operations per block. Suffix sums use exact
 log-sum-exp scans, so no range of logits underflows into a wrong zero.
@@ -257,9 +263,10 @@ def segment_carry_kernel(
 ):
     """Turn segment-local suffix sums into suffix sums over the work item (see the module doc).
 
-    ``CERTIFIED`` (bound): the three sketch suffixes, positions before the cut (``+inf``) left as
-    they are, with ``log2_slack`` added to the upper sums and taken from the lower one; else
-    the estimate (of the group's heads, the lanes ``page_mass_estimate_kernel`` wrote) and
+    ``CERTIFIED`` (bound): the three sketch suffixes and the value-norm suffix max of the
+    positions from the cut on (``tail_suffix_kernel``'s), positions before the cut (``+inf``)
+    left as they are, with ``log2_slack`` added to the upper sums and taken from the lower one;
+    else the estimate (of the group's heads, the lanes ``page_mass_estimate_kernel`` wrote) and
     the value-norm suffix max.
     """
     work = tl.program_id(0)
@@ -272,10 +279,8 @@ def segment_carry_kernel(
     if CERTIFIED:
         carry_low = _later_segments_log2_sum(seg_low_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
         carry_wv = _later_segments_log2_sum(seg_wv_ptr, work, segment, SEGMENTS, SEGMENTS_POW2, GROUP_PAD)
-    else:
-        s = tl.arange(0, SEGMENTS_POW2)
-        carry_v = tl.max(tl.load(seg_vmax_ptr + work * SEGMENTS + s, mask=(s > segment) & (s < SEGMENTS),
-                                 other=0.0), 0)
+    s = tl.arange(0, SEGMENTS_POW2)
+    carry_v = tl.max(tl.load(seg_vmax_ptr + work * SEGMENTS + s, mask=(s > segment) & (s < SEGMENTS), other=0.0), 0)
     for tile in range(0, tl.cdiv(seg_end - seg_start, TILE)):
         pos = seg_start + tile * TILE + t
         ok = pos < seg_end
@@ -288,12 +293,16 @@ def segment_carry_kernel(
             tl.store(log2w_low_ptr + at, _log2_add(low, carry_low[:, None]) - log2_slack, mask=sketched)
             wv = tl.load(log2wv_ptr + at, mask=sketched, other=0.0)
             tl.store(log2wv_ptr + at, _log2_add(wv, carry_wv[:, None]) + log2_slack, mask=sketched)
+            # Before the cut the suffix max holds already (the same set of pages follows
+            # whatever the tail's order); from it on, tail_suffix_kernel's needs the carry.
+            vrest_at = ok & (tl.max(sketched.to(tl.int32), 0) > 0)
         else:
             lanes = ok[None, :] & g_ok[:, None]
             local = tl.load(log2w_ptr + at, mask=lanes, other=0.0)
             tl.store(log2w_ptr + at, _log2_add(local, carry[:, None]), mask=lanes)
-            vrest = tl.load(vrest_ptr + pos, mask=ok, other=0.0)
-            tl.store(vrest_ptr + pos, tl.maximum(vrest, carry_v), mask=ok)
+            vrest_at = ok
+        vrest = tl.load(vrest_ptr + pos, mask=vrest_at, other=0.0)
+        tl.store(vrest_ptr + pos, tl.maximum(vrest, carry_v), mask=vrest_at)
 
 
 @triton.jit
@@ -302,9 +311,10 @@ def page_sketch_bound_kernel(
     codes_ptr, base_ptr, exponent_ptr,  # key sketch: [max_pages, H_kv, P, D] uint8, [max_pages, H_kv, D] x2
     visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
     seg_est_ptr,                        # in: [W, SEGMENTS, GROUP_PAD] the mass estimate's segment totals
-    log2w_ptr,                          # in: the estimate's suffixes; out: segment-local sketch bounds
-    log2w_low_ptr, log2wv_ptr,          # out: [nnz, GROUP_PAD] fp32 each
-    seg_log2w_ptr, seg_low_ptr, seg_wv_ptr,  # out: [W, SEGMENTS, GROUP_PAD] segment totals
+    log2w_ptr,                          # in: the estimate's suffixes; out: +inf before the cut
+    log2w_low_ptr, log2wv_ptr,          # out: [nnz, GROUP_PAD] -inf / +inf before the cut
+    page_upper_ptr, page_lower_ptr,     # out: [nnz, GROUP_PAD] each page's own mass bounds (from the cut on)
+    tail_key_ptr,                       # out: [nnz] reference.tail_key (from the cut on)
     sketch_pages_ptr,                   # out: [W] int32 (zeroed before), pages whose key sketch was read
     stride_qb, stride_qh, stride_np, stride_cp, stride_ch, stride_gp, stride_gh,
     qk_scale, value_norm_scale, log2_cut_share,
@@ -344,20 +354,13 @@ def page_sketch_bound_kernel(
     tl.atomic_add(sketch_pages_ptr + work, seg_end - cut)
 
     # Certified mass bounds from the key sketch (reference.sketch_page_log2_mass) of the
-    # segment's positions from the cut on, and their segment-local suffix sums.
-    carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    carry_s = tl.zeros([GROUP_PAD], tl.float32)
-    low_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    low_s = tl.zeros([GROUP_PAD], tl.float32)
-    wv_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    wv_s = tl.zeros([GROUP_PAD], tl.float32)
+    # segment's positions from the cut on.
     slots = tl.arange(0, PAGE_SIZE_POW2)
     for tile in range(0, tl.cdiv(seg_end - cut, TILE)):
-        pos = seg_end - (tile + 1) * TILE + t
-        ok = pos >= cut
+        pos = cut + tile * TILE + t
+        ok = pos < seg_end
         phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
         tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
-        vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
         grid = phys[:, None] * stride_gp + head * stride_gh + dims[None, :]
         exponent = tl.load(exponent_ptr + grid, mask=ok[:, None], other=0).to(tl.int32)
         step = ((exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^exponent, exactly
@@ -388,6 +391,96 @@ def page_sketch_bound_kernel(
         lse = y_safe + tl.log2(tl.sum(tl.exp2(y - y_safe[:, :, None]), 2))
         upper = (offset + up + margin) * qk_scale + lse
         lower = (offset + down - margin) * qk_scale + lse
+        out = pos[None, :] * GROUP_PAD + g[:, None]
+        tl.store(page_upper_ptr + out, upper, mask=ok[None, :])
+        tl.store(page_lower_ptr + out, lower, mask=ok[None, :])
+        group_upper = tl.where(g_ok[:, None], upper, float("-inf"))
+        top = tl.max(group_upper, 0)
+        vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
+        key = top + tl.log2(tl.sum(tl.exp2(group_upper - top[None, :]), 0)) + tl.log2(vnorm)
+        tl.store(tail_key_ptr + pos, key, mask=ok)
+
+
+# Low bits of tail_order_kernel's sort keys, for the position (work items up to 2^24 pages).
+POSITION_BITS = tl.constexpr(24)
+POSITION_MASK = tl.constexpr((1 << 24) - 1)
+
+
+@triton.jit
+def tail_order_kernel(
+    tail_key_ptr, sketch_pages_ptr,     # in: [nnz] page_sketch_bound_kernel's keys, [W] its sketched pages
+    work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr,
+    visit_phys_ptr, visit_tokens_ptr, pages_ptr,  # in: [nnz] int32 the plan's visit order
+    visit_perm_ptr,                     # out: [nnz] int64, position p visits plan position visit_perm[p]
+    run_phys_ptr, run_tokens_ptr, run_pages_ptr,  # out: [nnz] int32 the inputs in the run's order
+    min_pages,
+    WIDTH_POW2: tl.constexpr,
+):
+    """``art_runtime.reference.tail_visit_order`` for one work item (program): its positions from
+    the cut on (never inside the row's first ``min_pages``) by their key, largest first, ties
+    (and NaN, as +inf) by position; the others in place. One bitonic sort of unique 64-bit
+    keys: the key's float order above, the position below."""
+    work = tl.program_id(0)
+    start = tl.load(work_start_ptr + work)
+    end = tl.load(work_end_ptr + work)
+    row_start = tl.load(row_start_ptr + tl.load(work_row_ptr + work))
+    first = tl.minimum(tl.maximum(end - tl.load(sketch_pages_ptr + work), row_start + min_pages), end)
+    offset = tl.arange(0, WIDTH_POW2)
+    pos = start + offset
+    valid = pos < end
+    tail = valid & (pos >= first)
+    key = tl.load(tail_key_ptr + pos, mask=tail, other=0.0)
+    key = tl.where(key != key, float("inf"), key)
+    bits = key.to(tl.int32, bitcast=True)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # signed order = float order
+    # Before the tail: above every key, in place; past the end: below every key.
+    above = tl.full([WIDTH_POW2], 1 << 31, tl.int64)
+    high = tl.where(tail, ordered, tl.where(valid, above, -above - 1))  # 33 bits
+    packed = (high << POSITION_BITS) | (WIDTH_POW2 - 1 - offset).to(tl.int64)
+    ranked = tl.sort(packed, descending=True)
+    source = start + (WIDTH_POW2 - 1 - (ranked & POSITION_MASK)).to(tl.int32)
+    tl.store(visit_perm_ptr + pos, source, mask=valid)
+    tl.store(run_phys_ptr + pos, tl.load(visit_phys_ptr + source, mask=valid, other=0), mask=valid)
+    tl.store(run_tokens_ptr + pos, tl.load(visit_tokens_ptr + source, mask=valid, other=0), mask=valid)
+    tl.store(run_pages_ptr + pos, tl.load(pages_ptr + source, mask=valid, other=0), mask=valid)
+
+
+@triton.jit
+def tail_suffix_kernel(
+    value_norm_ptr, visit_perm_ptr,
+    visit_phys_ptr, work_row_ptr, work_start_ptr, work_end_ptr, sketch_pages_ptr,
+    page_upper_ptr, page_lower_ptr,     # in: [nnz, GROUP_PAD] page_sketch_bound_kernel's, at plan positions
+    log2w_ptr, log2w_low_ptr, log2wv_ptr, vrest_ptr,  # out: segment-local suffixes from the cut on
+    seg_log2w_ptr, seg_low_ptr, seg_wv_ptr, seg_vmax_ptr,  # out: [W, SEGMENTS(, GROUP_PAD)] segment totals
+    stride_np, value_norm_scale,
+    NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+):
+    """The bound's suffix terms in the run's visit order (``visit_phys`` already permuted;
+    position ``p`` holds the page of plan position ``visit_perm[p]``), from the cut on."""
+    work = tl.program_id(0)
+    segment = tl.program_id(1)
+    start, end, seg_start, seg_end = _segment(work_start_ptr, work_end_ptr, work, segment, SEG_PAGES)
+    head = tl.load(work_row_ptr + work) % NUM_KV_HEADS
+    first = tl.maximum(seg_start, end - tl.load(sketch_pages_ptr + work))
+    g = tl.arange(0, GROUP_PAD)
+    t = tl.arange(0, TILE)
+    carry_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    carry_s = tl.zeros([GROUP_PAD], tl.float32)
+    low_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    low_s = tl.zeros([GROUP_PAD], tl.float32)
+    wv_m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    wv_s = tl.zeros([GROUP_PAD], tl.float32)
+    carry_v = tl.max(tl.zeros([TILE], tl.float32), 0)
+    for tile in range(0, tl.cdiv(seg_end - first, TILE)):
+        pos = seg_end - (tile + 1) * TILE + t
+        ok = pos >= first
+        source = tl.load(visit_perm_ptr + pos, mask=ok, other=0)
+        phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
+        vnorm = tl.load(value_norm_ptr + phys * stride_np + head, mask=ok, other=0.0) * value_norm_scale
+        at = source[None, :] * GROUP_PAD + g[:, None]
+        upper = tl.load(page_upper_ptr + at, mask=ok[None, :], other=float("-inf"))
+        lower = tl.load(page_lower_ptr + at, mask=ok[None, :], other=float("-inf"))
         log2w, carry_m, carry_s = _suffix_log2_sum(upper, ok, carry_m, carry_s)
         log2w_low, low_m, low_s = _suffix_log2_sum(lower, ok, low_m, low_s)
         log2wv, wv_m, wv_s = _suffix_log2_sum(upper + tl.log2(vnorm)[None, :], ok, wv_m, wv_s)
@@ -395,7 +488,11 @@ def page_sketch_bound_kernel(
         tl.store(log2w_ptr + out, log2w, mask=ok[None, :])
         tl.store(log2w_low_ptr + out, log2w_low, mask=ok[None, :])
         tl.store(log2wv_ptr + out, log2wv, mask=ok[None, :])
+        vrest = tl.maximum(tl.associative_scan(vnorm, 0, _max_combine, reverse=True), carry_v)
+        tl.store(vrest_ptr + pos, vrest, mask=ok)
+        carry_v = tl.maximum(carry_v, tl.max(vnorm, 0))
     at = (work * SEGMENTS + segment) * GROUP_PAD + g
     tl.store(seg_log2w_ptr + at, carry_m + tl.log2(carry_s))
     tl.store(seg_low_ptr + at, low_m + tl.log2(low_s))
     tl.store(seg_wv_ptr + at, wv_m + tl.log2(wv_s))
+    tl.store(seg_vmax_ptr + work * SEGMENTS + segment, carry_v)

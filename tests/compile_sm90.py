@@ -24,12 +24,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from art_runtime.decode import MERGE_TILE_ELEMENTS  # noqa: E402
+from art_runtime.decode import MERGE_TILE_ELEMENTS, tail_order_warps  # noqa: E402
 from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  # noqa: E402
 from art_runtime.kernels.h2o_state import h2o_observe_kernel, h2o_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_bounds import (block_mass_estimate_kernel, block_suffix_kernel,  # noqa: E402
                                              page_mass_estimate_kernel, page_sketch_bound_kernel,
-                                             segment_carry_kernel)
+                                             segment_carry_kernel, tail_order_kernel, tail_suffix_kernel)
 from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
@@ -143,7 +143,9 @@ def main():
                            dict(common, TILE=max(16, 256 // page_pow2), SEGMENTS_POW2=4,
                                 DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
                            dict(int_ptrs, **SKETCH_PTRS, q_ptr=dtype))
-            count += 4
+            compile_kernel(tail_suffix_kernel, dict(NUM_KV_HEADS=2, GROUP_PAD=group_pad, TILE=32, SEG_PAGES=64,
+                                                    SEGMENTS=segments), dict(int_ptrs, visit_perm_ptr="i64"))
+            count += 5
         if mode == 2:
             compile_kernel(quest_page_scores_kernel,
                            dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_D=min(64, dim),
@@ -155,6 +157,11 @@ def main():
                                                   CHUNKS=MERGE_TILE_ELEMENTS // dim),
                            dict(int_ptrs, out_ptr=dtype))
             count += 1
+    for width_pow2 in (16, 2048, 8192):  # decode.BatchARTDecodeWrapper._run_bound_prepass
+        compile_kernel(tail_order_kernel, dict(WIDTH_POW2=width_pow2),
+                       dict(int_ptrs, visit_perm_ptr="i64", run_phys_ptr="i32", run_tokens_ptr="i32",
+                            run_pages_ptr="i32"), num_warps=tail_order_warps(width_pow2))
+        count += 1
     for dtype, page, dim in [("bf16", 1, 64), ("fp16", 3, 128), ("fp32", 16, 256), ("bf16", 64, 128)]:
         ptrs = dict(int_ptrs, **SKETCH_PTRS, key_ptr=dtype, value_ptr=dtype, kmin_ptr="fp8e4nv", kmax_ptr="fp8e4nv")
         compile_kernel(page_metadata_update_kernel,

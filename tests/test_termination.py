@@ -261,6 +261,14 @@ def test_bound_kernel_and_torch_backend_agree(device):
     _, triton_stats = run(case, "triton", termination)
     assert torch.equal(torch_stats.visited_pages, triton_stats.visited_pages)
     assert (torch_stats.visited_pages > 2).any()
+    # Both visit the tails after the cut in the same order (the sink and current page first).
+    assert torch.equal(torch_stats.selection.pages.cpu(), triton_stats.selection.pages.cpu())
+    planned = dense_selection(case.kv_indptr.cpu(), case.num_kv_heads).pages
+    assert not torch.equal(torch_stats.selection.pages.cpu(), planned)
+    rows = torch_stats.selection.indptr.cpu()
+    for r in range(len(rows) - 1):
+        visited, policy = torch_stats.selection.pages.cpu()[rows[r]:rows[r + 1]], planned[rows[r]:rows[r + 1]]
+        assert torch.equal(visited[:2], policy[:2]) and torch.equal(visited.sort().values, policy.sort().values)
 
 
 def test_min_pages_is_always_read(device):
@@ -279,7 +287,7 @@ PREPASS_LAYOUTS = [(8, 64), (None, 16)]
 def test_bound_suffix_terms_agree_between_backends(chunk_pages, segment_pages, device, monkeypatch):
     """The Triton bound pre-pass writes what the torch backend computes."""
     import art_runtime.decode
-    from art_runtime.reference import bound_terms_torch
+    from art_runtime.reference import bound_terms_torch, tail_start
 
     monkeypatch.setattr(art_runtime.decode, "SEGMENT_PAGES", segment_pages)
     # A late dominating page keeps a whole row's cut at its end; split rows cut inside chunks.
@@ -302,6 +310,47 @@ def test_bound_suffix_terms_agree_between_backends(chunk_pages, segment_pages, d
     assert (terms.log2_rest_mass[~sketched] == float("inf")).all()
     assert torch.allclose(wrapper._vrest, terms.value_rest, rtol=1e-6)
     assert (terms.log2_rest_mass_low <= terms.log2_rest_mass).all()
+    # Both visit the tails after the cut in the order of their mass bounds, and the kernel reads that order.
+    plan = wrapper._plan
+    assert not torch.equal(terms.visit_perm, torch.arange(plan.nnz, device=device))
+    first_free = tail_start(plan, terms.sketch_pages)  # the cut, but never inside the first min_pages
+    for start, end, free, row, sketched_pages in zip(plan.work_start.tolist(), plan.work_end.tolist(),
+                                                     first_free.tolist(), plan.work_row.tolist(),
+                                                     terms.sketch_pages.tolist()):
+        assert max(start, end - sketched_pages) <= free <= end
+        assert free >= int(plan.row_start[row]) + termination.min_pages or free == end
+        assert terms.visit_perm[start:free].tolist() == list(range(start, free))
+        assert sorted(terms.visit_perm[free:end].tolist()) == list(range(free, end))
+    assert torch.equal(wrapper._visit_phys, plan.visit_phys[terms.visit_perm])
+    assert torch.equal(wrapper._visit_tokens, plan.visit_tokens[terms.visit_perm])
+    assert torch.equal(wrapper.last_stats.selection.pages, wrapper._selection.pages[terms.visit_perm])
+
+
+def test_tail_visit_order_sorts_each_tail_and_keeps_the_rest():
+    """``tail_visit_order`` on work items with gaps between them (fixed-capacity plans), ties,
+    infinite and NaN keys, and tails that start at, inside and past the item: each tail by its
+    key, largest first, ties by position; every other position in place."""
+    from types import SimpleNamespace
+
+    from art_runtime.reference import tail_visit_order
+
+    gen = torch.Generator().manual_seed(5)
+    starts = torch.tensor([0, 9, 30, 31, 60], dtype=torch.int32)
+    ends = torch.tensor([9, 28, 31, 59, 61], dtype=torch.int32)
+    first = torch.tensor([3, 9, 31, 40, 60])
+    plan = SimpleNamespace(work_start=starts, work_end=ends, max_work_blocks=7, block_pages=4, nnz=64)
+    key = torch.randint(-3, 4, (64,), generator=gen).float() * 0.75  # many ties
+    key[45] = float("-inf")
+    key[50] = float("nan")  # no bound known: first in its tail
+    perm = tail_visit_order(plan, key, first)
+    key[50] = float("inf")
+    covered = torch.zeros(64, dtype=torch.bool)
+    for start, end, tail in zip(starts.tolist(), ends.tolist(), first.tolist()):
+        covered[start:end] = True
+        assert perm[start:tail].tolist() == list(range(start, tail))
+        expected = sorted(range(tail, end), key=lambda p: (-float(key[p]), p))
+        assert perm[tail:end].tolist() == expected
+    assert torch.equal(perm[~covered], torch.arange(64)[~covered])
 
 
 @pytest.mark.parametrize("chunk_pages,page_size,block_pages", [(None, 16, 8), (24, 16, 8), (12, 5, 3), (None, 1, 128)])
