@@ -17,9 +17,14 @@ bytes are recounted as high planes of every sketched page plus low planes of the
 (grid included once). ``share`` 0 refines every page (the shipped 8-bit sketch, as a check),
 ``inf`` none (a 4-bit sketch).
 
+Written before the tail order shipped: its pre-pass keeps the plan's order unless
+``--reorder-tail`` is given, so its share-0 rows are the bound as it was then (the numbers in
+``benchmarks/results/sketch_refine_2026-11-27/``).
+
 Two more levers of the same pre-pass: ``--reorder-tail`` visits each work item's pages after the
 cut by their sketch bound of the group's mass, largest first (the pre-pass bounds exactly those
-pages, so the order costs no bytes; the kernel would need a segmented sort there), and
+pages, so the order costs no bytes; shipped since, keyed by that bound times the page's value
+norm: ``reference.tail_visit_order``, ``benchmarks/results/tail_order_2026-11-27/``), and
 ``--cut-shares`` moves the cut (sketching from where every head's estimated unread share is at
 most that many eps). Not the shipped code.
 """
@@ -100,7 +105,7 @@ def two_level_bound_terms(plan, q, page_meta, share: float, reorder_tail: bool =
         (_suffix_log2_sum(plan, upper) + LOG2_SLACK).masked_fill(before_cut, float("inf")), _suffix_max(plan, vnorm),
         (_suffix_log2_sum(plan, lower) - LOG2_SLACK).masked_fill(before_cut, float("-inf")),
         (_suffix_log2_sum(plan, upper + torch.log2(vnorm)[:, None]) + LOG2_SLACK).masked_fill(before_cut, float("inf")),
-        (ends - cut).to(torch.int32),
+        (ends - cut).to(torch.int32), torch.arange(plan.nnz),  # the order of the (permuted) plan
     )
 
 
