@@ -575,8 +575,11 @@ class BatchARTDecodeWrapper:
             BLOCK_D=min(ESTIMATE_BLOCK_D, plan.head_dim), TILE=estimate_tile, TENSOR_CORES=dot_in_input_dtype,
             **common,
         )
-        carry = dict(GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad, TILE=estimate_tile, SEG_PAGES=seg_pages,
-                     SEGMENTS=segments, SEGMENTS_POW2=next_power_of_two(segments))
+        # The scans after the sketch kernel carry only the group's lanes (rounded up to a power of
+        # two), not GROUP_PAD's (tl.dot's 16 rows): the decode check reads no other.
+        lanes = next_power_of_two(plan.group_size)
+        carry = dict(GROUP_SIZE=plan.group_size, GROUP_PAD=group_pad, LANES=lanes, TILE=estimate_tile,
+                     SEG_PAGES=seg_pages, SEGMENTS=segments, SEGMENTS_POW2=next_power_of_two(segments))
         segment_carry_kernel[grid](
             self._log2w, self._log2w_low, self._log2wv, self._vrest, seg_est, seg_est, seg_est, seg_vmax,
             plan.work_start, plan.work_end, 0.0, CERTIFIED=False, **carry,
@@ -604,8 +607,8 @@ class BatchARTDecodeWrapper:
             page_meta.value_norm_max, self._visit_perm, self._visit_phys, plan.work_row, plan.work_start, plan.work_end,
             self._sketch_pages, page_upper, page_lower, self._log2w, self._log2w_low, self._log2wv, self._vrest,
             *seg_bounds, seg_vmax, page_meta.value_norm_max.stride(0), VALUE_NORM_SCALE,
-            NUM_KV_HEADS=plan.num_kv_heads, GROUP_PAD=group_pad, TILE=TAIL_SUFFIX_TILE, SEG_PAGES=seg_pages,
-            SEGMENTS=segments,
+            NUM_KV_HEADS=plan.num_kv_heads, GROUP_PAD=group_pad, LANES=lanes, TILE=TAIL_SUFFIX_TILE,
+            SEG_PAGES=seg_pages, SEGMENTS=segments,
         )
         segment_carry_kernel[grid](
             self._log2w, self._log2w_low, self._log2wv, self._vrest, *seg_bounds, seg_vmax,

@@ -130,21 +130,22 @@ def main():
         if mode == 2 and not split:
             page_pow2 = 1 << (page - 1).bit_length()
             segments = 3
+            lanes = 1 << (group - 1).bit_length()  # decode: next_power_of_two(group_size)
             common = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, SEG_PAGES=64,
                           SEGMENTS=segments)
             compile_kernel(page_mass_estimate_kernel, dict(common, BLOCK_D=min(64, dim), TILE=32,
                                                            TENSOR_CORES=dtype != "fp32"),
                            box_ptrs)
             for certified in (False, True):
-                compile_kernel(segment_carry_kernel, dict(GROUP_SIZE=group, GROUP_PAD=group_pad, TILE=32, SEG_PAGES=64,
-                                                          SEGMENTS=segments, SEGMENTS_POW2=4, CERTIFIED=certified),
-                               int_ptrs)
+                compile_kernel(segment_carry_kernel, dict(GROUP_SIZE=group, GROUP_PAD=group_pad, LANES=lanes, TILE=32,
+                                                          SEG_PAGES=64, SEGMENTS=segments, SEGMENTS_POW2=4,
+                                                          CERTIFIED=certified), int_ptrs)
             compile_kernel(page_sketch_bound_kernel,
                            dict(common, TILE=max(16, 256 // page_pow2), SEGMENTS_POW2=4,
                                 DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
                            dict(int_ptrs, **SKETCH_PTRS, q_ptr=dtype))
-            compile_kernel(tail_suffix_kernel, dict(NUM_KV_HEADS=2, GROUP_PAD=group_pad, TILE=32, SEG_PAGES=64,
-                                                    SEGMENTS=segments), dict(int_ptrs, visit_perm_ptr="i64"))
+            compile_kernel(tail_suffix_kernel, dict(NUM_KV_HEADS=2, GROUP_PAD=group_pad, LANES=lanes, TILE=32,
+                                                    SEG_PAGES=64, SEGMENTS=segments), dict(int_ptrs, visit_perm_ptr="i64"))
             count += 5
         if mode == 2:
             compile_kernel(quest_page_scores_kernel,
