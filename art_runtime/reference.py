@@ -159,8 +159,8 @@ def tail_visit_order(plan: DecodePlan, key: torch.Tensor, tail_first: torch.Tens
     position first); every other position keeps its place. The key (``tail_key``) comes from
     the certified upper bounds of the pages' masses, which the pre-pass has for exactly those
     pages: the unread bound then falls fastest, at no extra bytes. One stable segmented sort
-    of 32-bit keys, no host synchronization (CUDA-graph capturable); both backends call it, so
-    they visit alike given alike keys.
+    of 32-bit keys, no host synchronization: the torch backend's order, and the oracle of the
+    Triton backend's ``kernels/page_bounds.tail_order_kernel``.
     """
     starts, ends = plan.work_start.long(), plan.work_end.long()
     width = plan.max_work_blocks * plan.block_pages  # at least every work item's length
@@ -185,8 +185,9 @@ def tail_key(log2_upper: torch.Tensor, value_norm: torch.Tensor) -> torch.Tensor
     """``[n]`` the sort key of ``tail_visit_order``: base-2 log of pages' bound of ``sum_g W_jg V_j``
     (the group's mass times the page's largest value norm, what each page adds to the bound's
     error term (b)), from the per-head upper mass bounds ``[n, G]`` (base 2) and ``V_j [n]``.
-    Measured against the mass alone and against shares of each head's estimated total on the
-    shared captures: within half a point of pages, this one best (benchmarks/results/tail_order_2026-11-27)."""
+    Against the mass alone and shares of each head's estimated total, on the shared captures:
+    all within half a point, this one the better on both Qwen layers
+    (benchmarks/results/tail_order_2026-11-27)."""
     return torch.logsumexp(log2_upper / LOG2E, dim=-1) * LOG2E + torch.log2(value_norm)
 
 
