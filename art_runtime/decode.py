@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from .backend import resolve_backend, tensor_core_dots, triton_interpreter_enabled
-from .kernels.page_bounds import POSITION_BITS as TAIL_ORDER_POSITION_BITS
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
 from .plan import DecodePlan, build_plan, group_tile, next_power_of_two
@@ -274,10 +273,6 @@ class BatchARTDecodeWrapper:
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
             termination, float(sm_scale), selection, chunk_pages, parallel_programs, tile_tokens(head_dim),
         )
-        longest_item = plan.max_work_blocks * plan.block_pages
-        if termination.mode == "bound" and longest_item >= 1 << TAIL_ORDER_POSITION_BITS.value:
-            raise ValueError(f"chunk_pages: bound orders work items of fewer than 2^{TAIL_ORDER_POSITION_BITS.value} "
-                             "pages; pass a smaller chunk_pages with relative_to='values'")
         self._plan = plan
         # Launch order matters only when the work items run in more than one wave.
         self._longest_first = LONGEST_FIRST and termination.mode == "mass" and plan.num_work > parallel_programs

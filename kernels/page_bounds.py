@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .page_scoring import box_log2_mass
+from .page_selection import float_order, unique_order_key
 
 # Relative margin added to every logit bound, covering fp32 rounding of both this dot
 # product and the decode kernel's (a D-term sum has relative error below D * 2^-24).
@@ -404,11 +405,6 @@ def page_sketch_bound_kernel(
         tl.store(tail_key_ptr + pos, key, mask=ok)
 
 
-# Low bits of tail_order_kernel's sort keys, for the position (work items up to 2^24 pages).
-POSITION_BITS = tl.constexpr(24)
-POSITION_MASK = tl.constexpr((1 << 24) - 1)
-
-
 @triton.jit
 def tail_order_kernel(
     tail_key_ptr, sketch_pages_ptr,     # in: [nnz] page_sketch_bound_kernel's keys, [W] its sketched pages
@@ -422,7 +418,7 @@ def tail_order_kernel(
     """``art_runtime.reference.tail_visit_order`` for one work item (program): its positions from
     the cut on (never inside the row's first ``min_pages``) by their key, largest first, ties
     (and NaN, as +inf) by position; the others in place. One bitonic sort of unique 64-bit
-    keys: the key's float order above, the position below."""
+    keys (``page_selection.unique_order_key``): the key's float order above, the position below."""
     work = tl.program_id(0)
     start = tl.load(work_start_ptr + work)
     end = tl.load(work_end_ptr + work)
@@ -433,15 +429,12 @@ def tail_order_kernel(
     valid = pos < end
     tail = valid & (pos >= first)
     key = tl.load(tail_key_ptr + pos, mask=tail, other=0.0)
-    key = tl.where(key != key, float("inf"), key)
-    bits = key.to(tl.int32, bitcast=True)
-    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # signed order = float order
-    # Before the tail: above every key, in place; past the end: below every key.
-    above = tl.full([WIDTH_POW2], 1 << 31, tl.int64)
-    high = tl.where(tail, ordered, tl.where(valid, above, -above - 1))  # 33 bits
-    packed = (high << POSITION_BITS) | (WIDTH_POW2 - 1 - offset).to(tl.int64)
-    ranked = tl.sort(packed, descending=True)
-    source = start + (WIDTH_POW2 - 1 - (ranked & POSITION_MASK)).to(tl.int32)
+    ordered = float_order(tl.where(key != key, float("inf"), key))
+    # Before the tail: above every key (+inf's order key is below 2^31 - 1), in place; past the
+    # end: below every key (-inf's is above -2^31).
+    ordered = tl.where(tail, ordered, tl.where(valid, 2147483647, -2147483648))
+    ranked = tl.sort(unique_order_key(ordered, offset, WIDTH_POW2), descending=True)
+    source = start + (WIDTH_POW2 - 1 - (ranked & 0xFFFFFFFF)).to(tl.int32)
     tl.store(visit_perm_ptr + pos, source, mask=valid)
     tl.store(run_phys_ptr + pos, tl.load(visit_phys_ptr + source, mask=valid, other=0), mask=valid)
     tl.store(run_tokens_ptr + pos, tl.load(visit_tokens_ptr + source, mask=valid, other=0), mask=valid)

@@ -29,8 +29,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _unique_key(ordered, pos, WIDTH_POW2: tl.constexpr):
-    """64-bit keys in the order of the 32-bit order keys, ties to the lower position first."""
+def float_order(x):
+    """int32 keys in the order of float32 ``x`` (two's-complement order = float order)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def unique_order_key(ordered, pos, WIDTH_POW2: tl.constexpr):
+    """64-bit keys in the order of the 32-bit order keys, ties to the lower position first
+    (``pos`` in ``[0, WIDTH_POW2)``: the low half is ``WIDTH_POW2 - 1 - pos``)."""
     return (ordered.to(tl.int64) << 32) | (WIDTH_POW2 - 1 - pos).to(tl.int64)
 
 
@@ -80,12 +88,11 @@ def select_top_pages_kernel(
     forced = present & ((pos == 0) | (pos == num_pages - 1))
     score = tl.load(scores_ptr + row * stride_sr + pos, mask=present, other=float("-inf"))
     score = tl.minimum(score, 3.4028232635611926e38)  # below the forced pages' scores, even +inf
-    bits = tl.where(pos == num_pages - 1, 3.4028234663852886e38, score)  # the current page: second
-    bits = tl.where(pos == 0, float("inf"), bits).to(tl.int32, bitcast=True)  # the sink: first
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 order = float order
+    score = tl.where(pos == num_pages - 1, 3.4028234663852886e38, score)  # the current page: second
+    ordered = float_order(tl.where(pos == 0, float("inf"), score))  # the sink: first
     k = tl.arange(0, KEPT_POW2)
     if KEEP_ALL:  # KEPT_POW2 == WIDTH_POW2: the whole row, in registers
-        chosen = tl.sort(tl.where(present, _unique_key(ordered, pos, WIDTH_POW2), -9223372036854775808),
+        chosen = tl.sort(tl.where(present, unique_order_key(ordered, pos, WIDTH_POW2), -9223372036854775808),
                          descending=True)
     else:
         # Narrow the pages that are not forced down to an edge of at most EDGE pages that holds
@@ -111,7 +118,7 @@ def select_top_pages_kernel(
         # Compact: the sure pages into the row's first slots, and of the edge the `need` highest:
         # ranked among themselves by pairwise comparison, or, when all its keys are equal, in
         # position order (one scan counts both sets: sure in the high word, edge in the low).
-        unique_key = _unique_key(ordered, pos, WIDTH_POW2)
+        unique_key = unique_order_key(ordered, pos, WIDTH_POW2)
         counts = tl.cumsum((sure.to(tl.int64) << 32) | edge.to(tl.int64), 0)
         edge_rank = (counts & 0xFFFFFFFF).to(tl.int32)  # 1-based, in position order
         row_keys = keys_ptr + row * (KEPT_POW2 + EDGE)
