@@ -181,29 +181,37 @@ class PageMetadata:
         ``[max_pages, H_kv]`` float32 power of two; 0 for a page that holds no token.
     value_norm_max : torch.Tensor
         ``[max_pages, H_kv]`` float32: the largest ``|v|`` of the page's tokens (0: no token).
-    key_codes : torch.Tensor
+    key_codes : torch.Tensor or None
         ``[max_pages, H_kv, page_size, D]`` uint8: each token's key sketch, a cell index per
-        dimension.
-    key_grid_base, key_grid_exponent : torch.Tensor
+        dimension; ``None`` in metadata allocated without the sketch (``allocate(sketch=False)``).
+    key_grid_base, key_grid_exponent : torch.Tensor or None
         ``[max_pages, H_kv, D]`` int16 and int8: the sketch grid of each (page, head, dim),
         step ``s = 2^exponent`` and base ``base * s``: a token with code ``c`` has its key in
         ``[(base + c) s, (base + c + 1) s]`` (``build_key_sketch``; ``key_cells`` decodes).
+        ``None`` with ``key_codes``.
     page_size : int
         Tokens per page of the cache these pages belong to.
+
+    Only termination mode ``bound`` reads the sketch, and it is most of the metadata's memory
+    (``stored_bytes_per_page``: 1216 of 1352 bytes a page and KV head at page size 16 and
+    D 64; all of it is 33% on top of the page's fp16 K and V, 3.3% without the sketch), so a
+    server that runs another mode allocates none.
     """
 
     key_min: torch.Tensor
     key_max: torch.Tensor
     key_scale: torch.Tensor
     value_norm_max: torch.Tensor
-    key_codes: torch.Tensor
-    key_grid_base: torch.Tensor
-    key_grid_exponent: torch.Tensor
+    key_codes: torch.Tensor | None
+    key_grid_base: torch.Tensor | None
+    key_grid_exponent: torch.Tensor | None
     page_size: int
 
     @classmethod
-    def allocate(cls, max_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *, device) -> "PageMetadata":
-        """Empty metadata for a cache of ``max_pages`` pages of ``page_size`` tokens."""
+    def allocate(cls, max_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *, device,
+                 sketch: bool = True) -> "PageMetadata":
+        """Empty metadata for a cache of ``max_pages`` pages of ``page_size`` tokens; the key
+        sketch (what termination mode ``bound`` reads) only if ``sketch``."""
         # min and max of a (page, head) side by side: scoring reads 2 * D contiguous bytes.
         boxes = torch.zeros(max_pages, num_kv_heads, 2, head_dim, dtype=KEY_BOX_DTYPE, device=device)
         return cls(
@@ -212,23 +220,40 @@ class PageMetadata:
             key_max=boxes[:, :, 1],
             key_scale=torch.zeros(max_pages, num_kv_heads, dtype=torch.float32, device=device),
             value_norm_max=torch.zeros(max_pages, num_kv_heads, dtype=torch.float32, device=device),
-            key_codes=torch.zeros(max_pages, num_kv_heads, page_size, head_dim, dtype=torch.uint8, device=device),
-            key_grid_base=torch.zeros(max_pages, num_kv_heads, head_dim, dtype=torch.int16, device=device),
-            key_grid_exponent=torch.zeros(max_pages, num_kv_heads, head_dim, dtype=torch.int8, device=device),
+            key_codes=torch.zeros(max_pages, num_kv_heads, page_size, head_dim, dtype=torch.uint8, device=device)
+            if sketch else None,
+            key_grid_base=torch.zeros(max_pages, num_kv_heads, head_dim, dtype=torch.int16, device=device)
+            if sketch else None,
+            key_grid_exponent=torch.zeros(max_pages, num_kv_heads, head_dim, dtype=torch.int8, device=device)
+            if sketch else None,
         )
+
+    @staticmethod
+    def stored_bytes_per_page(page_size: int, head_dim: int, sketch: bool = True) -> int:
+        """Memory of one (page, KV head)'s summaries, as ``allocate`` lays them out: the fp8 key
+        box, its scale and the value norm, plus the sketch's codes and grid if ``sketch``."""
+        summaries = 2 * head_dim * KEY_BOX_DTYPE.itemsize + 4 + 4
+        return summaries + ((page_size + 3) * head_dim if sketch else 0)
+
+    @property
+    def has_sketch(self) -> bool:
+        """Whether the key sketch is stored (``allocate(sketch=True)``)."""
+        return self.key_codes is not None
 
     def clone(self) -> "PageMetadata":
         """A copy, with the same layout."""
         copy = PageMetadata.allocate(*self.key_scale.shape[:1], self.page_size, *self.key_min.shape[1:],
-                                     device=self.key_scale.device)
+                                     device=self.key_scale.device, sketch=self.has_sketch)
         copy.copy_pages_from(self)
         return copy
 
     def copy_pages_from(self, other: "PageMetadata") -> None:
         """Copy ``other``'s summaries into this metadata's first pages (e.g. after growing a pool)."""
+        if self.has_sketch and not other.has_sketch:
+            raise ValueError("other has no key sketch to copy into this metadata's (allocate it with sketch=True)")
         count = other.key_scale.shape[0]
-        for name in ("key_min", "key_max", "key_scale", "value_norm_max", "key_codes", "key_grid_base",
-                     "key_grid_exponent"):
+        names = ("key_min", "key_max", "key_scale", "value_norm_max")
+        for name in names + (("key_codes", "key_grid_base", "key_grid_exponent") if self.has_sketch else ()):
             getattr(self, name)[:count] = getattr(other, name)
 
     def key_bounds(self, pages: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +278,8 @@ class PageMetadata:
         self.key_grid_exponent[pages] = exponent
 
     @classmethod
-    def from_cache(cls, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout="NHD") -> "PageMetadata":
+    def from_cache(cls, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout="NHD", *,
+                   sketch: bool = True) -> "PageMetadata":
         """Build metadata by reading every page of the page table once (the slow path).
 
         Parameters
@@ -267,11 +293,13 @@ class PageMetadata:
         kv_last_page_len : torch.Tensor
             ``[B]`` int32, 1..page_size.
         kv_layout : {"NHD", "HND"}
+        sketch : bool
+            Build the key sketch too (what termination mode ``bound`` reads).
         """
         k_cache, v_cache = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
         max_pages, page_size, num_kv_heads, head_dim = cache_geometry(paged_kv_cache, kv_layout)
         validate_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size, max_pages)
-        meta = cls.allocate(max_pages, page_size, num_kv_heads, head_dim, device=k_cache.device)
+        meta = cls.allocate(max_pages, page_size, num_kv_heads, head_dim, device=k_cache.device, sketch=sketch)
         num_pages = int(kv_indptr[-1])
         listed = kv_indices[:num_pages].long()
         if kv_layout == "HND":
@@ -292,7 +320,8 @@ class PageMetadata:
         meta._store_boxes(pages, lo, hi, key_box_scale(torch.maximum(lo.abs(), hi.abs()).amax(-1)))
         meta.value_norm_max[pages] = values.norm(dim=-1).masked_fill(~valid[..., 0], 0.0).amax(1)
         token_ok = valid[:, :, 0, 0]
-        meta._store_sketch(pages, keys, torch.ones_like(token_ok), token_ok, torch.zeros_like(lo))
+        if sketch:
+            meta._store_sketch(pages, keys, torch.ones_like(token_ok), token_ok, torch.zeros_like(lo))
         return meta
 
     def _store_boxes(self, pages, lo, hi, scale) -> None:
@@ -327,15 +356,18 @@ class PageMetadata:
         if triton_runs_on(append_key.device):
             from .kernels.page_metadata import page_metadata_update_kernel
 
+            # Without a sketch the kernel's sketch arguments are never read (SKETCH is off).
+            codes, base, exponent = ((self.key_codes, self.key_grid_base, self.key_grid_exponent) if self.has_sketch
+                                     else (self.key_scale,) * 3)
             page_metadata_update_kernel[(nnz, append_key.shape[1])](
                 append_key, append_value, batch_indices, positions, append_indptr,
                 kv_indices, kv_indptr, self.key_min, self.key_max, self.key_scale, self.value_norm_max,
-                self.key_codes, self.key_grid_base, self.key_grid_exponent, nnz,
+                codes, base, exponent, nnz,
                 append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
                 self.key_min.stride(0), self.key_min.stride(1), self.key_scale.stride(0),
-                self.key_codes.stride(0), self.key_codes.stride(1), self.key_grid_base.stride(0),
-                self.key_grid_base.stride(1),
+                codes.stride(0), codes.stride(1), base.stride(0), base.stride(1),
                 PAGE_SIZE=page_size, PAGE_SIZE_POW2=next_power_of_two(page_size), HEAD_DIM=append_key.shape[2],
+                SKETCH=self.has_sketch,
             )
         else:
             self._update_torch(append_key, append_value, batch_indices, positions, kv_indices, kv_indptr, page_size)
@@ -364,6 +396,8 @@ class PageMetadata:
         norms = torch.zeros(touched.numel(), heads, device=keys.device).scatter_reduce(
             0, inverse[:, None].expand(-1, heads), append_value.float().norm(dim=-1), "amax")
         self.value_norm_max[touched] = torch.where(keep[..., 0], torch.maximum(self.value_norm_max[touched], norms), norms)
+        if not self.has_sketch:
+            return
         # The sketch: the page's old tokens (slots before its first new one) as their cells, the new as keys.
         slots = (positions % page_size).long()
         first_new = torch.full((touched.numel(),), page_size, dtype=torch.long, device=keys.device).scatter_reduce(
@@ -383,7 +417,9 @@ class PageMetadata:
         return 2 * self.key_min.shape[-1] * self.key_min.element_size() + self.key_scale.element_size()
 
     def key_sketch_bytes_per_page(self) -> int:
-        """Bytes of key sketch per (page, KV head): the codes and the grid."""
+        """Bytes of key sketch per (page, KV head): the codes and the grid (0 without a sketch)."""
+        if not self.has_sketch:
+            return 0
         return (self.key_codes[0, 0].numel() * self.key_codes.element_size()
                 + self.key_grid_base.shape[-1] * (self.key_grid_base.element_size()
                                                   + self.key_grid_exponent.element_size()))

@@ -7,9 +7,10 @@ overwrites it when the page starts fresh (slot 0). Pages of different requests a
 disjoint, so no two programs write the same page: no atomics, deterministic, and nothing
 of the cache is re-read. Boxes are rounded outward onto the fp8 grid of a power-of-two scale
 per (page, head), exactly as ``art_runtime.page_metadata.quantize_key_box`` does (every step
-is exact in fp32, so the two agree bit for bit). The key sketch is rebuilt from the page's old
-cells and its new keys exactly as ``art_runtime.page_metadata.build_key_sketch`` does (powers
-of two and exact corrections again: bit for bit).
+is exact in fp32, so the two agree bit for bit). The key sketch, where the metadata stores one
+(``SKETCH``), is rebuilt from the page's old cells and its new keys exactly as
+``art_runtime.page_metadata.build_key_sketch`` does (powers of two and exact corrections
+again: bit for bit).
 """
 
 import triton
@@ -111,12 +112,13 @@ def page_metadata_update_kernel(
     kv_indices_ptr, kv_indptr_ptr,  # page table (int32)
     kmin_ptr, kmax_ptr,            # [max_pages, H_kv, D] fp8 boxes
     kscale_ptr, vnorm_ptr,         # [max_pages, H_kv] fp32 box scales and value norms
-    codes_ptr,                     # [max_pages, H_kv, PAGE_SIZE, D] uint8 key sketch
-    base_ptr, exponent_ptr,        # [max_pages, H_kv, D] int16 / int8 sketch grid
+    codes_ptr,                     # [max_pages, H_kv, PAGE_SIZE, D] uint8 key sketch (if SKETCH)
+    base_ptr, exponent_ptr,        # [max_pages, H_kv, D] int16 / int8 sketch grid (if SKETCH)
     nnz,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_mp, stride_mh, stride_np, stride_cp, stride_ch, stride_gp, stride_gh,
     PAGE_SIZE: tl.constexpr, PAGE_SIZE_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SKETCH: tl.constexpr,          # whether the metadata stores the key sketch
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -155,14 +157,15 @@ def page_metadata_update_kernel(
         box_max = _round_outward_to_e4m3(new_max * inv_scale, UP=True)
         tl.store(kmin_ptr + meta_offsets, box_min.to(kmin_ptr.dtype.element_ty))
         tl.store(kmax_ptr + meta_offsets, box_max.to(kmax_ptr.dtype.element_ty))
-        codes, base, exponent = _key_sketch(
-            key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
-            stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh, HEAD_DIM, PAGE_SIZE_POW2)
-        slots = tl.arange(0, PAGE_SIZE_POW2)
-        tl.store(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HEAD_DIM + dims[None, :],
-                 codes.to(codes_ptr.dtype.element_ty), mask=(slots < PAGE_SIZE)[:, None])
-        grid = page * stride_gp + head * stride_gh + dims
-        tl.store(base_ptr + grid, base.to(base_ptr.dtype.element_ty))
-        tl.store(exponent_ptr + grid, exponent.to(exponent_ptr.dtype.element_ty))
+        if SKETCH:
+            codes, base, exponent = _key_sketch(
+                key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
+                stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh, HEAD_DIM, PAGE_SIZE_POW2)
+            slots = tl.arange(0, PAGE_SIZE_POW2)
+            tl.store(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HEAD_DIM + dims[None, :],
+                     codes.to(codes_ptr.dtype.element_ty), mask=(slots < PAGE_SIZE)[:, None])
+            grid = page * stride_gp + head * stride_gh + dims
+            tl.store(base_ptr + grid, base.to(base_ptr.dtype.element_ty))
+            tl.store(exponent_ptr + grid, exponent.to(exponent_ptr.dtype.element_ty))
         tl.store(kscale_ptr + scalar_offset, scale)
         tl.store(vnorm_ptr + scalar_offset, new_vnorm)

@@ -163,10 +163,13 @@ def main():
                        dict(int_ptrs, visit_perm_ptr="i64", run_phys_ptr="i32", run_tokens_ptr="i32",
                             run_pages_ptr="i32"), num_warps=tail_order_warps(width_pow2))
         count += 1
-    for dtype, page, dim in [("bf16", 1, 64), ("fp16", 3, 128), ("fp32", 16, 256), ("bf16", 64, 128)]:
-        ptrs = dict(int_ptrs, **SKETCH_PTRS, key_ptr=dtype, value_ptr=dtype, kmin_ptr="fp8e4nv", kmax_ptr="fp8e4nv")
-        compile_kernel(page_metadata_update_kernel,
-                       dict(PAGE_SIZE=page, PAGE_SIZE_POW2=1 << (page - 1).bit_length(), HEAD_DIM=dim), ptrs)
+    for dtype, page, dim, sketch in [("bf16", 1, 64, True), ("fp16", 3, 128, True), ("fp32", 16, 256, True),
+                                     ("bf16", 64, 128, True), ("bf16", 16, 128, False)]:
+        # without a sketch PageMetadata.update passes its fp32 key scales for the sketch pointers
+        sketch_ptrs = SKETCH_PTRS if sketch else dict.fromkeys(SKETCH_PTRS, "fp32")
+        ptrs = dict(int_ptrs, **sketch_ptrs, key_ptr=dtype, value_ptr=dtype, kmin_ptr="fp8e4nv", kmax_ptr="fp8e4nv")
+        compile_kernel(page_metadata_update_kernel, dict(PAGE_SIZE=page, PAGE_SIZE_POW2=1 << (page - 1).bit_length(),
+                                                         HEAD_DIM=dim, SKETCH=sketch), ptrs)
         count += 1
     for width_pow2, physical, keep_all in ((16, False, False), (2048, True, False), (8192, False, False),
                                            (8192, True, False), (16, True, True), (2048, True, True), (8192, False, True)):

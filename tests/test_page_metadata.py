@@ -28,14 +28,15 @@ def assert_same_metadata(meta, expected, pages):
     assert torch.equal(meta.key_min[pages].view(torch.uint8), expected.key_min[pages].view(torch.uint8))
     assert torch.equal(meta.key_max[pages].view(torch.uint8), expected.key_max[pages].view(torch.uint8))
     assert torch.allclose(meta.value_norm_max[pages], expected.value_norm_max[pages], rtol=1e-6)
-    for name in ("key_grid_base", "key_grid_exponent", "key_codes"):
+    assert meta.has_sketch == expected.has_sketch
+    for name in ("key_grid_base", "key_grid_exponent", "key_codes") if expected.has_sketch else ():
         assert torch.equal(getattr(meta, name)[pages], getattr(expected, name)[pages]), name
 
 
 class Growing:
     """Requests that grow token by token in a cache, with metadata kept current on append."""
 
-    def __init__(self, page_size, dtype, kv_layout, device, seed, use_triton):
+    def __init__(self, page_size, dtype, kv_layout, device, seed, use_triton, sketch=True):
         self.page_size, self.kv_layout, self.device = page_size, kv_layout, device
         self.gen = torch.Generator().manual_seed(seed)
         self.max_pages, self.heads, self.dim = 160, 2, 64
@@ -43,7 +44,7 @@ class Growing:
                                              device=device, kv_layout=kv_layout)
         self.cache.normal_()  # slots not yet written hold garbage, as in a real pool
         self.dtype = dtype
-        self.meta = PageMetadata.allocate(self.max_pages, page_size, self.heads, self.dim, device=device)
+        self.meta = PageMetadata.allocate(self.max_pages, page_size, self.heads, self.dim, device=device, sketch=sketch)
         self.use_triton = use_triton
         self.free = torch.randperm(self.max_pages, generator=self.gen).tolist()
         self.pages, self.lengths = [], []
@@ -87,7 +88,8 @@ class Growing:
 
     def check(self):
         indptr, indices, last = self.table()
-        expected = PageMetadata.from_cache(self.cache, indptr, indices, last, self.kv_layout)
+        expected = PageMetadata.from_cache(self.cache, indptr, indices, last, self.kv_layout,
+                                           sketch=self.meta.has_sketch)
         assert_same_metadata(self.meta, expected, indices)
 
 
@@ -112,6 +114,38 @@ def test_metadata_follows_appends_and_page_reuse(use_triton, page_size, dtype, k
     run.check()
     run.append([1, 1])
     run.check()
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_metadata_without_sketch_follows_appends(use_triton, device):
+    """Metadata allocated without the key sketch (modes other than ``bound``) keeps its boxes
+    and norms as the full build does."""
+    if use_triton and not triton_runs_on(torch.device(device)):
+        pytest.fail("the Triton path must run here (CUDA, or TRITON_INTERPRET=1 on CPU)")
+    run = Growing(16, torch.bfloat16, "NHD", device, seed=3, use_triton=use_triton, sketch=False)
+    run.add_request()
+    run.add_request()
+    run.append([37, 20])
+    run.check()
+    run.append([1, 1])
+    run.check()
+    assert run.meta.key_codes is None and run.meta.key_sketch_bytes_per_page() == 0
+
+
+@pytest.mark.parametrize("sketch", [True, False])
+@pytest.mark.parametrize("page_size, head_dim", [(16, 64), (5, 128), (1, 256)])
+def test_stored_bytes_per_page_is_what_allocate_takes(sketch, page_size, head_dim):
+    pages, heads = 7, 3
+    meta = PageMetadata.allocate(pages, page_size, heads, head_dim, device="cpu", sketch=sketch)
+    storages = {}
+    for value in vars(meta).values():
+        if isinstance(value, torch.Tensor):  # key_min and key_max share one storage
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    assert sum(storages.values()) == pages * heads * PageMetadata.stored_bytes_per_page(page_size, head_dim, sketch)
+    assert meta.clone().has_sketch == sketch
+    if not sketch:
+        with pytest.raises(ValueError, match="other has no key sketch"):
+            PageMetadata.allocate(pages, page_size, heads, head_dim, device="cpu").copy_pages_from(meta)
 
 
 def test_from_cache_matches_brute_force(device):

@@ -8,6 +8,7 @@ head_dim 64, requests of different lengths with partial last pages, pages shuffl
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from sglang.test.kits.attention_unittest.attention_methods import dense_attentio
 
 from art_runtime import BatchARTDecodeWrapper, PageMetadata  # noqa: E402
 from art_runtime.policies import get as get_policy  # noqa: E402
-from art_runtime.integrations.sglang.backend import ARTAttnBackend  # noqa: E402
+from art_runtime.integrations.sglang.backend import ARTAttnBackend, memory_per_page  # noqa: E402
 from art_runtime.integrations.sglang.options import ARTOptions  # noqa: E402
 from art_runtime.integrations.sglang.paging import page_table  # noqa: E402
 from art_runtime.integrations.sglang.telemetry import DecodeTelemetry, prometheus_counters  # noqa: E402
@@ -173,6 +174,54 @@ def test_registry_builds_art_and_refuses_page_size_one():
     assert backend.options == ARTOptions()
     with pytest.raises(ValueError, match="pass --page-size 16"):
         Scenario(page_size=1).backend("art")
+
+
+def _allocated_bytes(backend) -> int:
+    """Bytes of the backend's page metadata and policy buffers (shared storages once)."""
+    storages = {}
+    tensors = [t for meta in backend.page_meta or () for t in vars(meta).values() if isinstance(t, torch.Tensor)]
+    tensors += [t for t in vars(backend.policy).values() if isinstance(t, torch.Tensor)] if backend.policy else []
+    for t in tensors:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("options, sketch", [
+    ({"policy": "none"}, None),  # mode off, no policy: no metadata
+    ({"policy": "quest", "budget": 5}, False),  # Quest reads boxes, never the sketch
+    ({"policy": "h2o", "budget": 12}, None),  # per-page state only
+    ({"policy": "none", "mode": "mass"}, False),
+    ({"policy": "snapkv", "budget": 5, "mode": "bound"}, True),
+])
+def test_art_memory_is_counted_in_the_kv_pool(options, sketch, monkeypatch):
+    """What the backend allocates per page is ``memory_per_page``; the plugin's hook adds it to
+    SGLang's KV bytes per token (its real ``_compute_cell_size``), so the pool leaves room for it."""
+    from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+    from sglang.srt.runtime_context import get_parallel
+
+    scenario = Scenario()
+    backend = scenario.backend("art", **options)
+    per_page = memory_per_page(backend.options, PAGE, DIM)
+    assert _allocated_bytes(backend) == per_page * backend.num_layers * backend.num_pages * HKV
+    assert (backend.page_meta is not None and backend.page_meta[0].has_sketch) == bool(sketch)
+
+    layers, tp_size, kv_heads = 24, 2, 8
+    model = types.SimpleNamespace(head_dim=DIM, v_head_dim=DIM, is_draft_model=False,
+                                  get_num_kv_heads=lambda tp, dcp=1: kv_heads // tp,
+                                  hf_config=types.SimpleNamespace(architectures=["LlamaForCausalLM"]))
+    configurator = DefaultPoolConfigurator.__new__(DefaultPoolConfigurator)  # sizing only, no pool
+    configurator.kv_cache_dtype_str = "auto"
+    cells = {}
+    for attention in ("art", "triton"):
+        server = types.SimpleNamespace(attention_backend=attention, decode_attention_backend=None,
+                                       prefill_attention_backend=None, enable_hisparse=False)
+        kvc = types.SimpleNamespace(model_config=model, server_args=server, kv_cache_dtype=torch.bfloat16,
+                                    use_mla_backend=False, is_draft_worker=False, page_size=PAGE)
+        with get_parallel().override(tp_size=tp_size, attn_tp_size=tp_size, moe_tp_size=tp_size, attn_dcp_size=1,
+                                     enable_dsa_cache_layer_split=False):
+            cells[attention] = configurator._compute_cell_size(kvc, layers)
+    assert cells["triton"] == (kv_heads // tp_size) * 2 * DIM * layers * 2  # K and V, bf16
+    assert cells["art"] - cells["triton"] == -(-layers * (kv_heads // tp_size) * per_page // PAGE)
 
 
 @pytest.mark.parametrize("inputs", [random_inputs, structured_inputs])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from art_runtime import BatchARTDecodeWrapper, PageSelection, TerminationConfig
+from art_runtime import BatchARTDecodeWrapper, PageMetadata, PageSelection, TerminationConfig
 from attention_cases import make_case
 
 
@@ -82,6 +82,11 @@ def test_run_rejects_bad_caches_and_outputs(case):
         bound = BatchARTDecodeWrapper(backend="torch")
         bound.plan(*case.plan_args(), termination=TerminationConfig(mode="bound"))
         bound.run(case.q, case.cache, page_meta="not metadata")
+    without_sketch = PageMetadata.from_cache(case.cache, *case.plan_args()[:3], sketch=False)
+    with pytest.raises(ValueError, match="page_meta has no key sketch"):
+        bound.run(case.q, case.cache, page_meta=without_sketch)
+    bound.plan(*case.plan_args(), termination=TerminationConfig(mode="mass"))
+    bound.run(case.q, case.cache, page_meta=without_sketch)  # mass reads no sketch
 
 
 def test_run_before_plan_and_stats_before_run():

@@ -13,9 +13,12 @@ This module imports nothing of SGLang at import time; :func:`register` does.
 from __future__ import annotations
 
 import inspect
+import math
 
 BACKEND_NAME = "art"
 STATE_PER_PAGE = ("snapkv", "h2o")  # policies whose per-request state is kept per KV page
+# SGLang's KV bytes per token, from which it sizes the pool (ART adds its own: _count_art_memory).
+POOL_CELL_SIZE = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size"
 
 
 def uses_art(server_args) -> bool:
@@ -71,6 +74,24 @@ def _record_prefill_writes(result, backend, *args, **kwargs):
     return result
 
 
+def _count_art_memory(cell_size, configurator, kvc, num_layers, *args, **kwargs):
+    """AFTER hook of ``DefaultPoolConfigurator._compute_cell_size`` (SGLang's KV bytes per token):
+    add what ART allocates per token (``backend.memory_per_page``), so that the pool sized from
+    ``--mem-fraction-static`` leaves room for ART's page metadata instead of running out of
+    memory when the backend allocates it."""
+    if not uses_art(kvc.server_args):
+        return cell_size
+    from sglang.srt.runtime_context import get_parallel
+
+    from .backend import memory_per_page
+    from .options import resolve_options
+
+    model = kvc.model_config
+    per_page = memory_per_page(resolve_options(), kvc.page_size, model.head_dim)
+    kv_heads = model.get_num_kv_heads(get_parallel().attn_tp_size)
+    return cell_size + math.ceil(num_layers * kv_heads * per_page / kvc.page_size)
+
+
 _HYBRID_FORWARD_SIGNATURE = None
 
 
@@ -101,3 +122,4 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _validate_after_parse, HookType.AFTER)
     HookRegistry.register("sglang.srt.layers.attention.hybrid_attn_backend.HybridAttnBackend.forward",
                           _record_prefill_writes, HookType.AFTER)
+    HookRegistry.register(POOL_CELL_SIZE, _count_art_memory, HookType.AFTER)

@@ -19,6 +19,7 @@ synchronization, so both are captured in the graph.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -31,13 +32,32 @@ from art_runtime.page_metadata import PageMetadata
 from art_runtime.policies import PolicyContext
 
 from .graph_decode import StaticPlanDecodeWrapper
-from .page_state import PagedH2OPolicy, PagedSnapKVPolicy, paged_policy
+from .page_state import PagedH2OPolicy, PagedSnapKVPolicy, paged_policy, state_bytes_per_page
 from .options import ARTOptions, resolve_options
 from .paging import StaticPlanBuffers, appended_page_table, page_table, paged_view
 from .telemetry import DecodeTelemetry
 
 
 PAGE_STATE_POLICIES = (PagedH2OPolicy, PagedSnapKVPolicy)
+logger = logging.getLogger(__name__)
+
+
+def _stores_page_metadata(termination, policy) -> bool:
+    return termination.reads_page_metadata or (policy is not None and policy.per_layer)
+
+
+def memory_per_page(options: ARTOptions, page_size: int, head_dim: int) -> int:
+    """Bytes ART allocates per (layer, pool page, KV head) next to SGLang's K and V.
+
+    The page metadata, when the termination mode or the policy reads it (the key sketch only
+    for mode ``bound``: ``PageMetadata.stored_bytes_per_page``), and SnapKV's or H2O's
+    per-page state. The plugin adds it to the KV pool's cost per token, so that the pool
+    SGLang sizes from ``--mem-fraction-static`` leaves room for it.
+    """
+    termination, policy = options.termination(), options.build_policy()
+    metadata = PageMetadata.stored_bytes_per_page(page_size, head_dim, sketch=termination.mode == "bound") \
+        if _stores_page_metadata(termination, policy) else 0
+    return metadata + state_bytes_per_page(policy)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -87,11 +107,15 @@ class ARTAttnBackend(TritonAttnBackend):
                                    keys.device, self.layer_offset)
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
         self.kernel_backend = "triton" if triton_runs_on(keys.device) else "torch"
-        needs_metadata = self.termination.reads_page_metadata or (self.policy is not None and self.policy.per_layer)
         self.page_meta = [
-            PageMetadata.allocate(self.num_pages, self.page_size, self.num_kv_head, self.head_dim, device=keys.device)
+            PageMetadata.allocate(self.num_pages, self.page_size, self.num_kv_head, self.head_dim, device=keys.device,
+                                  sketch=self.termination.mode == "bound")
             for _ in range(self.num_layers)
-        ] if needs_metadata else None
+        ] if _stores_page_metadata(self.termination, self.policy) else None
+        art_bytes = memory_per_page(self.options, self.page_size, self.head_dim) * self.num_layers * self.num_pages \
+            * self.num_kv_head
+        logger.info("ART page metadata and policy state: %.2f GiB over %d pages x %d layers (counted in the KV "
+                    "pool's size)", art_bytes / 2**30, self.num_pages, self.num_layers)
         # Plan sizes: a request holds at most `width` pages, a row keeps at most `kept`.
         self.width = math.ceil(self.max_context_len / self.page_size)
         self.kept = self.width if self.policy is None else min(self.width, _budget(self.policy, self.page_size))

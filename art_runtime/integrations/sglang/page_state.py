@@ -15,6 +15,7 @@ operations on these tensors (no host synchronization), so they run inside CUDA g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -44,6 +45,7 @@ class PagedH2OPolicy(H2OPolicy):
 
     stateful = False  # no request ids: the state is keyed by page
     layout = PagePolicy.layout  # no per-request slots
+    STATE_BYTES_PER_PAGE: ClassVar[int] = 5  # per (layer, page, KV head): mass float32 + evicted bool
     mass: torch.Tensor | None = field(default=None, repr=False)
     evicted: torch.Tensor | None = field(default=None, repr=False)
     layer_offset: int = 0
@@ -104,6 +106,7 @@ class PagedSnapKVPolicy(SnapKVPolicy):
 
     stateful = False
     layout = PagePolicy.layout  # no per-request slots
+    STATE_BYTES_PER_PAGE: ClassVar[int] = 4  # per (layer, page, KV head): votes float32
     votes: torch.Tensor | None = field(default=None, repr=False)
     layer_offset: int = 0
 
@@ -145,9 +148,17 @@ class PagedSnapKVPolicy(SnapKVPolicy):
         self.votes[layer][pages] = torch.where(is_new[:, None], NO_VOTE, self.votes[layer][pages])
 
 
+_PAGED_FORMS = ((H2OPolicy, PagedH2OPolicy), (SnapKVPolicy, PagedSnapKVPolicy))
+
+
+def state_bytes_per_page(policy) -> int:
+    """Bytes of ``paged_policy(policy, ...)``'s buffers per (layer, pool page, KV head)."""
+    return next((paged.STATE_BYTES_PER_PAGE for library, paged in _PAGED_FORMS if type(policy) is library), 0)
+
+
 def paged_policy(policy, num_layers: int, num_pages: int, num_kv_heads: int, device, layer_offset: int = 0):
     """``policy`` itself, or for SnapKV and H2O their page-keyed form with its buffers allocated."""
-    for library, paged in ((H2OPolicy, PagedH2OPolicy), (SnapKVPolicy, PagedSnapKVPolicy)):
+    for library, paged in _PAGED_FORMS:
         if type(policy) is library:
             return paged.allocate(policy, num_layers, num_pages, num_kv_heads, device, layer_offset)
     return policy
