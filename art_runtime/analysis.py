@@ -582,8 +582,8 @@ def _sketch_log_mass(meta: PageMetadata, batch: CaptureBatch, b: int, scaling: f
     q = batch.q[b].view(num_kv, -1, batch.q.shape[-1])  # [H_kv, G, D]
     out = []
     for h in range(num_kv):
-        upper, _ = sketch_page_log2_mass(q[h].expand(pages, -1, -1), meta.key_codes[phys, h], meta.key_grid_base[phys, h],
-                                         meta.key_grid_exponent[phys, h], tokens, scaling * LOG2E)
+        upper, _ = sketch_page_log2_mass(q[h].expand(pages, -1, -1), meta.key_codes[phys, h],
+                                         *meta.sketch_grid(phys, h), tokens, scaling * LOG2E)
         out.append(upper.T.double() / LOG2E)  # [G, c], nats
     return torch.cat(out)  # [H_q, c]
 

@@ -586,11 +586,12 @@ class BatchARTDecodeWrapper:
         self._sketch_pages.zero_()
         page_upper, page_lower = self._page_bounds
         page_sketch_bound_kernel[grid](
-            q, page_meta.value_norm_max, page_meta.key_codes, page_meta.key_grid_base, page_meta.key_grid_exponent,
-            plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start, plan.work_end, seg_est,
-            self._log2w, self._log2w_low, self._log2wv, page_upper, page_lower, self._tail_key, self._sketch_pages,
-            q.stride(0), q.stride(1), page_meta.value_norm_max.stride(0), page_meta.key_codes.stride(0),
-            page_meta.key_codes.stride(1), page_meta.key_grid_base.stride(0), page_meta.key_grid_base.stride(1),
+            q, page_meta.value_norm_max, page_meta.key_min, page_meta.key_scale, page_meta.key_codes,
+            page_meta.key_grid_exponent, plan.visit_phys, plan.visit_tokens, plan.work_row, plan.work_start,
+            plan.work_end, seg_est, self._log2w, self._log2w_low, self._log2wv, page_upper, page_lower, self._tail_key,
+            self._sketch_pages, q.stride(0), q.stride(1), page_meta.value_norm_max.stride(0),
+            page_meta.key_min.stride(0), page_meta.key_min.stride(1), page_meta.key_codes.stride(0),
+            page_meta.key_codes.stride(1), page_meta.key_grid_exponent.stride(0), page_meta.key_grid_exponent.stride(1),
             qk_scale, VALUE_NORM_SCALE, math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
             TILE=sketch_tile, SEGMENTS_POW2=next_power_of_two(segments), DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
             PAGE_SIZE_POW2=page_size_pow2, **common,

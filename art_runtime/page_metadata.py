@@ -18,21 +18,26 @@ grids of larger power-of-two scales are subsets of smaller ones, so folding toke
 a time gives exactly the box a one-shot build gives.
 
 Key sketch (``build_key_sketch``): per (page, head, dim) a grid of 256 cells of a power-of-two
-step ``s`` from a base ``b`` that is a multiple of ``s``, and per token the 8-bit index of the
-cell holding its key, so every key lies in ``[b + c s, b + (c + 1) s]``: the certified
-per-token intervals the bound needs (logit upper and lower bounds, ``art_runtime.termination``).
-All of it is exact in fp32 (integers times powers of two; the quantization corrects its own
-division), the cells contain the keys as the cache stores them, and because coarser
-power-of-two grids are subsets of finer ones, folding tokens in as they arrive gives the
+step ``s`` from the base ``b = floor(box_min / s) s`` (the box minimum rounded down onto the
+grid), and per token the 8-bit index of the cell holding its key, so every key lies in
+``[b + c s, b + (c + 1) s]``: the certified per-token intervals the bound needs (logit upper
+and lower bounds, ``art_runtime.termination``). Only the step's exponent is stored per
+dimension; the base comes from the key box, which the bound's pre-pass reads anyway. All of it
+is exact in fp32 (integers times powers of two; the quantization corrects its own division),
+the cells contain the keys as the cache stores them, and because coarser power-of-two grids
+are subsets of finer ones and the box only grows, folding tokens in as they arrive gives the
 sketch of a one-shot build. Why 8 bits (``benchmarks/sketch_design.py`` on the shared
 captures, ``benchmarks/results/bound_sketch_2026-11-26/README.md``): a token's logit bound
 overshoots by 7-8 nats (median) at 2 bits, 3.1-3.3 at 3, 1.4-1.6 at 4, 0.7 at 5, 0.34 at 6
 and 0.09 at 8; in bytes read (sketch included) at eps 0.05 on Qwen2.5 8 bits beat 4 (81-89%
 against 92-93% before the cut, ``art_runtime.termination``), and 6 bits, slightly better
 still, would need a packing across bytes. A free affine step would overshoot a third less
-but cannot be refined on append without re-reading the page's keys. Bytes per (page, head):
-``page_size * D`` of codes plus ``3 D`` of grid (int16 base, int8 exponent): 1216 at page
-size 16 and D 64, 30% of the page's fp16 K+V, read only for the pages after the bound's cut.
+but cannot be refined on append without re-reading the page's keys. Why the box's base
+(``benchmarks/results/box_grid_2026-11-27``): an int16 base per dimension was 2 of the 3 grid
+bytes, and the box minimum rounded down onto the grid costs the bound at most 0.2 points of
+pages on the shared captures. Bytes per (page, head): ``page_size * D`` of codes plus ``D`` of
+step exponents, 1088 at page size 16 and D 64 (27% of the page's fp16 K+V), read, with the
+box minimum and scale again for the base, only for the pages after the bound's cut.
 """
 
 from __future__ import annotations
@@ -100,6 +105,16 @@ def sketch_step_floor(key_scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(key_scale * 2.0**SKETCH_FLOOR_SHIFT, min=2.0**-126)
 
 
+def sketch_base(box_min: torch.Tensor, key_scale: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """The grid base of (page, head, dim)s in cells, ``floor(box minimum / step)``, exactly.
+
+    ``box_min`` ``[..., D]`` float32 is the stored fp8 box minimum (in units of ``key_scale``
+    ``[...]``, a power of two), ``exponent`` ``[..., D]`` the step's (``2^exponent``); the
+    quotient is the box value times a power of two, so it never rounds.
+    """
+    return torch.floor(box_min * _power_of_two(_floor_log2(key_scale)[..., None] - exponent.to(torch.int32)))
+
+
 def sketch_cells(points: torch.Tensor, base: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """``floor((points - base) / step)``, exactly, as int32 (``base``/``step`` broadcast).
 
@@ -112,8 +127,8 @@ def sketch_cells(points: torch.Tensor, base: torch.Tensor, step: torch.Tensor) -
     return codes.to(torch.int32)
 
 
-def build_key_sketch(points, is_key, valid, step_floor, old_step):
-    """The grid and the cells of one or more (page, head)s, from keys and already-coded cells.
+def build_key_sketch(points, is_key, valid, box_min, key_scale, old_step):
+    """The grid steps and the cells of one or more (page, head)s, from keys and already-coded cells.
 
     Parameters
     ----------
@@ -122,49 +137,53 @@ def build_key_sketch(points, is_key, valid, step_floor, old_step):
         (whose upper end is ``points + old_step``); anything where not ``valid``.
     is_key, valid : torch.Tensor
         ``[n, P]`` bool.
-    step_floor : torch.Tensor
-        ``[n, H]`` float32 power of two: the smallest allowed cell (``sketch_step_floor``).
+    box_min : torch.Tensor
+        ``[n, H, D]`` float32: the pages' stored key box minimum (``key_min``, in units of the scale).
+    key_scale : torch.Tensor
+        ``[n, H]`` float32: the box scale.
     old_step : torch.Tensor
         ``[n, H, D]`` float32: the grid the old cells are on (anything where none is old).
 
     Returns
     -------
     tuple
-        ``(codes [n, P, H, D] uint8, base [n, H, D] int16, exponent [n, H, D] int8)``: the
-        step is ``2^exponent``, the base ``base * step``; token ``t``'s key lies in
-        ``[(base + code) * step, (base + code + 1) * step]``.
+        ``(codes [n, P, H, D] uint8, exponent [n, H, D] int8)``: the step is ``2^exponent``,
+        the base ``sketch_base(box_min, key_scale, exponent)`` cells; token ``t``'s key lies
+        in ``[(base + code) * step, (base + code + 1) * step]``.
 
-    The grid is the smallest power-of-two step ``s >= step_floor`` (and ``>= old_step``)
-    whose base ``b = floor(min / s) * s`` puts every key strictly below ``b + 16 s``. That
-    condition is monotone in ``s``, and on a grid of step ``s >= old_step`` an old cell's
-    lower end decides it exactly as the key inside it would (both grids are multiples of
-    ``old_step``), so folding tokens in at any time gives the grid and cells of a one-shot
-    build: the sketch depends on the page's keys only, never on how they were appended.
+    The grid is the smallest power-of-two step ``s >= sketch_step_floor(key_scale)`` (and
+    ``>= old_step``) whose base ``b = floor(box_min / s) * s`` puts every key strictly below
+    ``b + 256 s``. The base is the box's, so only the step is stored. The condition is
+    monotone in ``s`` and (the box only grows) in the tokens, and on a grid of step
+    ``s >= old_step`` an old cell's lower end decides it exactly as the key inside it would
+    (both grids are multiples of ``old_step``), so folding tokens in at any time gives the
+    grid and cells of a one-shot build: the sketch depends on the page's keys only, never on
+    how they were appended.
     """
     valid4 = valid[:, :, None, None]
     key4 = (valid & is_key)[:, :, None, None]
     old4 = (valid & ~is_key)[:, :, None, None]
-    low = torch.where(valid4, points, float("inf")).amin(1)  # [n, H, D]
-    top_key = torch.where(key4, points, float("-inf")).amax(1)  # keys must lie below b + 16 s
+    top_key = torch.where(key4, points, float("-inf")).amax(1)  # keys must lie below b + 256 s
     top_cell = torch.where(old4, points + old_step[:, None], float("-inf")).amax(1)  # cells must fit
     has_old = old4.any(1)
-    least = torch.maximum(step_floor[..., None].expand_as(low), torch.where(has_old, old_step, 0.0))
+    least = torch.maximum(sketch_step_floor(key_scale)[..., None].expand_as(box_min),
+                          torch.where(has_old, old_step, 0.0))
     top = torch.maximum(top_key, top_cell)
-    span = torch.where(torch.isfinite(low), top - low, 0.0).clamp(min=0.0)
+    span = torch.where(torch.isfinite(top), top - box_min * key_scale[..., None], 0.0).clamp(min=0.0)
     # A power of two >= span / (levels - 1) always fits (b > low - s); the smallest fitting one is >= wide / 4.
     wide = torch.maximum(_power_of_two(_floor_log2(torch.clamp(span * (1.0 / (SKETCH_LEVELS - 1)), min=2.0**-126)) + 1),
                          least)
-    safe_low = torch.where(torch.isfinite(low), low, 0.0)
     step = wide * 2  # fits even if the division rounded down
     for shrink in (1.0, 0.5, 0.25):
         candidate = wide * shrink
-        top_of = torch.floor(safe_low / candidate) * candidate + SKETCH_LEVELS * candidate
+        top_of = (sketch_base(box_min, key_scale, _floor_log2(candidate)) + SKETCH_LEVELS) * candidate
         fits = (candidate >= least) & (top_key < top_of) & (top_cell <= top_of)
         step = torch.where(fits, candidate, step)
-    base = torch.floor(safe_low / step)
-    codes = sketch_cells(points, (base * step)[:, None], step[:, None])
+    exponent = _floor_log2(step)
+    base = sketch_base(box_min, key_scale, exponent) * step
+    codes = sketch_cells(points, base[:, None], step[:, None])
     codes = torch.where(valid4, codes, 0).clamp(0, SKETCH_LEVELS - 1)
-    return codes.to(torch.uint8), base.to(torch.int16), _floor_log2(step).to(torch.int8)
+    return codes.to(torch.uint8), exponent.to(torch.int8)
 
 
 @dataclass
@@ -184,17 +203,17 @@ class PageMetadata:
     key_codes : torch.Tensor or None
         ``[max_pages, H_kv, page_size, D]`` uint8: each token's key sketch, a cell index per
         dimension; ``None`` in metadata allocated without the sketch (``allocate(sketch=False)``).
-    key_grid_base, key_grid_exponent : torch.Tensor or None
-        ``[max_pages, H_kv, D]`` int16 and int8: the sketch grid of each (page, head, dim),
-        step ``s = 2^exponent`` and base ``base * s``: a token with code ``c`` has its key in
-        ``[(base + c) s, (base + c + 1) s]`` (``build_key_sketch``; ``key_cells`` decodes).
-        ``None`` with ``key_codes``.
+    key_grid_exponent : torch.Tensor or None
+        ``[max_pages, H_kv, D]`` int8: the sketch grid's step ``s = 2^exponent`` of each (page,
+        head, dim); its base is the box's, ``b = sketch_base(key_min, key_scale, exponent)``
+        cells: a token with code ``c`` has its key in ``[(b + c) s, (b + c + 1) s]``
+        (``build_key_sketch``; ``key_cells`` decodes). ``None`` with ``key_codes``.
     page_size : int
         Tokens per page of the cache these pages belong to.
 
     Only termination mode ``bound`` reads the sketch, and it is most of the metadata's memory
-    (``stored_bytes_per_page``: 1216 of 1352 bytes a page and KV head at page size 16 and
-    D 64; all of it is 33% on top of the page's fp16 K and V, 3.3% without the sketch), so a
+    (``stored_bytes_per_page``: 1088 of 1224 bytes a page and KV head at page size 16 and
+    D 64; all of it is 30% on top of the page's fp16 K and V, 3.3% without the sketch), so a
     server that runs another mode allocates none.
     """
 
@@ -203,7 +222,6 @@ class PageMetadata:
     key_scale: torch.Tensor
     value_norm_max: torch.Tensor
     key_codes: torch.Tensor | None
-    key_grid_base: torch.Tensor | None
     key_grid_exponent: torch.Tensor | None
     page_size: int
 
@@ -222,8 +240,6 @@ class PageMetadata:
             value_norm_max=torch.zeros(max_pages, num_kv_heads, dtype=torch.float32, device=device),
             key_codes=torch.zeros(max_pages, num_kv_heads, page_size, head_dim, dtype=torch.uint8, device=device)
             if sketch else None,
-            key_grid_base=torch.zeros(max_pages, num_kv_heads, head_dim, dtype=torch.int16, device=device)
-            if sketch else None,
             key_grid_exponent=torch.zeros(max_pages, num_kv_heads, head_dim, dtype=torch.int8, device=device)
             if sketch else None,
         )
@@ -231,9 +247,9 @@ class PageMetadata:
     @staticmethod
     def stored_bytes_per_page(page_size: int, head_dim: int, sketch: bool = True) -> int:
         """Memory of one (page, KV head)'s summaries, as ``allocate`` lays them out: the fp8 key
-        box, its scale and the value norm, plus the sketch's codes and grid if ``sketch``."""
+        box, its scale and the value norm, plus the sketch's codes and grid steps if ``sketch``."""
         summaries = 2 * head_dim * KEY_BOX_DTYPE.itemsize + 4 + 4
-        return summaries + ((page_size + 3) * head_dim if sketch else 0)
+        return summaries + ((page_size + 1) * head_dim if sketch else 0)
 
     @property
     def has_sketch(self) -> bool:
@@ -253,7 +269,7 @@ class PageMetadata:
             raise ValueError("other has no key sketch to copy into this metadata's (allocate it with sketch=True)")
         count = other.key_scale.shape[0]
         names = ("key_min", "key_max", "key_scale", "value_norm_max")
-        for name in names + (("key_codes", "key_grid_base", "key_grid_exponent") if self.has_sketch else ()):
+        for name in names + (("key_codes", "key_grid_exponent") if self.has_sketch else ()):
             getattr(self, name)[:count] = getattr(other, name)
 
     def key_bounds(self, pages: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,20 +277,25 @@ class PageMetadata:
         scale = self.key_scale[pages, heads][..., None]
         return self.key_min[pages, heads].float() * scale, self.key_max[pages, heads].float() * scale
 
+    def sketch_grid(self, pages: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sketch grid ``(base, step)`` of ``(pages, heads)`` (broadcast), float32 ``[..., D]``:
+        a key with code ``c`` lies in ``[(base + c) step, (base + c + 1) step]``."""
+        exponent = self.key_grid_exponent[pages, heads]
+        return (sketch_base(self.key_min[pages, heads].float(), self.key_scale[pages, heads], exponent),
+                _power_of_two(exponent))
+
     def key_cells(self, pages: torch.Tensor, heads) -> tuple[torch.Tensor, torch.Tensor]:
         """Every token's sketch cell of ``(pages, heads)`` (broadcast): float32 ``(lo, hi)``,
         ``[..., page_size, D]`` (slots past a page's tokens hold meaningless cells)."""
-        codes = self.key_codes[pages, heads].float()  # [..., P, D]
-        step = _power_of_two(self.key_grid_exponent[pages, heads])[..., None, :]
-        lo = (self.key_grid_base[pages, heads].float()[..., None, :] + codes) * step
-        return lo, lo + step
+        base, step = self.sketch_grid(pages, heads)
+        lo = (base[..., None, :] + self.key_codes[pages, heads].float()) * step[..., None, :]
+        return lo, lo + step[..., None, :]
 
     def _store_sketch(self, pages, points, is_key, valid, old_step) -> None:
         """Build and store the sketch of ``pages`` (``build_key_sketch``; boxes stored first)."""
-        codes, base, exponent = build_key_sketch(points, is_key, valid, sketch_step_floor(self.key_scale[pages]),
-                                                 old_step)
+        codes, exponent = build_key_sketch(points, is_key, valid, self.key_min[pages].float(), self.key_scale[pages],
+                                           old_step)
         self.key_codes[pages] = codes.transpose(1, 2)
-        self.key_grid_base[pages] = base
         self.key_grid_exponent[pages] = exponent
 
     @classmethod
@@ -357,15 +378,14 @@ class PageMetadata:
             from .kernels.page_metadata import page_metadata_update_kernel
 
             # Without a sketch the kernel's sketch arguments are never read (SKETCH is off).
-            codes, base, exponent = ((self.key_codes, self.key_grid_base, self.key_grid_exponent) if self.has_sketch
-                                     else (self.key_scale,) * 3)
+            codes, exponent = (self.key_codes, self.key_grid_exponent) if self.has_sketch else (self.key_scale,) * 2
             page_metadata_update_kernel[(nnz, append_key.shape[1])](
                 append_key, append_value, batch_indices, positions, append_indptr,
                 kv_indices, kv_indptr, self.key_min, self.key_max, self.key_scale, self.value_norm_max,
-                codes, base, exponent, nnz,
+                codes, exponent, nnz,
                 append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),
                 self.key_min.stride(0), self.key_min.stride(1), self.key_scale.stride(0),
-                codes.stride(0), codes.stride(1), base.stride(0), base.stride(1),
+                codes.stride(0), codes.stride(1), exponent.stride(0), exponent.stride(1),
                 PAGE_SIZE=page_size, PAGE_SIZE_POW2=next_power_of_two(page_size), HEAD_DIM=append_key.shape[2],
                 SKETCH=self.has_sketch,
             )
@@ -386,6 +406,9 @@ class PageMetadata:
             0, index, keys, "amin")
         new_hi = torch.full_like(new_lo, float("-inf")).scatter_reduce(0, index, keys, "amax")
         old_lo, old_hi = self.key_bounds(touched[:, None], torch.arange(heads, device=keys.device))
+        # The old tokens' cells, on the old grid (its base is the old box's: read before the box is replaced).
+        old_cells = self.key_cells(touched[:, None], torch.arange(heads, device=keys.device))[0] \
+            if self.has_sketch else None  # [n, H, P, D]
         keep = ~fresh[:, None, None]
         lo = torch.where(keep, torch.minimum(old_lo, new_lo), new_lo)
         hi = torch.where(keep, torch.maximum(old_hi, new_hi), new_hi)
@@ -402,8 +425,7 @@ class PageMetadata:
         slots = (positions % page_size).long()
         first_new = torch.full((touched.numel(),), page_size, dtype=torch.long, device=keys.device).scatter_reduce(
             0, inverse, slots, "amin")
-        old_lo, _ = self.key_cells(touched[:, None], torch.arange(heads, device=keys.device))  # [n, H, P, D]
-        points = old_lo.transpose(1, 2).clone()
+        points = old_cells.transpose(1, 2).clone()
         points[inverse, slots] = keys
         slot_ids = torch.arange(page_size, device=keys.device)[None, :]
         is_old = (slot_ids < first_new[:, None]) & ~fresh[:, None]
@@ -417,12 +439,14 @@ class PageMetadata:
         return 2 * self.key_min.shape[-1] * self.key_min.element_size() + self.key_scale.element_size()
 
     def key_sketch_bytes_per_page(self) -> int:
-        """Bytes of key sketch per (page, KV head): the codes and the grid (0 without a sketch)."""
+        """Bytes the bound's pre-pass reads per sketched (page, KV head): the codes, the grid
+        steps, and the box minimum and scale again for the grid base (0 without a sketch)."""
         if not self.has_sketch:
             return 0
+        dim = self.key_grid_exponent.shape[-1]
         return (self.key_codes[0, 0].numel() * self.key_codes.element_size()
-                + self.key_grid_base.shape[-1] * (self.key_grid_base.element_size()
-                                                  + self.key_grid_exponent.element_size()))
+                + dim * (self.key_grid_exponent.element_size() + self.key_min.element_size())
+                + self.key_scale.element_size())
 
     def nbytes_per_page(self, mode: str) -> int:
         """Bytes of metadata per (page, KV head) that termination ``mode`` reads for every

@@ -92,17 +92,15 @@ class BoundTerms(NamedTuple):
     visit_perm: torch.Tensor | None = None
 
 
-def sketch_page_log2_mass(q_pos, codes, base, exponent, tokens, qk_scale):
+def sketch_page_log2_mass(q_pos, codes, base, step, tokens, qk_scale):
     """Base-2 log bounds ``(upper, lower)`` ``[n, G]`` of pages' softmax mass from their key sketch.
 
-    ``q_pos [n, G, D]`` float32 queries, ``codes [n, P, D]``, ``base``/``exponent``
-    ``[n, D]`` the grid, ``tokens [n]``. Token ``t``'s logit ``q.k_t`` lies in
+    ``q_pos [n, G, D]`` float32 queries, ``codes [n, P, D]``, ``base``/``step`` ``[n, D]``
+    the grid (``PageMetadata.sketch_grid``), ``tokens [n]``. Token ``t``'s logit ``q.k_t`` lies in
     ``y_t + A + [-N, P]`` with ``y_t = sum_d q_d s_d c_td``, ``A = sum_d q_d s_d b_d``,
     ``P``/``N`` the sums of ``q_d s_d`` over positive/negative ``q_d``; a relative margin
     covers the fp32 rounding of these sums and of the decode kernel's own dot product.
     """
-    step = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent.to(torch.int32))
-    base = base.float()
     q_step = q_pos * step[:, None]
     y = torch.einsum("ngd,npd->ngp", q_step, codes.float())
     slot_ok = torch.arange(codes.shape[1], device=codes.device)[None, :] < tokens[:, None]
@@ -239,8 +237,7 @@ def bound_terms_torch(plan: DecodePlan, q: torch.Tensor, page_meta: PageMetadata
         part = sketched[first: first + chunk]
         p, h = phys[part], head[part]
         upper[part], lower[part] = sketch_page_log2_mass(
-            q_pos[part], page_meta.key_codes[p, h], page_meta.key_grid_base[p, h], page_meta.key_grid_exponent[p, h],
-            tokens[part], qk_scale)
+            q_pos[part], page_meta.key_codes[p, h], *page_meta.sketch_grid(p, h), tokens[part], qk_scale)
     # The pages after the cut by their bound of the group's sum_g W_jg V_j, the page's share of
     # error term (b) (positions before the cut keep their place, so the masks below hold for
     # the permuted order too).

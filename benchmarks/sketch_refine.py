@@ -14,7 +14,7 @@ This script measures that trade on real captures, exactly, through the torch bac
 ``art-runtime analyze`` runs): ``art_runtime.decode.bound_terms_torch`` is replaced by
 ``two_level_bound_terms`` (the reference's pre-pass with the two-level page bounds), and the
 bytes are recounted as high planes of every sketched page plus low planes of the refined ones
-(grid included once). ``share`` 0 refines every page (the shipped 8-bit sketch, as a check),
+(the box read again for the grid, once). ``share`` 0 refines every page (the shipped 8-bit sketch, as a check),
 ``inf`` none (a 4-bit sketch).
 
 Written before the tail order shipped: its pre-pass keeps the plan's order unless
@@ -82,10 +82,10 @@ def two_level_bound_terms(plan, q, page_meta, share: float, reorder_tail: bool =
     for first in range(0, sketched.numel(), chunk):
         part = sketched[first: first + chunk]
         p, h = phys[part], head[part]
-        codes, base, exponent = page_meta.key_codes[p, h], page_meta.key_grid_base[p, h], page_meta.key_grid_exponent[p, h]
-        coarse = sketch_page_log2_mass(q_pos[part], codes // NIBBLE, base.float() / NIBBLE, exponent + 4,
+        codes, (base, step) = page_meta.key_codes[p, h], page_meta.sketch_grid(p, h)
+        coarse = sketch_page_log2_mass(q_pos[part], codes // NIBBLE, base / NIBBLE, step * NIBBLE,
                                        tokens[part], qk_scale)
-        fine = sketch_page_log2_mass(q_pos[part], codes, base, exponent, tokens[part], qk_scale)
+        fine = sketch_page_log2_mass(q_pos[part], codes, base, step, tokens[part], qk_scale)
         refine = (coarse[0] > refine_at[item[part]]).any(-1)[:, None]
         upper[part] = torch.where(refine, fine[0], coarse[0])
         lower[part] = torch.where(refine, fine[1], coarse[1])
@@ -117,7 +117,8 @@ def run(path, layer: int, order: str, setting: str, share: float, queries: int, 
     report = analysis.analyze_capture(path, layers=[layer], queries=queries, orders=[order], settings=[setting],
                                       progress=False)
     result = report.criteria[0]
-    plane, grid = report.page_size * report.head_dim // 2, 3 * report.head_dim  # a nibble plane; base + exponent
+    # a nibble plane; the key box read again for the grid (codes + box: key_sketch_bytes_per_page)
+    plane, grid = report.page_size * report.head_dim // 2, 2 * report.head_dim + 4
     assert COUNTS["sketched"] == result.sketch_pages, (COUNTS, result.sketch_pages)
     metadata = result.metadata_bytes - result.sketch_pages * (2 * plane + grid) \
         + COUNTS["sketched"] * (plane + grid) + COUNTS["refined"] * plane

@@ -46,6 +46,7 @@ log-sum-exp scans, so no range of logits underflows into a wrong zero.
 import triton
 import triton.language as tl
 
+from .page_metadata import sketch_base
 from .page_scoring import box_log2_mass
 from .page_selection import float_order, unique_order_key
 
@@ -312,7 +313,8 @@ def segment_carry_kernel(
 @triton.jit
 def page_sketch_bound_kernel(
     q_ptr, value_norm_ptr,
-    codes_ptr, base_ptr, exponent_ptr,  # key sketch: [max_pages, H_kv, P, D] uint8, [max_pages, H_kv, D] x2
+    key_min_ptr, key_scale_ptr,         # key box minima [max_pages, H_kv, D] fp8, scales [max_pages, H_kv]
+    codes_ptr, exponent_ptr,            # key sketch [max_pages, H_kv, P, D] uint8, grid steps [max_pages, H_kv, D]
     visit_phys_ptr, visit_tokens_ptr, work_row_ptr, work_start_ptr, work_end_ptr,
     seg_est_ptr,                        # in: [W, SEGMENTS, GROUP_PAD] the mass estimate's segment totals
     log2w_ptr,                          # in: the estimate's suffixes; out: +inf before the cut
@@ -320,7 +322,7 @@ def page_sketch_bound_kernel(
     page_upper_ptr, page_lower_ptr,     # out: [nnz, GROUP_PAD] each page's own mass bounds (from the cut on)
     tail_key_ptr,                       # out: [nnz] reference.tail_key (from the cut on)
     sketch_pages_ptr,                   # out: [W] int32 (zeroed before), pages whose key sketch was read
-    stride_qb, stride_qh, stride_np, stride_cp, stride_ch, stride_gp, stride_gh,
+    stride_qb, stride_qh, stride_np, stride_mp, stride_mh, stride_cp, stride_ch, stride_gp, stride_gh,
     qk_scale, value_norm_scale, log2_cut_share,
     NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SEG_PAGES: tl.constexpr, SEGMENTS: tl.constexpr,
@@ -365,11 +367,14 @@ def page_sketch_bound_kernel(
         ok = pos < seg_end
         phys = tl.load(visit_phys_ptr + pos, mask=ok, other=0).to(tl.int64)
         tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
-        grid = phys[:, None] * stride_gp + head * stride_gh + dims[None, :]
-        exponent = tl.load(exponent_ptr + grid, mask=ok[:, None], other=0).to(tl.int32)
+        exponent = tl.load(exponent_ptr + phys[:, None] * stride_gp + head * stride_gh + dims[None, :],
+                           mask=ok[:, None], other=0).to(tl.int32)
         step = ((exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^exponent, exactly
-        base = tl.load(base_ptr + grid, mask=ok[:, None], other=0).to(tl.float32)
-        offset = tl.dot(q, tl.trans(step * base), input_precision="ieee")  # [GROUP_PAD, TILE]; base has 16 bits
+        box_min = tl.load(key_min_ptr + phys[:, None] * stride_mp + head * stride_mh + dims[None, :],
+                          mask=ok[:, None], other=0.0).to(tl.float32)
+        scale = tl.load(key_scale_ptr + phys * stride_np + head, mask=ok, other=0.0)
+        base = sketch_base(box_min, scale[:, None], exponent)  # [TILE, D], the grid's base is the box's
+        offset = tl.dot(q, tl.trans(step * base), input_precision="ieee")  # [GROUP_PAD, TILE]; base has 15 bits
         up = tl.dot(tl.maximum(q, 0.0), tl.trans(step), input_precision="ieee")
         down = tl.dot(tl.minimum(q, 0.0), tl.trans(step), input_precision="ieee")
         reach = tl.maximum(tl.abs(base), tl.abs(base + SKETCH_LEVELS)) * step

@@ -8,9 +8,10 @@ disjoint, so no two programs write the same page: no atomics, deterministic, and
 of the cache is re-read. Boxes are rounded outward onto the fp8 grid of a power-of-two scale
 per (page, head), exactly as ``art_runtime.page_metadata.quantize_key_box`` does (every step
 is exact in fp32, so the two agree bit for bit). The key sketch, where the metadata stores one
-(``SKETCH``), is rebuilt from the page's old cells and its new keys exactly as
-``art_runtime.page_metadata.build_key_sketch`` does (powers of two and exact corrections
-again: bit for bit).
+(``SKETCH``), is rebuilt from the page's old cells (on the old grid, whose base is the old box's)
+and its new keys exactly as ``art_runtime.page_metadata.build_key_sketch`` does (powers of two
+and exact corrections again: bit for bit); ``sketch_base`` is also how the bound's pre-pass
+finds each page's grid base.
 """
 
 import triton
@@ -57,14 +58,24 @@ def _round_outward_to_e4m3(x, UP: tl.constexpr):
 
 
 @triton.jit
-def _key_sketch(key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
+def sketch_base(box_min, scale, exponent):
+    """The sketch grid's base in cells, ``floor(box minimum / 2^exponent)``, exactly
+    (``art_runtime.page_metadata.sketch_base``; ``box_min`` the stored fp8 value as float32,
+    in units of ``scale``, a power of two)."""
+    return tl.floor(box_min * _power_of_two(_floor_log2(scale) - exponent))
+
+
+@triton.jit
+def _key_sketch(key_ptr, codes_ptr, exponent_ptr, token, slot, count, page, head, old_min, old_scale, box_min, scale,
                 stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh,
                 HEAD_DIM: tl.constexpr, PAGE_SIZE_POW2: tl.constexpr):
-    """The key sketch of one (page, head): codes by slot ``[PAGE_SIZE_POW2, HEAD_DIM]`` int32,
-    base and exponent ``[HEAD_DIM]`` (``build_key_sketch``).
+    """The key sketch of one (page, head): codes by slot ``[PAGE_SIZE_POW2, HEAD_DIM]`` int32 and
+    the grid steps' exponents ``[HEAD_DIM]`` (``build_key_sketch``).
 
-    Slots before ``slot`` hold old tokens, read back as the lower ends of their cells; the
-    ``count`` new keys go to the slots from ``slot`` on.
+    Slots before ``slot`` hold old tokens, read back as the lower ends of their cells on the
+    old grid (whose base is the old box's: ``old_min`` in units of ``old_scale``); the
+    ``count`` new keys go to the slots from ``slot`` on. ``box_min`` (units of ``scale``) is
+    the new box's minimum.
     """
     slots = tl.arange(0, PAGE_SIZE_POW2)
     dims = tl.arange(0, HEAD_DIM)
@@ -75,33 +86,32 @@ def _key_sketch(key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, 
     old_codes = tl.load(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HEAD_DIM + dims[None, :],
                         mask=is_old[:, None], other=0).to(tl.float32)
     grid = page * stride_gp + head * stride_gh + dims
-    old_step = _power_of_two(tl.load(exponent_ptr + grid).to(tl.int32))
-    old_lo = (tl.load(base_ptr + grid).to(tl.float32)[None, :] + old_codes) * old_step[None, :]
+    old_exponent = tl.load(exponent_ptr + grid).to(tl.int32)
+    old_step = _power_of_two(old_exponent)
+    old_lo = (sketch_base(old_min, old_scale, old_exponent)[None, :] + old_codes) * old_step[None, :]
     points = tl.where(is_new[:, None], keys, old_lo)
-    valid = (is_new | is_old)[:, None]
-    low = tl.min(tl.where(valid, points, float("inf")), 0)
     top_key = tl.max(tl.where(is_new[:, None], keys, float("-inf")), 0)
     top_cell = tl.max(tl.where(is_old[:, None], old_lo + old_step[None, :], float("-inf")), 0)
     floor = tl.maximum(scale * (2.0 ** SKETCH_FLOOR_SHIFT), 2.0 ** -126)
     least = tl.maximum(floor, tl.where(slot > 0, old_step, 0.0))
-    span = tl.maximum(tl.maximum(top_key, top_cell) - low, 0.0)
+    span = tl.maximum(tl.maximum(top_key, top_cell) - box_min * scale, 0.0)
     wide = tl.maximum(_power_of_two(_floor_log2(tl.maximum(span * (1.0 / (SKETCH_LEVELS - 1)), 2.0 ** -126)) + 1),
                       least)
     step = wide * 2.0  # fits even if the division rounded down
     for shrink in tl.static_range(3):
         candidate = wide * (0.5 ** shrink)
-        top_of = tl.floor(low * _power_of_two(-_floor_log2(candidate))) * candidate + SKETCH_LEVELS * candidate
+        top_of = (sketch_base(box_min, scale, _floor_log2(candidate)) + SKETCH_LEVELS) * candidate
         fits = (candidate >= least) & (top_key < top_of) & (top_cell <= top_of)
         step = tl.where(fits, candidate, step)
     exponent = _floor_log2(step)
+    origin = (sketch_base(box_min, scale, exponent) * step)[None, :]
     inv_step = _power_of_two(-exponent)
-    base = tl.floor(low * inv_step)
-    origin = (base * step)[None, :]
     codes = tl.floor((points - origin) * inv_step[None, :])
     codes = tl.where(origin + codes * step[None, :] > points, codes - 1, codes)
     codes = tl.where(origin + (codes + 1) * step[None, :] <= points, codes + 1, codes)
+    valid = (is_new | is_old)[:, None]
     codes = tl.where(valid, tl.minimum(tl.maximum(codes, 0.0), SKETCH_LEVELS - 1), 0.0).to(tl.int32)
-    return codes, base, exponent
+    return codes, exponent
 
 
 @triton.jit
@@ -113,7 +123,7 @@ def page_metadata_update_kernel(
     kmin_ptr, kmax_ptr,            # [max_pages, H_kv, D] fp8 boxes
     kscale_ptr, vnorm_ptr,         # [max_pages, H_kv] fp32 box scales and value norms
     codes_ptr,                     # [max_pages, H_kv, PAGE_SIZE, D] uint8 key sketch (if SKETCH)
-    base_ptr, exponent_ptr,        # [max_pages, H_kv, D] int16 / int8 sketch grid (if SKETCH)
+    exponent_ptr,                  # [max_pages, H_kv, D] int8 sketch grid steps (if SKETCH)
     nnz,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_mp, stride_mh, stride_np, stride_cp, stride_ch, stride_gp, stride_gh,
@@ -145,9 +155,12 @@ def page_metadata_update_kernel(
         scale = _box_scale(tl.max(tl.maximum(tl.abs(new_min), tl.abs(new_max)), axis=0))
         meta_offsets = page * stride_mp + head * stride_mh + dims
         scalar_offset = page * stride_np + head
+        old_min = tl.zeros([HEAD_DIM], dtype=tl.float32)  # the old box minimum, in units of the old scale
+        old_scale = 0.0
         if slot != 0:  # the page already holds tokens: merge with its summary
             old_scale = tl.load(kscale_ptr + scalar_offset)
-            new_min = tl.minimum(new_min, tl.load(kmin_ptr + meta_offsets).to(tl.float32) * old_scale)
+            old_min = tl.load(kmin_ptr + meta_offsets).to(tl.float32)
+            new_min = tl.minimum(new_min, old_min * old_scale)
             new_max = tl.maximum(new_max, tl.load(kmax_ptr + meta_offsets).to(tl.float32) * old_scale)
             new_vnorm = tl.maximum(new_vnorm, tl.load(vnorm_ptr + scalar_offset))
             scale = tl.maximum(scale, old_scale)  # scales only grow: the old one covers the old keys
@@ -158,14 +171,13 @@ def page_metadata_update_kernel(
         tl.store(kmin_ptr + meta_offsets, box_min.to(kmin_ptr.dtype.element_ty))
         tl.store(kmax_ptr + meta_offsets, box_max.to(kmax_ptr.dtype.element_ty))
         if SKETCH:
-            codes, base, exponent = _key_sketch(
-                key_ptr, codes_ptr, base_ptr, exponent_ptr, token, slot, count, page, head, scale,
+            codes, exponent = _key_sketch(
+                key_ptr, codes_ptr, exponent_ptr, token, slot, count, page, head, old_min, old_scale, box_min, scale,
                 stride_kt, stride_kh, stride_cp, stride_ch, stride_gp, stride_gh, HEAD_DIM, PAGE_SIZE_POW2)
             slots = tl.arange(0, PAGE_SIZE_POW2)
             tl.store(codes_ptr + page * stride_cp + head * stride_ch + slots[:, None] * HEAD_DIM + dims[None, :],
                      codes.to(codes_ptr.dtype.element_ty), mask=(slots < PAGE_SIZE)[:, None])
-            grid = page * stride_gp + head * stride_gh + dims
-            tl.store(base_ptr + grid, base.to(base_ptr.dtype.element_ty))
-            tl.store(exponent_ptr + grid, exponent.to(exponent_ptr.dtype.element_ty))
+            tl.store(exponent_ptr + page * stride_gp + head * stride_gh + dims,
+                     exponent.to(exponent_ptr.dtype.element_ty))
         tl.store(kscale_ptr + scalar_offset, scale)
         tl.store(vnorm_ptr + scalar_offset, new_vnorm)

@@ -39,7 +39,7 @@ from art_runtime.selection import SELECTION_EDGE  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "sm_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale", "log2_slack", "log2_cut_share",
               "overflow_log2", "mass_max_share", "tie_break", "recent_score", "log2_share"}
-SKETCH_PTRS = {"codes_ptr": "u8", "base_ptr": "i16", "exponent_ptr": "i8"}
+SKETCH_PTRS = {"codes_ptr": "u8", "exponent_ptr": "i8"}
 
 
 def signature(kernel, constexprs, pointer_types):
@@ -143,7 +143,7 @@ def main():
             compile_kernel(page_sketch_bound_kernel,
                            dict(common, TILE=max(16, 256 // page_pow2), SEGMENTS_POW2=4,
                                 DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
-                           dict(int_ptrs, **SKETCH_PTRS, q_ptr=dtype))
+                           dict(box_ptrs, **SKETCH_PTRS))
             compile_kernel(tail_suffix_kernel, dict(NUM_KV_HEADS=2, GROUP_PAD=group_pad, LANES=lanes, TILE=32,
                                                     SEG_PAGES=64, SEGMENTS=segments), dict(int_ptrs, visit_perm_ptr="i64"))
             count += 5

@@ -1,4 +1,4 @@
-"""Page metadata: outward-rounded fp8 key boxes and 4-bit key sketches, kept equal to a
+"""Page metadata: outward-rounded fp8 key boxes and 8-bit key sketches, kept equal to a
 from-scratch build on append.
 
 Both update paths (torch reductions, Triton kernel) are checked against
@@ -29,7 +29,7 @@ def assert_same_metadata(meta, expected, pages):
     assert torch.equal(meta.key_max[pages].view(torch.uint8), expected.key_max[pages].view(torch.uint8))
     assert torch.allclose(meta.value_norm_max[pages], expected.value_norm_max[pages], rtol=1e-6)
     assert meta.has_sketch == expected.has_sketch
-    for name in ("key_grid_base", "key_grid_exponent", "key_codes") if expected.has_sketch else ():
+    for name in ("key_grid_exponent", "key_codes") if expected.has_sketch else ():
         assert torch.equal(getattr(meta, name)[pages], getattr(expected, name)[pages]), name
 
 
@@ -213,7 +213,9 @@ def test_quantized_boxes_contain_keys_and_are_tightest(seed, magnitude, tokens):
 
 
 def assert_finest_sketch(meta, page, keys):
-    """Every key of ``page`` (``[tokens, H, D]``) lies in its cell, and the grid is the finest allowed."""
+    """Every key of ``page`` (``[tokens, H, D]``) lies in its cell, and the grid is the finest the
+    rule allows: the smallest power-of-two step (at least ``sketch_step_floor``) whose 256 cells
+    from the box's ``floor(box_min / s) s`` reach above every key."""
     tokens, heads = keys.shape[:2]
     lo, hi = meta.key_cells(torch.full((heads,), page), torch.arange(heads))  # [H, P, D]
     keys = keys.transpose(0, 1).double()  # [H, tokens, D]
@@ -224,14 +226,25 @@ def assert_finest_sketch(meta, page, keys):
     assert (torch.log2(step) == torch.log2(step).round()).all()  # powers of two
     floor = sketch_step_floor(meta.key_scale[page]).double()[:, None]
     assert (step >= floor).all()
-    kmin, kmax = keys.amin(1), keys.amax(1)
-    base = torch.floor(kmin / step) * step
-    assert torch.equal(base, meta.key_grid_base[page].double() * step)
+    box_min = meta.key_bounds(torch.full((heads,), page), torch.arange(heads))[0].double()
+    base = torch.floor(box_min / step) * step
+    assert ((lo - base[:, None]) / step[:, None]).remainder(1).eq(0).all()  # cells of the box-based grid
+    kmax = keys.amax(1)
     assert (kmax < base + SKETCH_LEVELS * step).all()
     # Half the step breaks the rule or the floor.
     half = step / 2
-    fits_half = kmax < torch.floor(kmin / half) * half + SKETCH_LEVELS * half
+    fits_half = kmax < torch.floor(box_min / half) * half + SKETCH_LEVELS * half
     assert (~fits_half | (half < floor)).all()
+
+
+def test_sketch_of_a_page_of_zero_keys():
+    """Zero keys give a zero box scale; their cells still hold them (the grid's step is 2^-126)."""
+    cache = torch.zeros(1, 2, 16, 2, 32)
+    meta = PageMetadata.from_cache(cache, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+                                   torch.tensor([5], dtype=torch.int32))
+    lo, hi = meta.key_cells(torch.zeros(2, dtype=torch.long), torch.arange(2))
+    assert (meta.key_scale[0] == 0).all() and (lo[:, :5] <= 0).all() and (hi[:, :5] >= 0).all()
+    assert ((hi - lo)[:, :5] == 2.0**-126).all()
 
 
 @settings(max_examples=80, deadline=None)
