@@ -14,7 +14,7 @@ This script measures that trade on real captures, exactly, through the torch bac
 ``art-runtime analyze`` runs): ``art_runtime.decode.bound_terms_torch`` is replaced by
 ``two_level_bound_terms`` (the reference's pre-pass with the two-level page bounds), and the
 bytes are recounted as high planes of every sketched page plus low planes of the refined ones
-(the box read again for the grid, once). ``share`` 0 refines every page (the shipped 8-bit sketch, as a check),
+(the grid's bytes once). ``share`` 0 refines every page (the shipped 8-bit sketch, as a check),
 ``inf`` none (a 4-bit sketch).
 
 Written before the tail order shipped: its pre-pass keeps the plan's order unless
@@ -117,7 +117,7 @@ def run(path, layer: int, order: str, setting: str, share: float, queries: int, 
     report = analysis.analyze_capture(path, layers=[layer], queries=queries, orders=[order], settings=[setting],
                                       progress=False)
     result = report.criteria[0]
-    # a nibble plane; the key box read again for the grid (codes + box: key_sketch_bytes_per_page)
+    # a nibble plane; the grid: step exponents, box minimum and scale (key_sketch_bytes_per_page less the codes)
     plane, grid = report.page_size * report.head_dim // 2, 2 * report.head_dim + 4
     assert COUNTS["sketched"] == result.sketch_pages, (COUNTS, result.sketch_pages)
     metadata = result.metadata_bytes - result.sketch_pages * (2 * plane + grid) \
