@@ -407,7 +407,7 @@ class BatchARTDecodeWrapper:
         bound = plan.termination.reads_page_metadata
         if (bound or (self._policy is not None and self._policy[0].per_layer)) and page_meta is None:
             page_meta = PageMetadata.from_cache(paged_kv_cache, *self._page_table, kv_layout=self.kv_layout,
-                                                sketch=plan.termination.mode == "bound")
+                                                sketch=plan.termination.reads_key_sketch)
         if page_meta is not None:
             self._check_page_meta(page_meta, k_cache, plan)
         if self._policy is not None and self._policy[0].per_layer:
@@ -508,7 +508,7 @@ class BatchARTDecodeWrapper:
             raise ValueError(f"page_meta must describe the cache: key_min {list(expected)}, page_size {plan.page_size}")
         if page_meta.key_min.device != k_cache.device:
             raise ValueError(f"page_meta must be on {k_cache.device}, got {page_meta.key_min.device}")
-        if plan.termination.mode == "bound" and not page_meta.has_sketch:
+        if plan.termination.reads_key_sketch and not page_meta.has_sketch:
             raise ValueError("page_meta has no key sketch, which termination mode 'bound' reads: "
                              "allocate it with PageMetadata.allocate(..., sketch=True)")
 

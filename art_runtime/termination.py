@@ -257,6 +257,12 @@ class TerminationConfig:
         """Whether the criterion reads every selected page's metadata (``bound``, ``mass``)."""
         return self.mode in ("bound", "mass")
 
+    @property
+    def reads_key_sketch(self) -> bool:
+        """Whether the criterion also reads the key sketch of some pages (``bound``): page
+        metadata for it must be allocated with the sketch (``PageMetadata.allocate``)."""
+        return self.mode == "bound"
+
     def pages_per_block(self, page_size: int, max_block_tokens: int | None = None) -> int:
         """Pages per block: ``block_pages`` if set, else the mode's ``DEFAULT_BLOCK_TOKENS``
         worth, at most ``max_block_tokens`` (at least one page)."""

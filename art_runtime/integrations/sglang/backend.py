@@ -55,7 +55,7 @@ def memory_per_page(options: ARTOptions, page_size: int, head_dim: int) -> int:
     SGLang sizes from ``--mem-fraction-static`` leaves room for it.
     """
     termination, policy = options.termination(), options.build_policy()
-    metadata = PageMetadata.stored_bytes_per_page(page_size, head_dim, sketch=termination.mode == "bound") \
+    metadata = PageMetadata.stored_bytes_per_page(page_size, head_dim, sketch=termination.reads_key_sketch) \
         if _stores_page_metadata(termination, policy) else 0
     return metadata + state_bytes_per_page(policy)
 
@@ -109,7 +109,7 @@ class ARTAttnBackend(TritonAttnBackend):
         self.kernel_backend = "triton" if triton_runs_on(keys.device) else "torch"
         self.page_meta = [
             PageMetadata.allocate(self.num_pages, self.page_size, self.num_kv_head, self.head_dim, device=keys.device,
-                                  sketch=self.termination.mode == "bound")
+                                  sketch=self.termination.reads_key_sketch)
             for _ in range(self.num_layers)
         ] if _stores_page_metadata(self.termination, self.policy) else None
         art_bytes = memory_per_page(self.options, self.page_size, self.head_dim) * self.num_layers * self.num_pages \
