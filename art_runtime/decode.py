@@ -48,7 +48,9 @@ SUFFIX_TILE_ELEMENTS = 1024
 # Llama-3-8B shape on real captures at batch 64 / 32K: decode kernel 4-25% faster (SmolLM2
 # layer 15 at eps 0.02: 1521 -> 1137 µs), the sort ~12 µs (benchmarks/NOTES.md v21).
 LONGEST_FIRST = True
-SKETCH_TILE_TOKENS = 256  # tokens per tile of the bound pre-pass (pages of the key sketch, at least 16)
+# Tokens per tile of the bound pre-pass's key sketch at head_dim 64 (fewer at larger head_dims, so
+# that a tile's codes stay 16K elements: tokens x head_dim; benchmarks/results/sketch_page_sums_2026-11-27).
+SKETCH_TILE_TOKENS = 256
 TAIL_SUFFIX_TILE = 32  # positions per step of tail_suffix_kernel
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
@@ -515,7 +517,8 @@ class BatchARTDecodeWrapper:
     @staticmethod
     def _prepass_segments(plan: DecodePlan) -> tuple[int, int, int, int]:
         """``(segment pages, segments per work item, estimate tile, sketch tile)`` of the bound pre-pass."""
-        sketch_tile = max(16, SKETCH_TILE_TOKENS // next_power_of_two(plan.page_size))
+        tile_tokens = max(16, SKETCH_TILE_TOKENS * 64 // plan.head_dim)  # at least tl.dot's 16
+        sketch_tile = max(1, tile_tokens // next_power_of_two(plan.page_size))
         seg_pages = max(SEGMENT_PAGES, sketch_tile)
         segments = max(1, math.ceil(plan.max_work_blocks * plan.block_pages / seg_pages))
         return seg_pages, segments, min(BOUND_TILE, seg_pages), sketch_tile
