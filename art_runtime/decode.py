@@ -49,8 +49,8 @@ SUFFIX_TILE_ELEMENTS = 1024
 # layer 15 at eps 0.02: 1521 -> 1137 µs), the sort ~12 µs (benchmarks/NOTES.md v21).
 LONGEST_FIRST = True
 # Tokens per tile of the bound pre-pass's key sketch at head_dim 64 (fewer at larger head_dims, so
-# that a tile's codes stay 16K elements: tokens x head_dim; benchmarks/results/sketch_page_sums_2026-11-27).
-SKETCH_TILE_TOKENS = 256
+# that a tile's codes stay 8K elements: tokens x head_dim; benchmarks/results/sketch_page_sums_2026-11-27).
+SKETCH_TILE_TOKENS = 128
 TAIL_SUFFIX_TILE = 32  # positions per step of tail_suffix_kernel
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).

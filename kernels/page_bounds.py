@@ -381,16 +381,18 @@ def page_sketch_bound_kernel(
         # registers (four fp32 dots here spilled and took 1.5x the time, NOTES v35). q_h * base
         # is exact for 16-bit queries (8 x 15 bits), the rest are products by powers of two, and
         # the sums' fp32 rounding stays far inside ROUNDING_MARGIN.
-        page_up = tl.zeros([GROUP_PAD, TILE], dtype=tl.float32)
-        page_down = tl.zeros([GROUP_PAD, TILE], dtype=tl.float32)
+        # [TILE, GROUP_PAD]: a head's sums, reduced over D, are a column in the grid's own layout
+        # (as rows of [GROUP_PAD, TILE] each head cost two layout conversions, NOTES v36).
+        page_up = tl.zeros([TILE, GROUP_PAD], dtype=tl.float32)
+        page_down = tl.zeros([TILE, GROUP_PAD], dtype=tl.float32)
         for h in tl.static_range(GROUP_SIZE):
             q_h = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + h) * stride_qh + dims).to(tl.float32)
             offset = q_h[None, :] * base
             margin = tl.abs(q_h)[None, :] * reach * ROUNDING_MARGIN
             up_h = tl.sum(step * (offset + tl.maximum(q_h, 0.0)[None, :]) + margin, 1)
             down_h = tl.sum(step * (offset + tl.minimum(q_h, 0.0)[None, :]) - margin, 1)
-            page_up = tl.where(g[:, None] == h, up_h[None, :], page_up)
-            page_down = tl.where(g[:, None] == h, down_h[None, :], page_down)
+            page_up = tl.where(g[None, :] == h, up_h[:, None], page_up)
+            page_down = tl.where(g[None, :] == h, down_h[:, None], page_down)
         # Every token's y = sum_d q_d s_d c_d: codes times steps are exact in bf16 and fp32.
         token_ok = ok[:, None] & (slots[None, :] < tokens[:, None])  # [TILE, P2]
         code_at = phys[:, None, None] * stride_cp + head * stride_ch + slots[None, :, None] * HEAD_DIM + \
@@ -410,8 +412,8 @@ def page_sketch_bound_kernel(
         y_max = tl.max(y, 2)
         y_safe = tl.where(ok[None, :], y_max, 0.0)
         lse = y_safe + tl.log2(tl.sum(tl.exp2(y - y_safe[:, :, None]), 2))
-        upper = page_up * qk_scale + lse
-        lower = page_down * qk_scale + lse
+        upper = tl.trans(page_up) * qk_scale + lse
+        lower = tl.trans(page_down) * qk_scale + lse
         out = pos[None, :] * GROUP_PAD + g[:, None]
         tl.store(page_upper_ptr + out, upper, mask=ok[None, :])
         tl.store(page_lower_ptr + out, lower, mask=ok[None, :])

@@ -141,7 +141,7 @@ def main():
                                                           SEG_PAGES=64, SEGMENTS=segments, SEGMENTS_POW2=4,
                                                           CERTIFIED=certified), int_ptrs)
             compile_kernel(page_sketch_bound_kernel,
-                           dict(common, TILE=max(1, max(16, 256 * 64 // dim) // page_pow2), SEGMENTS_POW2=4,
+                           dict(common, TILE=max(1, max(16, 128 * 64 // dim) // page_pow2), SEGMENTS_POW2=4,
                                 DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
                            dict(box_ptrs, **SKETCH_PTRS))
             compile_kernel(tail_suffix_kernel, dict(NUM_KV_HEADS=2, GROUP_PAD=group_pad, LANES=lanes, TILE=32,
