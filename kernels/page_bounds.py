@@ -102,9 +102,9 @@ def _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
     head = row % NUM_KV_HEADS
     g = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
-                mask=(g < GROUP_SIZE)[:, None], other=0.0)
-    return q, head
+    q_group_ptr = q_ptr + request * stride_qb + head * GROUP_SIZE * stride_qh  # the group's first query head
+    q = tl.load(q_group_ptr + g[:, None] * stride_qh + dims[None, :], mask=(g < GROUP_SIZE)[:, None], other=0.0)
+    return q, q_group_ptr, head
 
 
 @triton.jit
@@ -331,9 +331,8 @@ def page_sketch_bound_kernel(
     work = tl.program_id(0)
     segment = tl.program_id(1)
     start, end, seg_start, seg_end = _segment(work_start_ptr, work_end_ptr, work, segment, SEG_PAGES)
-    q_input, head = _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
-                                      NUM_KV_HEADS, GROUP_SIZE, GROUP_PAD, HEAD_DIM)
-    request = tl.load(work_row_ptr + work) // NUM_KV_HEADS
+    q_input, q_group_ptr, head = _load_group_query(q_ptr, work_row_ptr, work, stride_qb, stride_qh,
+                                                   NUM_KV_HEADS, GROUP_SIZE, GROUP_PAD, HEAD_DIM)
     q = q_input.to(tl.float32)
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP_SIZE
@@ -377,16 +376,16 @@ def page_sketch_bound_kernel(
         base = sketch_base(box_min, scale[:, None], exponent)  # [TILE, D], the grid's base is the box's
         reach = tl.maximum(tl.abs(base), tl.abs(base + SKETCH_LEVELS)) * step
         # The per-page sums of each query head (offset + up + margin, offset + down - margin),
-        # head by head over [TILE, D]: only the group's heads, no K-long dot operands in
-        # registers (four fp32 dots here spilled and took 1.5x the time, NOTES v35). q_h * base
-        # is exact for 16-bit queries (8 x 15 bits), the rest are products by powers of two, and
-        # the sums' fp32 rounding stays far inside ROUNDING_MARGIN.
-        # [TILE, GROUP_PAD]: a head's sums, reduced over D, are a column in the grid's own layout
-        # (as rows of [GROUP_PAD, TILE] each head cost two layout conversions, NOTES v36).
+        # head by head over [TILE, D]: only the group's heads, and no K-long dot operands in
+        # registers (four fp32 dots here spilled and took 1.5x the time, NOTES v35). A head's
+        # sums, reduced over D, are a column of [TILE, GROUP_PAD] in the grid's own layout (as
+        # rows of [GROUP_PAD, TILE] each head cost two layout conversions, NOTES v36). q_h * base
+        # is exact for 16-bit queries (8 x 15 bits; an fp32 query's product rounds once), the
+        # rest are products by powers of two, and all rounding stays far inside ROUNDING_MARGIN.
         page_up = tl.zeros([TILE, GROUP_PAD], dtype=tl.float32)
         page_down = tl.zeros([TILE, GROUP_PAD], dtype=tl.float32)
         for h in tl.static_range(GROUP_SIZE):
-            q_h = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + h) * stride_qh + dims).to(tl.float32)
+            q_h = tl.load(q_group_ptr + h * stride_qh + dims).to(tl.float32)
             offset = q_h[None, :] * base
             margin = tl.abs(q_h)[None, :] * reach * ROUNDING_MARGIN
             up_h = tl.sum(step * (offset + tl.maximum(q_h, 0.0)[None, :]) + margin, 1)
