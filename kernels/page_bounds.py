@@ -46,7 +46,7 @@ log-sum-exp scans, so no range of logits underflows into a wrong zero.
 import triton
 import triton.language as tl
 
-from .page_metadata import sketch_base
+from .page_metadata import _power_of_two, sketch_base
 from .page_scoring import box_log2_mass
 from .page_selection import float_order, unique_order_key
 
@@ -369,7 +369,7 @@ def page_sketch_bound_kernel(
         tokens = tl.load(visit_tokens_ptr + pos, mask=ok, other=1)
         exponent = tl.load(exponent_ptr + phys[:, None] * stride_gp + head * stride_gh + dims[None, :],
                            mask=ok[:, None], other=0).to(tl.int32)
-        step = ((exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^exponent, exactly
+        step = _power_of_two(exponent)
         box_min = tl.load(key_min_ptr + phys[:, None] * stride_mp + head * stride_mh + dims[None, :],
                           mask=ok[:, None], other=0.0).to(tl.float32)
         scale = tl.load(key_scale_ptr + phys * stride_np + head, mask=ok, other=0.0)
