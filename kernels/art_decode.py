@@ -188,10 +188,20 @@ def art_decode_kernel(
             # changes nothing. Without SPECULATE the rest of the pass is masked off (no
             # memory read) and each block's loads wait for the previous block's check.
             pass_end = tl.minimum(pos + PASS_BLOCKS * BLOCK_PAGES, end)
+            if SPECULATE:
+                phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, pos, end, PAGE_SIZE, BLOCK_PAGES,
+                                            BLOCK_N)
             for block_pos in range(pos, pass_end, BLOCK_PAGES):
                 live_end = tl.where(live, end, block_pos)
-                phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, block_pos,
-                                            end if SPECULATE else live_end, PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
+                if SPECULATE:
+                    # As in mode off, the next block's page ids are loaded during this block:
+                    # loaded in front of their own block's K/V they took a stage of the
+                    # compiler's pipeline, which left K and V one buffer each (NOTES v39).
+                    next_phys, next_tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, block_pos + BLOCK_PAGES,
+                                                          end, PAGE_SIZE, BLOCK_PAGES, BLOCK_N)
+                else:
+                    phys, tokens = _block_pages(visit_phys_ptr, visit_tokens_ptr, block_pos, live_end, PAGE_SIZE,
+                                                BLOCK_PAGES, BLOCK_N)
                 m_new, l_new, acc_new, block_tokens, s, pv = _attend_block(
                     q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
                     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
@@ -206,6 +216,8 @@ def art_decode_kernel(
                     m_i, l_i, acc = m_new, l_new, acc_new
                 if PAGE_MASS:
                     _store_page_lse(page_lse_ptr, s, block_pos, live_end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
+                if SPECULATE:
+                    phys, tokens = next_phys, next_tokens
                 tokens_read += block_tokens
                 next_pos = block_pos + BLOCK_PAGES
                 rest = next_pos < end  # the criterion only means something while pages remain
