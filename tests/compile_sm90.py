@@ -185,6 +185,7 @@ def main():
         compile_kernel(h2o_observe_kernel, dict(NUM_KV_HEADS=8, TILE=64, KEPT_TILE=64, PAGED=paged), h2o_ptrs)
         count += 2
     count += check_hot_launches_do_not_spill(int_ptrs)
+    count += check_termination_loop_double_buffers(int_ptrs)
     print(f"compiled {count} kernel variants for sm_90")
 
 
@@ -220,6 +221,39 @@ def check_hot_launches_do_not_spill(int_ptrs) -> int:
         usage = resource_usage(compile_kernel(kernel, constexprs, pointer_types, **options).asm["cubin"])
         assert usage.endswith("STACK:0"), f"{kernel.fn.__name__} spills registers ({usage}): {constexprs} {options}"
     return len(launches)
+
+
+def check_termination_loop_double_buffers(int_ptrs) -> int:
+    """At head_dim 64 the termination modes' K/V tiles are pipelined two buffers deep, as mode
+    ``off``'s: their loop loads the next block's page ids a block ahead. Loaded in front of their
+    own block's K/V, the ids took a pipeline stage and left K and V one buffer each, at any
+    ``num_stages`` (benchmarks/NOTES.md v39: mass 10% slower on real captures), a slowdown no CPU
+    test would otherwise see. Returns the variants compiled."""
+    from types import SimpleNamespace
+
+    from art_runtime.decode import PASS_BLOCKS, SPECULATE_MAX_HEAD_DIM, BatchARTDecodeWrapper
+    from art_runtime.termination import DEFAULT_BLOCK_TOKENS
+
+    page, group, dim = 16, 7, 64  # Qwen2.5-0.5B's shape (14/2/64)
+    count = 0
+    for mode, code in (("stability", 1), ("bound", 2), ("mass", 3)):
+        block_n = DEFAULT_BLOCK_TOKENS[mode]
+        stages = BatchARTDecodeWrapper._num_stages(SimpleNamespace(head_dim=dim), block_n, 2)
+        for warps in (2, 4) if mode == "stability" else (4,):  # decode.BatchARTDecodeWrapper._num_warps
+            compiled = compile_kernel(art_decode_kernel, dict(
+                NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_tile(group + (mode == "mass")), HEAD_DIM=dim,
+                PAGE_SIZE=page, BLOCK_PAGES=block_n // page, BLOCK_N=block_n, MODE=code, VALUES_RELATIVE=False,
+                SPLIT=False, DOT_IN_INPUT_DTYPE=True, PAGE_MASS=False, PASS_BLOCKS=PASS_BLOCKS,
+                SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM),
+                dict(int_ptrs, q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16"),
+                num_warps=warps, num_stages=stages)
+            # The pipeline's buffers: allocations without an initial value, [buffers, BLOCK_N, D].
+            buffers = [int(n) for n in re.findall(rf"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x{block_n}x{dim}xbf16",
+                                                  compiled.asm["ttgir"])]
+            assert len(buffers) == 2 and min(buffers) >= 2, \
+                f"mode {mode} at {warps} warps: K/V pipeline buffers {buffers}, expected two allocations of >= 2"
+            count += 1
+    return count
 
 
 if __name__ == "__main__":
