@@ -82,9 +82,11 @@ OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256:
 # the `while` loop that ends when the group stops).
 PASS_BLOCKS = 8
 # Up to this head_dim the termination loop reads each pass speculatively so that its loads
-# are pipelined (kernels/art_decode.py, SPECULATE). Measured on H100 (benchmarks/NOTES.md
-# v10): 14/2/64 stability 2.0-2.1x -> 1.5-1.6x of `off`; at head_dim 128 it cost 8-9% more
-# (1.11x -> 1.20x), the shared-memory pipeline taking occupancy that already hid the latency.
+# are pipelined (kernels/art_decode.py, SPECULATE), and loads the next block's page ids a
+# block ahead so that K and V get two pipeline buffers (NOTES v39). Measured on H100
+# (benchmarks/NOTES.md v10): 14/2/64 stability 2.0-2.1x -> 1.5-1.6x of `off`; at head_dim 128
+# it cost 8-9% more (1.11x -> 1.20x), the shared-memory pipeline taking occupancy that already
+# hid the latency, and with the page ids a block ahead still 11-12% (H200, v40).
 SPECULATE_MAX_HEAD_DIM = 64
 # Elements of the [chunks, head_dim] fp32 tile the merge kernel reads per step: 64 chunks (a
 # whole row at the split cap, MAX_CHUNKS_PER_ROW) at head_dim 64, 32 at 128 (NOTES v23).
