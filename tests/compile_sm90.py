@@ -231,20 +231,23 @@ def check_termination_loop_double_buffers(int_ptrs) -> int:
     test would otherwise see. Returns the variants compiled."""
     from types import SimpleNamespace
 
-    from art_runtime.decode import PASS_BLOCKS, SPECULATE_MAX_HEAD_DIM, BatchARTDecodeWrapper
-    from art_runtime.termination import DEFAULT_BLOCK_TOKENS
+    from art_runtime import TerminationConfig
+    from art_runtime.decode import PASS_BLOCKS, SPECULATE_MAX_HEAD_DIM, BatchARTDecodeWrapper, tile_tokens
+    from art_runtime.plan import kernel_block_pages
 
     page, group, dim = 16, 7, 64  # Qwen2.5-0.5B's shape (14/2/64)
     count = 0
-    for mode, code in (("stability", 1), ("bound", 2), ("mass", 3)):
-        block_n = DEFAULT_BLOCK_TOKENS[mode]
+    for mode in ("stability", "bound", "mass"):
+        termination = TerminationConfig(mode=mode)
+        block_pages = kernel_block_pages(termination, page, tile_tokens(dim))
+        block_n = block_pages * page
         stages = BatchARTDecodeWrapper._num_stages(SimpleNamespace(head_dim=dim), block_n, 2)
         for warps in (2, 4) if mode == "stability" else (4,):  # decode.BatchARTDecodeWrapper._num_warps
             compiled = compile_kernel(art_decode_kernel, dict(
                 NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_tile(group + (mode == "mass")), HEAD_DIM=dim,
-                PAGE_SIZE=page, BLOCK_PAGES=block_n // page, BLOCK_N=block_n, MODE=code, VALUES_RELATIVE=False,
-                SPLIT=False, DOT_IN_INPUT_DTYPE=True, PAGE_MASS=False, PASS_BLOCKS=PASS_BLOCKS,
-                SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM),
+                PAGE_SIZE=page, BLOCK_PAGES=block_pages, BLOCK_N=block_n, MODE=termination.mode_code,
+                VALUES_RELATIVE=False, SPLIT=False, DOT_IN_INPUT_DTYPE=True, PAGE_MASS=False,
+                PASS_BLOCKS=PASS_BLOCKS, SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM),
                 dict(int_ptrs, q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16"),
                 num_warps=warps, num_stages=stages)
             # The pipeline's buffers: allocations without an initial value, [buffers, BLOCK_N, D].
