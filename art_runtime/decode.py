@@ -51,6 +51,10 @@ LONGEST_FIRST = True
 # Tokens per tile of the bound pre-pass's key sketch at head_dim 64 (fewer at larger head_dims, so
 # that a tile's codes stay 8K elements: tokens x head_dim; benchmarks/results/sketch_page_sums_2026-11-27).
 SKETCH_TILE_TOKENS = 128
+# Its software pipeline: 2 stages, not Triton's default 3. On an H100 at batch 64 the kernel took
+# 98 -> 80 µs on Qwen2.5 layer 12, 120 -> 95 on layer 20, 167 -> 159 on SmolLM2 layer 25; 1 stage
+# and 256- or 64-token tiles were slower (benchmarks/NOTES.md v44).
+SKETCH_STAGES = 2
 TAIL_SUFFIX_TILE = 32  # positions per step of tail_suffix_kernel
 # Launch configuration of the decode kernel, picked from a sweep on an H200
 # (benchmarks/results/; bench_decode.py --launch/--programs-per-sm/--off-block-tokens).
@@ -599,7 +603,7 @@ class BatchARTDecodeWrapper:
             page_meta.key_codes.stride(1), page_meta.key_grid_exponent.stride(0), page_meta.key_grid_exponent.stride(1),
             qk_scale, VALUE_NORM_SCALE, math.log2(SKETCH_CUT_SHARE * term.eps) if term.eps > 0 else float("-inf"),
             TILE=sketch_tile, SEGMENTS_POW2=next_power_of_two(segments), DOT_IN_INPUT_DTYPE=dot_in_input_dtype,
-            PAGE_SIZE_POW2=page_size_pow2, **common,
+            PAGE_SIZE_POW2=page_size_pow2, num_stages=SKETCH_STAGES, **common,
         )
         width_pow2 = next_power_of_two(plan.max_work_blocks * plan.block_pages)
         tail_order_kernel[(plan.num_work,)](
