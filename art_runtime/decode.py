@@ -110,6 +110,12 @@ def tile_tokens(head_dim: int) -> int:
     return min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim)
 
 
+def sketch_tile_pages(head_dim: int, page_size: int) -> int:
+    """Pages per tile of the bound pre-pass's sketch kernel: ``SKETCH_TILE_TOKENS`` at head_dim 64,
+    scaled down with larger head_dims, at least tl.dot's 16 tokens."""
+    return max(1, max(16, SKETCH_TILE_TOKENS * 64 // head_dim) // next_power_of_two(page_size))
+
+
 @dataclass
 class DecodeStats:
     """What the last ``run`` read and where it stopped.
@@ -523,8 +529,7 @@ class BatchARTDecodeWrapper:
     @staticmethod
     def _prepass_segments(plan: DecodePlan) -> tuple[int, int, int, int]:
         """``(segment pages, segments per work item, estimate tile, sketch tile)`` of the bound pre-pass."""
-        tile_tokens = max(16, SKETCH_TILE_TOKENS * 64 // plan.head_dim)  # at least tl.dot's 16
-        sketch_tile = max(1, tile_tokens // next_power_of_two(plan.page_size))
+        sketch_tile = sketch_tile_pages(plan.head_dim, plan.page_size)
         seg_pages = max(SEGMENT_PAGES, sketch_tile)
         segments = max(1, math.ceil(plan.max_work_blocks * plan.block_pages / seg_pages))
         return seg_pages, segments, min(BOUND_TILE, seg_pages), sketch_tile

@@ -24,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from art_runtime.decode import MERGE_TILE_ELEMENTS, SKETCH_STAGES, tail_order_warps  # noqa: E402
+from art_runtime.decode import MERGE_TILE_ELEMENTS, SKETCH_STAGES, sketch_tile_pages, tail_order_warps  # noqa: E402
 from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  # noqa: E402
 from art_runtime.kernels.h2o_state import h2o_observe_kernel, h2o_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_bounds import (block_mass_estimate_kernel, block_suffix_kernel,  # noqa: E402
@@ -141,7 +141,7 @@ def main():
                                                           SEG_PAGES=64, SEGMENTS=segments, SEGMENTS_POW2=4,
                                                           CERTIFIED=certified), int_ptrs)
             compile_kernel(page_sketch_bound_kernel,
-                           dict(common, TILE=max(1, max(16, 128 * 64 // dim) // page_pow2), SEGMENTS_POW2=4,
+                           dict(common, TILE=sketch_tile_pages(dim, page), SEGMENTS_POW2=4,
                                 DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_SIZE_POW2=page_pow2),
                            dict(box_ptrs, **SKETCH_PTRS), num_stages=SKETCH_STAGES)
             compile_kernel(tail_suffix_kernel, dict(NUM_KV_HEADS=2, GROUP_PAD=group_pad, LANES=lanes, TILE=32,
