@@ -142,7 +142,7 @@ def add_demo_parser(commands) -> None:
     passkey.add_argument("--policy", default=passkey_defaults.policy,
                          choices=["dense", "quest", "streaming_llm", "snapkv", "h2o"],
                          help="page selection and visit order, with its default budget (default: %(default)s, "
-                              "every page in Quest order)")
+                              "every page, order auto: Quest order under stability, mass order otherwise)")
     passkey.add_argument("--plot", default=passkey_defaults.plot, metavar="PNG",
                          help="heatmap of the pages read per layer and KV head (default: %(default)s)")
     passkey.add_argument("--live", nargs="?", const=STATS_DEFAULT_ADDRESS, default=None, metavar="ADDRESS",
@@ -423,13 +423,13 @@ every ART termination setting.
   pages, bytes pages read / pages in the context, over every step, layer and KV head, and
                K+V (+ metadata) bytes / a dense read
   capture      with --capture: per-head attention-output error and pages read on captured
-               Q/K/V, per termination setting, in Quest order (art-runtime analyze's code)
+               Q/K/V, per termination setting, in the order the dense policy visits under it (art-runtime analyze's code)
 
 Prefill is exact (SDPA, in chunks of 1024 tokens) and shared: one per prompt, cloned for
 every configuration; the --samples prompts of a (kind, length) are decoded as one batch
 (each request still stops on its own); decode goes through BatchARTDecodeWrapper (torch backend on the CPU)
 inside the model through art_runtime.integrations.transformers. Configurations: every
---policies entry (dense = every page in Quest order; budgeted ones keep --budget-fraction
+--policies entry (dense = every page, order auto; budgeted ones keep --budget-fraction
 of the longest context's pages) alone, and with each ART setting: stability once per
 (--tau-mag, --patience) pair (tau_dir = tau_mag^2), bound once per (--eps, --relative-to)
 pair, every other --modes entry (mass) once per --eps, then each --setting. Dense alone

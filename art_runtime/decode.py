@@ -164,13 +164,16 @@ class DecodeStats:
 
 
 def policy_for_mode(policy, termination: TerminationConfig):
-    """The policy a plan runs: ``None`` for a ``DensePolicy`` in mode ``off``, else ``policy``.
+    """The policy a plan runs: ``None`` for a ``DensePolicy`` in mode ``off``, a dense policy's
+    ``auto`` order resolved for the mode (``DensePolicy.for_mode``), else ``policy``.
 
     Mode off reads every selected page, so a dense policy's visit order changes nothing but the
     order of fp32 additions: its per-layer scoring and sort are skipped (7% of a
     Llama-3-8B-shape layer at batch 64 / 32K on an H100, benchmarks/NOTES.md v20).
     """
-    return None if isinstance(policy, DensePolicy) and termination.mode == "off" else policy
+    if not isinstance(policy, DensePolicy):
+        return policy
+    return None if termination.mode == "off" else policy.for_mode(termination.mode)
 
 
 def _check_int(name: str, value, low: int, high: int) -> int:

@@ -17,7 +17,7 @@ setting) and against the exact dense model on the same prompts:
   and K+V (+ metadata) bytes over a dense read, from the decode records;
 * **captured attention** (optional): per-head attention-output error and pages read on
   captured Q/K/V (``art_runtime.analysis``, the same torch backend) for each termination
-  setting, in Quest order.
+  setting, in the order the dense policy visits under it.
 
 Per-head output error alone is not the quality measure (real attention is diffuse; pruners
 with good task scores still show large per-head errors): judge by the task and logit
@@ -59,7 +59,7 @@ PPL_TOLERANCE = 0.01
 class EvalConfig:
     """One evaluated configuration: a policy (registry name and arguments) and a termination.
 
-    ``policy`` ``"dense"`` is ``DensePolicy()`` (every page, Quest order); with termination
+    ``policy`` ``"dense"`` is ``DensePolicy()`` (every page, order ``auto``); with termination
     ``off`` it is exact attention (the reference itself, not evaluated as a row).
     """
 
@@ -459,18 +459,23 @@ def _version(package: str) -> str | None:
 
 
 def _capture_errors(settings: EvalSettings, configs) -> dict:
-    """Per termination setting: pages read and per-head output error on the capture (Quest order)."""
+    """Per termination setting: pages read and per-head output error on the capture (in ``DensePolicy()``'s order)."""
     from .analysis import analyze_capture, setting_label
+    from .policies import DensePolicy
 
     terminations = []
     for config in configs:
         if config.termination not in terminations:
             terminations.append(config.termination)
+    # each setting in the order DensePolicy() visits under its mode
+    order_of = {t.mode: DensePolicy().for_mode(t.mode).order for t in terminations if t.mode != "off"}
     report = analyze_capture(settings.capture, queries=settings.capture_queries, page_size=settings.page_size,
-                             orders=["quest"], settings=[TerminationConfig(mode="off"), *terminations])
+                             orders=sorted(set(order_of.values())) or ["mass"],
+                             settings=[TerminationConfig(mode="off"), *terminations])
     out = {}
-    for name in report.settings:
-        rows = [r for r in report.criteria if r.setting == name]
+    for name, config in report.settings.items():
+        order = order_of.get(config["mode"], report.orders[0])  # off: every page, in any order
+        rows = [r for r in report.criteria if r.setting == name and r.order == order]
         out[name] = {
             "pages_fraction": sum(r.pages_read for r in rows) / sum(r.pages_selected for r in rows),
             "bytes_fraction": sum(r.kv_bytes + r.metadata_bytes for r in rows) / sum(r.dense_bytes for r in rows),
@@ -478,6 +483,7 @@ def _capture_errors(settings: EvalSettings, configs) -> dict:
             "err_output_max": max(r.err_output["max"] for r in rows),
             "err_values_max": max(r.err_values["max"] for r in rows),
             "layers": [r.layer for r in rows],
+            "order": order,
         }
     out["_labels"] = {c.name: setting_label(c.termination) for c in configs}
     out["_file"] = str(settings.capture)
@@ -518,7 +524,7 @@ def summarize(report: dict) -> dict:
         bytes_read, bytes_dense = sum(r["bytes_read"] for r in steps), sum(r["bytes_dense"] for r in steps)
         row["bytes_fraction"] = bytes_read / bytes_dense if bytes_dense else 1.0
         capture = report.get("capture")
-        # the capture is simulated over every page in Quest order: it describes dense + ART only
+        # the capture is simulated over every page in DensePolicy()'s order: it describes dense + ART only
         if capture and name != "dense" and name.startswith("dense"):
             row["capture"] = capture.get(capture["_labels"][name])
         summary[name] = row
@@ -539,7 +545,7 @@ def format_table(report: dict) -> str:
             + ["same answer", "top-1 agree", "KL mean", "KL max", "PPL", "PPL change", "rule"])
     capture = report.get("capture")
     if capture:
-        head += ["capture pages", "capture err p99", "capture err max"]
+        head += ["capture order", "capture pages", "capture err p99", "capture err max"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
     num = lambda v, f="{:.3g}": "–" if v is None else f.format(v)  # noqa: E731
@@ -553,8 +559,9 @@ def format_table(report: dict) -> str:
                   "–" if name == "dense" else ("yes" if row["meets_rule"] else "no")]
         if capture:
             entry = row.get("capture")
-            cells += ([pct(entry["pages_fraction"]), pct(entry["err_output_p99"]), pct(entry["err_output_max"])]
-                      if entry else ["–"] * 3)
+            # reports before 2026-11-28 name no order: they simulated every setting in Quest order
+            cells += ([entry.get("order", "quest"), pct(entry["pages_fraction"]), pct(entry["err_output_p99"]),
+                       pct(entry["err_output_max"])] if entry else ["–"] * 4)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -600,6 +607,7 @@ def write_report(report: dict, out_dir, plots: bool = True) -> list[Path]:
             + (f"perplexity: {settings.get('ppl_segments', 1)} x {settings['ppl_tokens']} tokens of "
                f"{settings['ppl_text']} after {settings['ppl_context']}" if settings["ppl_tokens"] else "no perplexity"),
         ]
+    capture = report.get("capture")
     header += [
         "* pages read: pages read / pages in the context, over every decode step, layer and KV head; "
         "KV bytes: read (K+V and page metadata) / a dense read",
@@ -607,8 +615,8 @@ def write_report(report: dict, out_dir, plots: bool = True) -> list[Path]:
         f"* rule: every task prompt scored as dense scores it, and perplexity within {PPL_TOLERANCE:.0%} of dense's "
         "(the calibration rule of the defaults)",
         "* capture: attention-output error per query head relative to |o_exact| on the captured Q/K/V "
-        f"({Path(report['capture']['_file']).name if report.get('capture') else 'none'}), every page in Quest "
-        "order (dense + ART rows only)",
+        + (f"({Path(capture['_file']).name}), every page in the capture order column's visit order (dense + ART "
+           "rows only)" if capture else "(none)"),
         "",
         "",
     ]

@@ -12,10 +12,10 @@ as ``non-attention + layers x attention per layer``, each measured on the GPU:
   in one CUDA graph, timed whole, and again with only the GEMMs and only the rest (the
   breakdown). The torch ops are not fused, as a serving engine would fuse them: ``rest`` is an
   upper estimate;
-* attention per layer: ART (Triton) on real captured attention (``real_batch``): dense in
-  Quest order (``DensePolicy()``), termination ``off`` against ``TerminationConfig()`` as
-  installed (the calibrated default, read at run time), each a median CUDA-graph replay with
-  L2 flushed; the model's attention time per layer is the mean over its captured layers.
+* attention per layer: ART (Triton) on real captured attention (``real_batch``): dense
+  (``DensePolicy()``, its ``auto`` order: mass at the default mode), termination ``off``
+  against ``TerminationConfig()`` as installed (the calibrated default, read at run time),
+  each a median CUDA-graph replay with L2 flushed; the model's attention time per layer is the mean over its captured layers.
   FlashInfer's dense decode is timed on the same caches as a reference.
 
 How the captures map onto each model (``real_batch`` module docstring; also in the results):
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
         "- step = non-attention (all layers' GEMMs at the real shapes with random bf16 weights, each layer its own, "
         "plus unfused torch ops for norms, RoPE, SiLU-mul, residuals, K/V slot writes, embedding, LM head, argmax: "
         "one CUDA graph) + layers x attention per layer (mean over the captured layers below)",
-        "- attention: ART dense in Quest order (`DensePolicy()`), termination "
+        "- attention: ART dense (`DensePolicy()`, order `auto`: Quest order under `stability`, the mass order otherwise), termination "
         + ", ".join(f"`{label}` = {dataclasses.asdict(config)}" for label, config in settings),
         "- captures -> model: each request's causal prefix of a captured layer laid down `prefix x` times "
         "(kv_len ~32K; assumes attention as concentrated in fraction of pages at 32K as at the capture's length); "

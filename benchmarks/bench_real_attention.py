@@ -8,9 +8,10 @@ For each captured layer (Qwen2.5-0.5B 16K layers 12 and 20, SmolLM2-135M 8K laye
 position ``n - 64 + (b % 64)`` with the captured query of that position over the capture's
 keys/values ``0 .. position`` (kv_len ``n - 63 .. n``), each request its own physical pages,
 all pages shuffled, bf16, FlashInfer NHD layout, page size 16; ``PageMetadata`` is built from
-the cache once (a server keeps it current on append). Then, per policy -- dense in Quest order
-(``DensePolicy()``) and Quest (``QuestPolicy`` keeping ``--quest-fraction`` of the longest
-request's pages) -- ART runs with termination ``off`` and with every ``--settings`` entry
+the cache once (a server keeps it current on append). Then, per policy -- dense
+(``DensePolicy()``, whose ``auto`` order is Quest's under ``stability`` and the mass order
+otherwise) and Quest (``QuestPolicy`` keeping ``--quest-fraction`` of the longest request's
+pages) -- ART runs with termination ``off`` and with every ``--settings`` entry
 (``default`` is ``TerminationConfig()`` as installed, read at run time). Per row:
 
 * µs: median CUDA-graph replay of one ``run`` call (the policy's per-layer scoring and
@@ -97,7 +98,7 @@ def policies(num_pages: int, fraction: float):
     from art_runtime.policies import DensePolicy, QuestPolicy
 
     budget = max(2, round(fraction * num_pages))
-    return {"dense (quest order)": DensePolicy, f"quest {budget} pages": lambda: QuestPolicy(budget=budget)}
+    return {"dense": DensePolicy, f"quest {budget} pages": lambda: QuestPolicy(budget=budget)}
 
 
 def select_time_us(batch, policy, page_meta, timer) -> float:
@@ -192,6 +193,7 @@ def main(argv=None) -> int:
 
     config_lines = [f"  - `{label}`: {dataclasses.asdict(config)}" for label, config in settings]
     command = command_line("bench_real_attention.py", argv)
+
     markdown = "\n".join([
         f"# ART on real captured attention, batch {args.batch}" + (" (dry run, CPU)" if args.dry_run else
                                                                  f" on {info['name']}"),
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
         f"- inputs: captures in `{args.captures}`; request b decodes at position n-64+(b%64) with that captured "
         f"query over keys 0..position (each request its own pages, shuffled), bf16, NHD, page size {PAGE_SIZE}; "
         f"PageMetadata built once from the cache",
-        f"- policies: dense in Quest order (`DensePolicy()`); Quest keeping {args.quest_fraction:g} of the longest "
+        "- policies: dense (`DensePolicy()`, order `auto`: Quest order under `stability`, the mass order otherwise); Quest keeping {args.quest_fraction:g} of the longest "
         f"request's pages (`QuestPolicy(budget=...)`)",
         "- termination settings (fields as installed at run time):", *config_lines,
         f"- timing: {timing}; `µs` includes the policy's per-layer scoring and selection (`select µs` alone)",

@@ -144,7 +144,7 @@ class CaptureReplay:
     termination : TerminationConfig, optional
         Default ``TerminationConfig()`` (the project's defaults).
     policy : PagePolicy, optional
-        Default ``DensePolicy()`` (every page, Quest order). Policies that keep per-request
+        Default ``DensePolicy()`` (every page, order ``auto``). Policies that keep per-request
         state are rejected: a replayed request has no history.
     layers : sequence of int, optional
         Capture layers to run; default all.

@@ -87,7 +87,7 @@ def test_capture(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_demo_answers_a_passkey_with_art(tmp_path, capsys, monkeypatch):
-    """The default demo: SmolLM2 answers a passkey with ART (stability, Quest order) as dense does."""
+    """The default demo: SmolLM2 answers a passkey with ART (stability, dense in Quest order) as dense does."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU user's paths: torch backend and metadata update
     report_path, plot = tmp_path / "passkey.json", tmp_path / "pages.png"
     assert main(["demo", "--json", str(report_path), "--plot", str(plot)]) == 0

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from art_runtime.analysis import analyze_capture
 from art_runtime.dashboards import capture_path
+from art_runtime.policies import DensePolicy
 from art_runtime.termination import TerminationConfig
 
 DASHBOARDS = Path(__file__).resolve().parents[1] / "dashboards"
@@ -94,7 +95,7 @@ def test_live_notebook_shows_the_replayed_stream():
             assert row[h] == pytest.approx(visited / selected, rel=1e-12)
             assert got["customdata"][layers.index(layer)][h][:2] == [visited, selected]
         histogram += [v / s for vr, sr in zip(rec["visited_pages"], rec["selected_pages"]) for v, s in zip(vr, sr)]
-        # Dense Quest order selects every page of each request's prefix (first principles), and ART
+        # The dense policy selects every page of each request's prefix (first principles), and ART
         # stopped early somewhere: a dashboard showing constants would fail here.
         for r, sr in enumerate(rec["selected_pages"]):
             tokens = got["n_tokens"] - got["captured"] + r * got["stagger"] + step + 1
@@ -137,19 +138,20 @@ print(json.dumps({"before": before, "off": off, "after": after, "layers": list(m
 
 
 def analysis_depths(layers, queries, config):
-    """Per layer, per KV head: pooled depth from ``analyze_capture`` (Quest order, as explore's dense default),
+    """Per layer, per KV head: pooled depth from ``analyze_capture`` (in the order explore's dense policy visits),
     and the per (query, query head) errors."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small per-page ops: 5-10x faster than contended threads on a busy 2-core machine
+    order = DensePolicy().for_mode(config.mode).order
     try:
-        report = analyze_capture(capture_path(), layers=layers, queries=queries, orders=["quest"],
-                                 settings=[config], progress=False)
+        report = analyze_capture(capture_path(), layers=layers, queries=queries, orders=[order], settings=[config],
+                                 progress=False)
     finally:
         torch.set_num_threads(threads)
     out = {}
     for layer in layers:
         result = report.criteria[[c.layer for c in report.criteria].index(layer)]
-        selected = report.hindsight_of(layer, "quest").pages_selected
+        selected = report.hindsight_of(layer, order).pages_selected
         visited = result.visited_pages
         out[layer] = ([sum(v[h] for v in visited) / sum(selected) for h in range(len(visited[0]))],
                       result.head_err_output)
@@ -173,8 +175,8 @@ def test_explore_notebook_recomputes_when_controls_move(monkeypatch):
     assert got["off"]["z"] == [[1.0] * num_kv] * len(layers)
     assert max(e for layer in got["off"]["err_output"] for q in layer for e in q) < 1e-4
 
-    # The other two settings match the analysis of the same capture, queries and setting (Quest
-    # scores on their torch path, as in the notebook's kernel, rather than the Triton interpreter).
+    # The other two settings match the analysis of the same capture, queries and setting (the
+    # order's key-box scores on their torch path, as in the notebook, rather than the Triton interpreter).
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for fig, config in ((got["before"], TerminationConfig()),
                         (got["after"], TerminationConfig(mode="stability", tau_mag=1e-2, tau_dir=1e-4))):

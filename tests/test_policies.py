@@ -180,6 +180,20 @@ def test_mass_order_reference(case):
             assert got[b * 2 + h] == forced_then(sorted(range(n), key=lambda p: -float(score[p])), n)
 
 
+@pytest.mark.parametrize("mode, order", [("stability", "quest"), ("mass", "mass")])
+def test_dense_auto_order_follows_the_termination_mode(case, mode, order):
+    """``DensePolicy()`` (order ``auto``) visits in Quest order under stability and in the mass
+    order otherwise: the pages the wrapper walked are the concrete order's selection."""
+    wrapper = BatchARTDecodeWrapper(backend="torch")
+    wrapper.plan(*case.plan_args(), termination=TerminationConfig(mode=mode, eps=1e-9, tau_mag=0.0, tau_dir=0.0),
+                 policy=DensePolicy())
+    wrapper.run(case.q, case.cache, page_meta=case.page_meta())
+    visited = wrapper.last_stats.selection
+    got = [visited.pages[visited.indptr[r]:visited.indptr[r + 1]].tolist() for r in range(visited.indptr.numel() - 1)]
+    assert got == select(DensePolicy(order=order), case)
+    assert select(DensePolicy(order="quest"), case) != select(DensePolicy(order="mass"), case)  # the case tells them apart
+
+
 def test_streaming_llm_reference(case):
     got = select(StreamingLLMPolicy(sink_pages=2, window_pages=4), case)
     for b, n in enumerate(case.pages_per_request()):

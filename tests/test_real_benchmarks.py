@@ -103,7 +103,7 @@ def test_real_attention_dry_run(benchmarks, captures, tmp_path):
     rows = payload["rows"]
     assert {(r["model"], r["layer"]) for r in rows} == {("smollm2-135m", 25)}
     # off, the default, mass and bound (fewer if the shipped default is one of them), per policy.
-    assert [r["policy"] for r in rows] == ["dense (quest order)"] * len(payload["settings"]) + [
+    assert [r["policy"] for r in rows] == ["dense"] * len(payload["settings"]) + [
         f"quest {round(0.25 * 7)} pages"] * len(payload["settings"])  # 7 pages: ceil(99 / 16)
     for row in rows:
         assert 0 < row["read_of_all"] <= row["read_of_selected"] <= 1

@@ -290,8 +290,8 @@ def test_cuda_graph_path_matches_eager():
 
 POLICIES = [  # (ART options, the policy object the reference plans with)
     ({"policy": "none"}, None),
-    ({"policy": "dense"}, get_policy("dense", order="quest")),
-    ({"policy": "dense", "order": "mass"}, get_policy("dense", order="mass")),
+    ({"policy": "dense"}, get_policy("dense")),
+    ({"policy": "dense", "order": "quest"}, get_policy("dense", order="quest")),
     ({"policy": "dense", "order": "recency"}, get_policy("dense", order="recency")),
     ({"policy": "quest", "budget": 5}, get_policy("quest", budget=5)),
     ({"policy": "streaming_llm", "budget": 4}, get_policy("streaming_llm", sink_pages=1, window_pages=3)),

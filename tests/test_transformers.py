@@ -71,7 +71,7 @@ def test_paged_cache_with_art_off_matches_transformers_cache(smollm2, austen):
     assert torch.equal(record.selected_pages, record.context_pages[:, None, None, None].expand_as(record.selected_pages))
     assert record.fraction_of_context() == 1.0
     assert record.output_error.max() < ROUNDING
-    # every K/V byte and nothing else: mode off plans the default policy (dense, Quest order)
+    # every K/V byte and nothing else: mode off plans the default policy (dense)
     # without its order, which would read every key box
     assert torch.equal(record.kv_bytes_read, record.dense_kv_bytes)
 
@@ -188,7 +188,7 @@ def test_dense_finds_the_passkey(smollm2, passkey):
 
 
 def test_stability_at_the_defaults_keeps_the_dense_answer(smollm2, passkey):
-    """In the default visit order (DensePolicy: Quest order)."""
+    """In the default visit order (DensePolicy's ``auto``: Quest order under stability)."""
     model, tokenizer = smollm2
     sample, prefilled, dense_tokens, dense_logits = passkey
     cache = prefilled.clone(TerminationConfig(mode="stability"))

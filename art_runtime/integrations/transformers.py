@@ -326,9 +326,10 @@ class ARTPagedCache(Cache):
         ART's criterion and thresholds (default ``TerminationConfig()``); any mode
         ``TerminationConfig`` accepts, ``off`` for exact attention over the selected pages.
     policy : art_runtime.policies.PagePolicy, optional
-        Page selection and visit order. ``None``: ``DensePolicy()``, every page in Quest order
-        (the measured better dense order; in recency order the stability rule at its
-        defaults loses the passkey of a 1.5K-token prompt that Quest order keeps).
+        Page selection and visit order. ``None``: ``DensePolicy()``, every page in its ``auto``
+        order: Quest order under ``stability`` (at its defaults the stability rule loses the
+        passkey of a 1.5K-token prompt in recency and in mass order that Quest order keeps),
+        the mass order under the other modes (they stop earliest in it on real attention).
         Stateful policies (SnapKV, H2O) get this cache's request ids; SnapKV's prompt votes
         are taken at prefill. Call :meth:`release` (or use the cache as a context manager)
         to drop their state.

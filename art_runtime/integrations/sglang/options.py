@@ -99,9 +99,9 @@ class ARTOptions:
     budget : int or None
         Pages per (request, KV head) that the policies other than ``none`` and ``dense`` keep
         (sink and current page included); ``None``: the policy's default.
-    order : {"quest", "mass", "recency"} or None
-        Visit order of ``dense`` (``art_runtime.policies.DensePolicy``); ``None``: its default
-        (quest).
+    order : {"auto", "mass", "quest", "recency"} or None
+        Visit order of ``dense`` (``art_runtime.policies.DensePolicy``); ``None``: its default,
+        ``auto`` (Quest order under ``stability``, the mass order otherwise).
     mode, tau_mag, tau_dir, patience, eps, min_pages, relative_to, block_pages
         ``art_runtime.TerminationConfig`` (same defaults, same validation).
     stats_address : str or None
@@ -184,7 +184,7 @@ PARSERS = {
 HELP = {
     "policy": f"page selection, one of {POLICIES} (default none: every page, recency order)",
     "budget": "pages per (request, KV head) kept by quest / streaming_llm / snapkv / h2o (default: the policy's)",
-    "order": "visit order of --art-policy dense: quest (default), mass or recency",
+    "order": "visit order of --art-policy dense: auto (default: quest under stability, else mass), mass, quest or recency",
     "mode": f"termination criterion, one of {MODES} (default {_DEFAULT_TERMINATION.mode})",
     "tau_mag": "stability: largest relative change of |o| between blocks",
     "tau_dir": "stability: largest 1 - cos between consecutive block outputs",
