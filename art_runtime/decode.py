@@ -290,6 +290,10 @@ class BatchARTDecodeWrapper:
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
             termination, float(sm_scale), selection, chunk_pages, parallel_programs, tile_tokens(head_dim),
         )
+        if plan.visit_slot is not None:  # the selection as visited: a split row's blocks dealt to its chunks
+            pages = selection.pages.clone()
+            pages[plan.visit_slot.long()] = selection.pages[:plan.nnz]
+            self._selection = PageSelection(selection.indptr, pages)
         self._plan = plan
         # Launch order matters only when the work items run in more than one wave.
         self._longest_first = LONGEST_FIRST and termination.mode == "mass" and plan.num_work > parallel_programs
@@ -515,7 +519,7 @@ class BatchARTDecodeWrapper:
         """Re-select with a per-layer policy, writing the plan's visit order in place."""
         policy, ctx, layout = self._policy
         policy.select(ctx, layout, layer_id, q, page_meta,
-                      out=VisitBuffers(self._selection.pages, plan.visit_phys, plan.visit_tokens))
+                      out=VisitBuffers(self._selection.pages, plan.visit_phys, plan.visit_tokens, plan.visit_slot))
 
     def _check_page_meta(self, page_meta, k_cache, plan: DecodePlan) -> None:
         if not isinstance(page_meta, PageMetadata):

@@ -50,6 +50,9 @@ class VisitBuffers:
         ``[capacity]`` int32 its physical page id in the page table.
     tokens : torch.Tensor
         ``[capacity]`` int32 its token count: the page size, or the request's last-page length.
+    slot : torch.Tensor or None
+        ``[capacity]`` int32 where each row's ``k``-th entry goes (a permutation within each
+        row: the plan's ``visit_slot``); ``None``: at position ``k`` of its row.
 
     ``capacity`` is at least the layout's entries; entries past ``layout.indptr[-1]`` (the
     padding of preallocated buffers) are left as they are.
@@ -58,6 +61,7 @@ class VisitBuffers:
     pages: torch.Tensor
     phys: torch.Tensor
     tokens: torch.Tensor
+    slot: torch.Tensor | None = None
 
 
 def dense_selection(kv_indptr: torch.Tensor, num_kv_heads: int) -> PageSelection:
@@ -118,8 +122,8 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
         ``kernel=True`` (the Triton interpreter, for tests: its sort is slow there).
     out : VisitBuffers, optional
         Write the logical pages, and each entry's physical page and token count, into these
-        buffers (a plan's visit arrays) instead of a new tensor: the kernel does it in its one
-        launch.
+        buffers (a plan's visit arrays, each row's entries at ``out.slot`` if given) instead of
+        a new tensor: the kernel does it in its one launch.
 
     Returns
     -------
@@ -133,6 +137,8 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
         raise ValueError("kernel=True needs CUDA or TRITON_INTERPRET=1")
     if out is not None and min(out.pages.numel(), out.phys.numel(), out.tokens.numel()) < nnz:
         raise ValueError(f"out: every buffer needs the layout's {nnz} entries")
+    if out is not None and out.slot is not None and out.slot.numel() < nnz:
+        raise ValueError(f"out.slot needs the layout's {nnz} entries")
     if kernel:
         from .kernels.page_selection import select_top_pages_kernel
 
@@ -143,6 +149,7 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
             width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
             physical = (pages, pages, pages, pages) if out is None else (
                 ctx.kv_indices, ctx.kv_last_page_len, out.phys, out.tokens)
+            slot = out.slot if out is not None and out.slot is not None else None
             kept_pow2 = width_pow2 if layout.keeps_all else max(16, 1 << (layout.kept - 1).bit_length())
             # A row's kept pages and its edge bin are compacted through this scratch; a keep-all
             # row sorts in registers.
@@ -150,8 +157,9 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
                                                                dtype=torch.int64, device=scores.device)
             select_top_pages_kernel[(scores.shape[0],)](
                 scores, ctx.kv_indptr, layout.indptr, keys, pages,
-                *physical, scores.stride(0), ctx.page_size, NUM_KV_HEADS=ctx.num_kv_heads, WIDTH_POW2=width_pow2,
-                KEPT_POW2=kept_pow2, EDGE=SELECTION_EDGE, KEEP_ALL=layout.keeps_all, PHYSICAL=out is not None,
+                *physical, pages if slot is None else slot, scores.stride(0), ctx.page_size,
+                NUM_KV_HEADS=ctx.num_kv_heads, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2, EDGE=SELECTION_EDGE,
+                KEEP_ALL=layout.keeps_all, PHYSICAL=out is not None, SLOTS=slot is not None,
                 num_warps=min(16, max(4, width_pow2 // 256)),  # 8 keys a thread at most, to stay in registers
             )
         return pages
@@ -173,8 +181,9 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
     pages = torch.where(real, pages, 0)
     phys, tokens = physical_pages(ctx.kv_indptr, ctx.kv_indices, ctx.kv_last_page_len, ctx.page_size,
                                   layout.row // num_kv_heads, pages)
+    dest = torch.arange(nnz, device=pages.device) if out.slot is None else out.slot[:nnz].long()
     for buffer, value in ((out.pages, pages), (out.phys, phys), (out.tokens, tokens)):
-        buffer[:nnz] = torch.where(real, value, buffer[:nnz])
+        buffer[dest[real]] = value[real]
     return out.pages
 
 

@@ -15,7 +15,8 @@ on an H100), and one round usually suffices (benchmarks/NOTES.md p12). When ever
 all its pages (``KEEP_ALL``, a dense order) the row is sorted as it is. With ``PHYSICAL`` it
 also writes each entry's physical page id and token count, so that a per-layer selection
 fills the decode plan's visit arrays in this one launch (the dozen gathers that did it in
-torch cost about as much as the selection itself). Sorting the kept pages instead of the
+torch cost about as much as the selection itself); with ``SLOTS`` each entry lands where the
+plan's slot map puts it (mode ``mass`` deals a split row's blocks to its chunks in turn). Sorting the kept pages instead of the
 whole row is what makes this cheap next to the scoring pass that reads every page's key
 box: a top-k over the row costs as much as that pass. (Selecting in the scoring kernel's last
 program of each row instead, to save the launch, measured slower: the selection's registers
@@ -73,9 +74,10 @@ def select_top_pages_kernel(
     kv_last_page_len_ptr,  # [B] int32 tokens in each request's last page (read with PHYSICAL)
     phys_ptr,          # out (PHYSICAL): [nnz] int32 physical page of each entry
     tokens_ptr,        # out (PHYSICAL): [nnz] int32 tokens of each entry's page
+    slot_ptr,          # (SLOTS) [nnz] int32 where each row's k-th entry goes; else entry k of the row
     stride_sr, page_size,
     NUM_KV_HEADS: tl.constexpr, WIDTH_POW2: tl.constexpr, KEPT_POW2: tl.constexpr, EDGE: tl.constexpr,
-    KEEP_ALL: tl.constexpr, PHYSICAL: tl.constexpr,
+    KEEP_ALL: tl.constexpr, PHYSICAL: tl.constexpr, SLOTS: tl.constexpr,
 ):
     row = tl.program_id(0)
     request = row // NUM_KV_HEADS
@@ -135,9 +137,12 @@ def select_top_pages_kernel(
         tl.debug_barrier()
         chosen = tl.sort(tl.load(row_keys + k, mask=k < kept, other=-9223372036854775808), descending=True)
     page = (WIDTH_POW2 - 1 - (chosen & 0xFFFFFFFF)).to(tl.int32)
-    tl.store(pages_ptr + start + k, page, mask=k < kept)
+    dest = start + k
+    if SLOTS:
+        dest = tl.load(slot_ptr + start + k, mask=k < kept, other=0)
+    tl.store(pages_ptr + dest, page, mask=k < kept)
     if PHYSICAL:
         phys = tl.load(kv_indices_ptr + first_page + page, mask=k < kept, other=0)
         tokens = tl.where(page == num_pages - 1, tl.load(kv_last_page_len_ptr + request), page_size)
-        tl.store(phys_ptr + start + k, phys, mask=k < kept)
-        tl.store(tokens_ptr + start + k, tokens, mask=k < kept)
+        tl.store(phys_ptr + dest, phys, mask=k < kept)
+        tl.store(tokens_ptr + dest, tokens, mask=k < kept)

@@ -97,7 +97,7 @@ def main():
                                   "loaded_tokens_ptr",
                                   "stable_at_ptr", "row_work_indptr_ptr", "batch_indices_ptr", "positions_ptr",
                                   "append_indptr_ptr", "kv_indices_ptr", "kv_indptr_ptr", "sel_indptr_ptr", "pages_ptr",
-                                  "kv_last_page_len_ptr", "phys_ptr", "tokens_ptr", "predicted_blocks_ptr")}
+                                  "kv_last_page_len_ptr", "phys_ptr", "tokens_ptr", "predicted_blocks_ptr", "slot_ptr")}
     int_ptrs["work_order_ptr"] = "i64"
     # Every value of every parameter appears with every mode; the full product takes ~9 min.
     shapes = [("bf16", 1, 64, 1, 64), ("fp16", 7, 64, 16, 4), ("fp32", 4, 128, 64, 1), ("bf16", 16, 256, 3, 21),
@@ -171,12 +171,13 @@ def main():
         compile_kernel(page_metadata_update_kernel, dict(PAGE_SIZE=page, PAGE_SIZE_POW2=1 << (page - 1).bit_length(),
                                                          HEAD_DIM=dim, SKETCH=sketch), ptrs)
         count += 1
-    for width_pow2, physical, keep_all in ((16, False, False), (2048, True, False), (8192, False, False),
-                                           (8192, True, False), (16, True, True), (2048, True, True), (8192, False, True)):
+    for width_pow2, physical, keep_all, slots in (
+            (16, False, False, False), (2048, True, False, False), (8192, False, False, False), (8192, True, False, True),
+            (16, True, True, False), (2048, True, True, True), (8192, False, True, False)):
         kept_pow2 = width_pow2 if keep_all else max(16, width_pow2 // 16)
         compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2,
                                                     EDGE=SELECTION_EDGE, KEEP_ALL=keep_all,
-                                                    PHYSICAL=physical),
+                                                    PHYSICAL=physical, SLOTS=slots),
                        dict(int_ptrs, keys_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
         count += 1
     for paged in (False, True):  # state per request slot, or per physical page (SGLang: kv_indptr stands in)

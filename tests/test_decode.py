@@ -3,6 +3,8 @@
 On CPU CI the Triton backend runs under the Triton interpreter; on a GPU it runs compiled.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -128,3 +130,43 @@ def test_chunk_choice_bounds_chunk_count_and_length():
     assert choose_chunk_pages(4096, 8, 8, 264, terminates=False) == 125  # 33 splits of 125 pages
     assert choose_chunk_pages(2048, 8, 8, 264, terminates=True) == 128  # 16 blocks
     assert choose_chunk_pages(2048, 512, 8, 264, terminates=False) == 2048  # one item a row fills the device
+
+
+def dealt_positions(n, chunk_pages, block_pages):
+    """Brute force of ``interleaved_slots`` for one row: its blocks dealt to its chunks in turn,
+    first to all while the last chunk has room for a whole block, then to the others; a partial
+    last block to the last chunk. Each chunk must end up exactly its planned size."""
+    chunks = math.ceil(n / chunk_pages)
+    sizes = [min(chunk_pages, n - k * chunk_pages) for k in range(chunks)]
+    fill = [k * chunk_pages for k in range(chunks)]
+    turn, dest = 0, []
+    for start in range(0, n, block_pages):
+        size = min(block_pages, n - start)
+        if size < block_pages:
+            k = chunks - 1
+        else:
+            while True:  # the next chunk in turn with room for a whole block
+                k = turn % chunks
+                turn += 1
+                if sizes[k] - (fill[k] - k * chunk_pages) >= block_pages:
+                    break
+        dest += range(fill[k], fill[k] + size)
+        fill[k] += size
+    assert fill == [k * chunk_pages + sizes[k] for k in range(chunks)]
+    return dest
+
+
+def test_interleaved_slots_deal_each_rows_blocks_to_its_chunks():
+    from art_runtime.plan import interleaved_slots
+
+    gen = torch.Generator().manual_seed(4)
+    for trial in range(200):
+        block_pages = [1, 2, 3, 8][trial % 4]
+        chunk_pages = block_pages * int(torch.randint(1, 6, (), generator=gen))
+        lengths = torch.randint(1, 70, (int(torch.randint(1, 5, (), generator=gen)),), generator=gen)
+        row_start = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+        row_start[1:] = lengths.cumsum(0)
+        got = interleaved_slots(row_start, (lengths + chunk_pages - 1) // chunk_pages, chunk_pages, block_pages)
+        expected = [int(row_start[r]) + d for r, n in enumerate(lengths.tolist())
+                    for d in dealt_positions(n, chunk_pages, block_pages)]
+        assert got.tolist() == expected

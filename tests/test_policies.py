@@ -95,21 +95,33 @@ def test_selection_kernel_equals_torch_ordering(budget, device):
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
-def test_selection_writes_a_plans_visit_buffers(kernel, device):
-    """With ``out`` the selection also writes each entry's physical page and token count, and
-    leaves the buffers' padding (entries past the layout) as it was."""
+@pytest.mark.parametrize("slotted", [False, True], ids=["in-order", "slotted"])
+def test_selection_writes_a_plans_visit_buffers(kernel, slotted, device):
+    """With ``out`` the selection also writes each entry's physical page and token count (each
+    row's k-th entry at ``out.slot[k]`` if given), and leaves the buffers' padding (entries past
+    the layout) as it was."""
     from art_runtime import selection
 
     case = make_case([300, 5, 161, 33], 8, 2, 64, 16, device=device, seed=9)
     ctx = context(case)
     layout = QuestPolicy(budget=6).layout(ctx)
     nnz = layout.row.numel()
-    scores = torch.randn(ctx.num_rows, layout.width, generator=torch.Generator().manual_seed(9)).to(case.q.device)
+    gen = torch.Generator().manual_seed(9)
+    scores = torch.randn(ctx.num_rows, layout.width, generator=gen).to(case.q.device)
+    slot = None
+    if slotted:  # a random permutation within each row, padded like the buffers
+        start = layout.indptr[:-1].long().cpu()[layout.row.cpu()]
+        shuffled = torch.cat([torch.randperm(int(n), generator=gen) for n in layout.indptr.diff().cpu()])
+        slot = torch.cat([start + shuffled, torch.full((5,), -1)]).to(torch.int32).to(case.q.device)
     out = selection.VisitBuffers(*(torch.full((nnz + 5,), -7, dtype=torch.int32, device=case.q.device)
-                                   for _ in range(3)))
+                                   for _ in range(3)), slot=slot)
     pages = selection.order_pages(scores, ctx, layout, kernel=kernel, out=out)
     assert pages is out.pages
-    assert torch.equal(out.pages[:nnz], selection.order_pages(scores, ctx, layout, kernel=False))
+    in_order = selection.order_pages(scores, ctx, layout, kernel=False)
+    if slotted:
+        assert torch.equal(out.pages[slot[:nnz].long()], in_order)
+    else:
+        assert torch.equal(out.pages[:nnz], in_order)
     assert (out.pages[nnz:] == -7).all() and (out.phys[nnz:] == -7).all() and (out.tokens[nnz:] == -7).all()
     request = (layout.row // ctx.num_kv_heads).cpu()
     indptr, indices, last = (t.cpu().long() for t in (ctx.kv_indptr, ctx.kv_indices, ctx.kv_last_page_len))

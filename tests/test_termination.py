@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from art_runtime import BatchARTDecodeWrapper, TerminationConfig, dense_selection
 from art_runtime.decode import PASS_BLOCKS
 from art_runtime.paged_cache import gather_request_kv, unpack_paged_kv_cache
+from art_runtime.policies import DensePolicy
 from art_runtime.termination import MASS_MAX_SHARE, MASS_PULL_CHECKS
 from attention_cases import exact_attention, make_case, relative_error
 
@@ -497,6 +498,27 @@ def test_mass_kernel_and_torch_backend_agree_on_split_rows(num_qo_heads, device)
     assert torch.equal(stats.visited_pages, reference.visited_pages)
     assert torch.equal(stats.stable_at, reference.stable_at)
     assert (reference.visited_pages < reference.selected_pages).any()  # some chunk stopped
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mass_deals_a_split_rows_blocks_to_its_chunks(backend, device):
+    """Split rows in mode mass: the per-layer selection writes each row's order through the
+    plan's slots (its blocks dealt to its chunks in turn), and both backends stop alike."""
+    case = structured_case(device, seed=23)
+    runs = {}
+    for chunk_pages in (NO_SPLIT, 24):
+        wrapper = BatchARTDecodeWrapper(backend=backend)
+        wrapper.plan(*case.plan_args(), termination=MASS, chunk_pages=chunk_pages, policy=DensePolicy(order="mass"))
+        out = wrapper.run(case.q, case.cache, page_meta=case.page_meta())
+        runs[chunk_pages] = (wrapper._plan, out, wrapper.last_stats)
+    assert runs[NO_SPLIT][0].visit_slot is None
+    plan, _, stats = runs[24]
+    order = runs[NO_SPLIT][2].selection.pages
+    assert plan.split and torch.equal(stats.selection.pages[plan.visit_slot.long()], order)
+    assert not torch.equal(stats.selection.pages, order)  # some block moved to a later chunk
+    _, reference = run(case, "torch", MASS, chunk_pages=24, policy=DensePolicy(order="mass"))
+    assert torch.equal(stats.visited_pages, reference.visited_pages)
+    assert (stats.visited_pages < stats.selected_pages).any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
