@@ -118,8 +118,8 @@ def interleaved_slots(row_start: torch.Tensor, chunks_per_row: torch.Tensor, chu
     Why (mode ``mass``, whose chunks judge their own unread share): a row's order runs from its
     heaviest pages to its lightest, so a contiguous second chunk holds light pages that must
     still meet eps relative to themselves. On Qwen2.5-0.5B at batch 64 (2 chunks a row on an
-    H100) that read 75% of the pages against 50-55% for whole rows, and the dealt chunks read
-    54-58% (``benchmarks/results/mass_estimate_limits_2026-11-28/``).
+    H100) that read 75% of the pages against 50-55% for whole rows; dealt, the chunks read
+    54-58% and the layer ran 9-11% faster (``benchmarks/results/dealt_chunks_2026-11-28/``).
     """
     device = row_start.device
     lengths = (row_start[1:] - row_start[:-1]).long()

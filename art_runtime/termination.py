@@ -113,7 +113,7 @@ that share a KV head share one traversal, so the group stops only when all of th
     chunks in turn (``plan.interleaved_slots``) so that each holds a like share of its mass:
     in contiguous chunks the last ones hold the lightest pages and must still meet eps
     relative to themselves (Qwen2.5-0.5B at batch 64 on an H100: 75% of the pages read,
-    against 54-58% dealt; ``benchmarks/results/mass_estimate_limits_2026-11-28/``).
+    against 54-58% dealt; ``benchmarks/results/dealt_chunks_2026-11-28/``).
 
 ``off``
     Visit every selected page: exact attention over the selection.

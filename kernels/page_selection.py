@@ -16,9 +16,9 @@ all its pages (``KEEP_ALL``, a dense order) the row is sorted as it is. With ``P
 also writes each entry's physical page id and token count, so that a per-layer selection
 fills the decode plan's visit arrays in this one launch (the dozen gathers that did it in
 torch cost about as much as the selection itself); with ``SLOTS`` each entry lands where the
-plan's slot map puts it (mode ``mass`` deals a split row's blocks to its chunks in turn). Sorting the kept pages instead of the
-whole row is what makes this cheap next to the scoring pass that reads every page's key
-box: a top-k over the row costs as much as that pass. (Selecting in the scoring kernel's last
+plan's slot map puts it (mode ``mass`` deals a split row's blocks to its chunks in turn).
+Sorting the kept pages instead of the whole row is what makes this cheap next to the scoring
+pass that reads every page's key box: a top-k over the row costs as much as that pass. (Selecting in the scoring kernel's last
 program of each row instead, to save the launch, measured slower: the selection's registers
 cost the scoring its occupancy; benchmarks/NOTES.md p5.) Registers matter here too: the
 64-bit keys are built only where they are stored, which keeps the kernel at 126 registers,
