@@ -138,7 +138,9 @@ class DecodeStats:
     selection : PageSelection
         The selected pages in the order visited, read or not (for per-layer policies: the last
         run's): the policy's order, except that mode ``bound`` visits each work item's pages
-        after its sketch cut by their certified mass bound (``reference.tail_visit_order``).
+        after its sketch cut by their certified mass bound (``reference.tail_visit_order``), and
+        that in mode ``mass`` a row split into work items has its blocks dealt to them in turn
+        (``plan.interleaved_slots``).
     page_mass : torch.Tensor or None
         ``[nnz]`` float32 aligned with ``selection.pages``: the softmax mass each page got,
         summed over the query heads of its group (0 for pages not read); only when planned
