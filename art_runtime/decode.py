@@ -16,7 +16,7 @@ import torch
 from .backend import resolve_backend, tensor_core_dots, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
-from .plan import DecodePlan, build_plan, group_tile, next_power_of_two
+from .plan import DecodePlan, build_plan, dealt, group_tile, next_power_of_two
 from .reference import (LOG2_SLACK, LOG2E, OVERFLOW_LOG2, SKETCH_CUT_SHARE, VALUE_NORM_SCALE, art_decode_torch,
                         bound_terms_torch)
 from .policies import DensePolicy, PagePolicy, PolicyContext
@@ -293,9 +293,7 @@ class BatchARTDecodeWrapper:
             termination, float(sm_scale), selection, chunk_pages, parallel_programs, tile_tokens(head_dim),
         )
         if plan.visit_slot is not None:  # the selection as visited: a split row's blocks dealt to its chunks
-            pages = selection.pages.clone()
-            pages[plan.visit_slot.long()] = selection.pages[:plan.nnz]
-            self._selection = PageSelection(selection.indptr, pages)
+            self._selection = PageSelection(selection.indptr, dealt(selection.pages, plan.visit_slot))
         self._plan = plan
         # Launch order matters only when the work items run in more than one wave.
         self._longest_first = LONGEST_FIRST and termination.mode == "mass" and plan.num_work > parallel_programs

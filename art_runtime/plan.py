@@ -125,20 +125,28 @@ def interleaved_slots(row_start: torch.Tensor, chunks_per_row: torch.Tensor, chu
     lengths = (row_start[1:] - row_start[:-1]).long()
     nnz = int(row_start[-1]) if row_start.numel() else 0
     row = torch.arange(lengths.numel(), device=device).repeat_interleave(lengths)
-    rank = torch.arange(nnz, device=device) - row_start[:-1].long()[row]
-    chunks = chunks_per_row.long()[row]
+    first, length, chunks = row_start[:-1].long()[row], lengths[row], chunks_per_row.long()[row]
+    rank = torch.arange(nnz, device=device) - first
     # whole blocks of the last chunk (it takes one in each of the first rounds)
-    last_blocks = (lengths[row] - (chunks - 1) * chunk_pages) // block_pages
+    last_blocks = (length - (chunks - 1) * chunk_pages) // block_pages
     block, offset = rank // block_pages, rank % block_pages
     first_rounds = chunks * last_blocks
     rest = block - first_rounds
     spread = torch.clamp(chunks - 1, min=1)
     chunk = torch.where(block < first_rounds, block % chunks, rest % spread)
     index = torch.where(block < first_rounds, block // chunks, last_blocks + rest // spread)
-    partial = block * block_pages + block_pages > lengths[row]  # the row's partial last block
+    partial = block * block_pages + block_pages > length  # the row's partial last block
     chunk = torch.where(partial, chunks - 1, chunk)
     index = torch.where(partial, last_blocks, index)
-    return row_start[:-1].long()[row] + chunk * chunk_pages + index * block_pages + offset
+    return first + chunk * chunk_pages + index * block_pages + offset
+
+
+def dealt(values: torch.Tensor, visit_slot: torch.Tensor) -> torch.Tensor:
+    """A copy of ``values`` (entries in each row's policy order) with entry ``k`` moved to
+    ``visit_slot[k]``; entries past the slots (padding) stay where they are."""
+    out = values.clone()
+    out[visit_slot.long()] = values[:visit_slot.numel()]
+    return out
 
 
 def kernel_block_pages(termination: TerminationConfig, page_size: int, tile_tokens: int) -> int:
@@ -207,9 +215,8 @@ def build_plan(
     work_end = torch.minimum(work_start + chunk_pages, row_start[1:].long()[work_row])
     visit_slot = None
     if termination.mode == "mass" and num_rows and int(chunks_per_row.max()) > 1:
-        visit_slot = interleaved_slots(row_start, chunks_per_row, chunk_pages, block_pages)
-        for values in (visit_phys, visit_tokens):
-            values[visit_slot] = values.clone()
+        visit_slot = interleaved_slots(row_start, chunks_per_row, chunk_pages, block_pages).to(torch.int32)
+        visit_phys, visit_tokens = dealt(visit_phys, visit_slot), dealt(visit_tokens, visit_slot)
 
     return DecodePlan(
         batch_size=batch_size,
@@ -231,5 +238,5 @@ def build_plan(
         row_work_indptr=row_work_indptr.to(torch.int32),
         selected_pages=lengths.view(batch_size, num_kv_heads).to(torch.int32),
         max_work_blocks=math.ceil(min(chunk_pages, longest) / block_pages) if num_rows else 0,
-        visit_slot=None if visit_slot is None else visit_slot.to(torch.int32),
+        visit_slot=visit_slot,
     )
