@@ -100,13 +100,51 @@ def physical_pages(kv_indptr, kv_indices, kv_last_page_len, page_size, request, 
     return phys.to(torch.int32), tokens.to(torch.int32)
 
 
+def selection_warps(width_pow2: int, keeps_all: bool) -> int:
+    """Warps of the selection kernel for rows of up to ``width_pow2`` pages: 4 keys a thread when
+    a row keeps every page (the kernel is then its sort: with 32-bit keys and these warps, on an
+    H200 at batch 64, 13.0 -> 6.3 µs for Qwen2.5's 128 rows of 1021 pages, 6.0 -> 4.3 µs for
+    SmolLM2's 192 of 509; a probe of 512 rows of 2048 pages 108 -> 41 µs; ``benchmarks/NOTES.md``
+    p16), else 8 keys a thread at most (they stay in registers)."""
+    return min(16, max(4, width_pow2 // (128 if keeps_all else 256)))
+
+
+# Rows that keep every page sort on 32-bit keys up to 2^12 pages, so that their scores keep at
+# least 11 mantissa bits (a relative 2^-11); wider rows sort on exact 64-bit keys.
+DENSE_KEY32_MAX_POS_BITS = 12
+
+
+def dense_keys_fit_32_bits(layout, width_pow2: int) -> bool:
+    """Whether the selection sorts ``layout``'s rows (``width_pow2`` positions) on 32-bit keys."""
+    return layout.keeps_all and (width_pow2 - 1).bit_length() <= DENSE_KEY32_MAX_POS_BITS
+
+
+def dense_order_keys(ordered: torch.Tensor, positions: torch.Tensor, num_pages: torch.Tensor,
+                     width_pow2: int) -> torch.Tensor:
+    """Sort keys (descending) of rows that keep every page, as the selection kernel builds them
+    in 32 bits (``dense_keys_fit_32_bits``; ``kernels/page_selection.dense_order_key``):
+    the scores' order keys without their lowest ``log2(width_pow2)`` bits, then the position
+    (ties to the lower one); the sink page first and the current page second.
+
+    Scores whose order keys agree above those bits count as equal: within a relative
+    ``2^(log2(width_pow2) - 23)`` of each other (2.4e-4 at 2048 pages), finer than any page
+    score's own error; the half-width keys make the row's sort faster (``selection_warps``).
+    """
+    pos_bits = (width_pow2 - 1).bit_length()
+    top = (1 << (31 - pos_bits)) - 1
+    coarse = (ordered >> pos_bits).clamp(max=top - 2).to(torch.int64)
+    coarse = torch.where(positions == 0, top, torch.where(positions == num_pages - 1, top - 1, coarse))
+    return (coarse << pos_bits) | (width_pow2 - 1 - positions)
+
+
 def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None,
                 out: VisitBuffers | None = None) -> torch.Tensor:
     """Turn page scores into the selection's visit order; no host synchronization.
 
     Each row keeps the sink page (0) first and the current page (the request's last) second,
     then its highest-scoring pages in score order (ties: the lower position first), as many
-    as ``layout`` gives the row.
+    as ``layout`` gives the row. When every row keeps all its pages (a dense order) scores
+    closer than the 32-bit sort keys tell apart count as ties (``dense_order_keys``).
 
     Parameters
     ----------
@@ -160,7 +198,8 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
                 *physical, pages if slot is None else slot, scores.stride(0), ctx.page_size,
                 NUM_KV_HEADS=ctx.num_kv_heads, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2, EDGE=SELECTION_EDGE,
                 KEEP_ALL=layout.keeps_all, PHYSICAL=out is not None, SLOTS=slot is not None,
-                num_warps=min(16, max(4, width_pow2 // 256)),  # 8 keys a thread at most, to stay in registers
+                KEY32=dense_keys_fit_32_bits(layout, width_pow2), POS_BITS=(width_pow2 - 1).bit_length(),
+                num_warps=selection_warps(width_pow2, layout.keeps_all),
             )
         return pages
     num_kv_heads = ctx.num_kv_heads
@@ -172,7 +211,11 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
     scores = torch.where(positions < num_pages, scores, float("-inf"))
     bits = scores.contiguous().view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # two's-complement order = float order
-    keys = (ordered.to(torch.int64) << 32) | (layout.width - 1 - positions)  # unique: ties to the lower position
+    width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
+    if dense_keys_fit_32_bits(layout, width_pow2):
+        keys = dense_order_keys(ordered, positions, num_pages, width_pow2)
+    else:
+        keys = (ordered.to(torch.int64) << 32) | (layout.width - 1 - positions)  # unique: ties to the lower position
     order = torch.sort(keys, dim=1, descending=True).indices
     pages = order[layout.row, layout.rank].to(torch.int32)
     if out is None:

@@ -12,7 +12,8 @@ position order), the kept pages are compacted through a scratch row, and only th
 sorted (score order, ties to the lower position). This replaced an exact radix select of
 four fixed rounds: each round is a chain of block-wide reductions (~1.5 µs of latency a row
 on an H100), and one round usually suffices (benchmarks/NOTES.md p12). When every row keeps
-all its pages (``KEEP_ALL``, a dense order) the row is sorted as it is. With ``PHYSICAL`` it
+all its pages (``KEEP_ALL``, a dense order) the row is sorted as it is, with ``KEY32`` on 32-bit
+keys (``dense_order_key``: half the data of the 64-bit keys through the sort's stages). With ``PHYSICAL`` it
 also writes each entry's physical page id and token count, so that a per-layer selection
 fills the decode plan's visit arrays in this one launch (the dozen gathers that did it in
 torch cost about as much as the selection itself); with ``SLOTS`` each entry lands where the
@@ -41,6 +42,19 @@ def unique_order_key(ordered, pos, WIDTH_POW2: tl.constexpr):
     """64-bit keys in the order of the 32-bit order keys, ties to the lower position first
     (``pos`` in ``[0, WIDTH_POW2)``: the low half is ``WIDTH_POW2 - 1 - pos``)."""
     return (ordered.to(tl.int64) << 32) | (WIDTH_POW2 - 1 - pos).to(tl.int64)
+
+
+@triton.jit
+def dense_order_key(ordered, pos, num_pages, WIDTH_POW2: tl.constexpr, POS_BITS: tl.constexpr):
+    """int32 sort keys of a row that keeps every page: the score's order key without its lowest
+    ``POS_BITS`` bits (``WIDTH_POW2 = 2^POS_BITS``), then the position (ties to the lower one);
+    the sink page highest and the current page next. Half the width of ``unique_order_key``'s,
+    so the row's sort moves half the data (``art_runtime.selection.dense_order_keys``, the torch
+    oracle)."""
+    top = (1 << (31 - POS_BITS)) - 1
+    coarse = tl.minimum(ordered >> POS_BITS, top - 2)
+    coarse = tl.where(pos == 0, top, tl.where(pos == num_pages - 1, top - 1, coarse))
+    return (coarse << POS_BITS) | (WIDTH_POW2 - 1 - pos)
 
 
 @triton.jit
@@ -77,7 +91,8 @@ def select_top_pages_kernel(
     slot_ptr,          # (SLOTS) [nnz] int32 where each row's k-th entry goes; else entry k of the row
     stride_sr, page_size,
     NUM_KV_HEADS: tl.constexpr, WIDTH_POW2: tl.constexpr, KEPT_POW2: tl.constexpr, EDGE: tl.constexpr,
-    KEEP_ALL: tl.constexpr, PHYSICAL: tl.constexpr, SLOTS: tl.constexpr,
+    KEEP_ALL: tl.constexpr, PHYSICAL: tl.constexpr, SLOTS: tl.constexpr, KEY32: tl.constexpr,
+    POS_BITS: tl.constexpr,
 ):
     row = tl.program_id(0)
     request = row // NUM_KV_HEADS
@@ -93,9 +108,13 @@ def select_top_pages_kernel(
     score = tl.where(pos == num_pages - 1, 3.4028234663852886e38, score)  # the current page: second
     ordered = float_order(tl.where(pos == 0, float("inf"), score))  # the sink: first
     k = tl.arange(0, KEPT_POW2)
-    if KEEP_ALL:  # KEPT_POW2 == WIDTH_POW2: the whole row, in registers
+    if KEEP_ALL and KEY32:  # the whole row, in registers, on 32-bit keys
+        key = tl.where(present, dense_order_key(ordered, pos, num_pages, WIDTH_POW2, POS_BITS), -2147483648)
+        page = (WIDTH_POW2 - 1 - (tl.sort(key, descending=True) & (WIDTH_POW2 - 1))).to(tl.int32)
+    elif KEEP_ALL:  # KEPT_POW2 == WIDTH_POW2: the whole row, in registers
         chosen = tl.sort(tl.where(present, unique_order_key(ordered, pos, WIDTH_POW2), -9223372036854775808),
                          descending=True)
+        page = (WIDTH_POW2 - 1 - (chosen & 0xFFFFFFFF)).to(tl.int32)
     else:
         # Narrow the pages that are not forced down to an edge of at most EDGE pages that holds
         # the kept-th: a first round of 256 equal bins between the lowest and the highest score
@@ -136,7 +155,7 @@ def select_top_pages_kernel(
             tl.store(row_keys + kept - need + edge_rank - 1, unique_key, mask=edge & (edge_rank <= need))
         tl.debug_barrier()
         chosen = tl.sort(tl.load(row_keys + k, mask=k < kept, other=-9223372036854775808), descending=True)
-    page = (WIDTH_POW2 - 1 - (chosen & 0xFFFFFFFF)).to(tl.int32)
+        page = (WIDTH_POW2 - 1 - (chosen & 0xFFFFFFFF)).to(tl.int32)
     dest = start + k
     if SLOTS:
         dest = tl.load(slot_ptr + start + k, mask=k < kept, other=0)

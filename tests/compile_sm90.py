@@ -34,7 +34,7 @@ from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noq
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
 from art_runtime.plan import group_tile  # noqa: E402
-from art_runtime.selection import SELECTION_EDGE  # noqa: E402
+from art_runtime.selection import SELECTION_EDGE, selection_warps  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "sm_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale", "log2_slack", "log2_cut_share",
@@ -177,8 +177,10 @@ def main():
         kept_pow2 = width_pow2 if keep_all else max(16, width_pow2 // 16)
         compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2,
                                                     EDGE=SELECTION_EDGE, KEEP_ALL=keep_all,
-                                                    PHYSICAL=physical, SLOTS=slots),
-                       dict(int_ptrs, keys_ptr="i64"), num_warps=min(16, max(4, width_pow2 // 256)))
+                                                    PHYSICAL=physical, SLOTS=slots,
+                                                    KEY32=keep_all and width_pow2 <= 4096,
+                                                    POS_BITS=(width_pow2 - 1).bit_length()),
+                       dict(int_ptrs, keys_ptr="i64"), num_warps=selection_warps(width_pow2, keep_all))
         count += 1
     for paged in (False, True):  # state per request slot, or per physical page (SGLang: kv_indptr stands in)
         h2o_ptrs = dict(int_ptrs, evicted_ptr="i1", slots_ptr="i32" if paged else "i64")

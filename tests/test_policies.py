@@ -94,6 +94,31 @@ def test_selection_kernel_equals_torch_ordering(budget, device):
         assert row == forced_then(rest, n)[:min(budget, n)]
 
 
+def test_dense_order_ties_scores_its_32_bit_keys_cannot_tell_apart(device):
+    """A row that keeps every page sorts on 32-bit keys: scores within the dropped low bits of
+    their order keys (here 5: rows of up to 32 pages) go in position order, the rest by score;
+    kernel and torch alike."""
+    from art_runtime import selection
+
+    case = make_case([300, 5, 161, 33], 8, 2, 64, 16, device=device, seed=6)  # 19, 1, 11 and 3 pages
+    ctx = context(case)
+    layout = QuestPolicy(budget=1000).layout(ctx)
+    assert layout.keeps_all and selection.dense_keys_fit_32_bits(layout, 32)
+    positions = torch.arange(layout.width)
+    # Even pages: 1 + 0 / 1 / 2 ulps (one key bucket; exact order would put p % 3 == 2 first);
+    # odd pages: well apart, lowest first.
+    near = 1.0 + (positions % 3).double() * 2.0 ** -23
+    scores = torch.where(positions % 2 == 0, near, 2.0 + positions.double()).float()
+    scores = scores.expand(ctx.num_rows, -1).contiguous().to(case.q.device)
+    kernel = selection.order_pages(scores, ctx, layout, kernel=True)
+    reference = selection.order_pages(scores, ctx, layout, kernel=False)
+    assert torch.equal(kernel, reference)
+    for r in range(ctx.num_rows):
+        n = case.pages_per_request()[r // 2]
+        rest = [p for p in range(n - 1, -1, -1) if p % 2] + [p for p in range(n) if p % 2 == 0]
+        assert kernel[layout.indptr[r]:layout.indptr[r + 1]].tolist() == forced_then(rest, n)
+
+
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("slotted", [False, True], ids=["in-order", "slotted"])
 def test_selection_writes_a_plans_visit_buffers(kernel, slotted, device):
