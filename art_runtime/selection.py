@@ -114,9 +114,10 @@ def selection_warps(width_pow2: int, keeps_all: bool) -> int:
 DENSE_KEY32_MAX_POS_BITS = 12
 
 
-def dense_keys_fit_32_bits(layout, width_pow2: int) -> bool:
-    """Whether the selection sorts ``layout``'s rows (``width_pow2`` positions) on 32-bit keys."""
-    return layout.keeps_all and (width_pow2 - 1).bit_length() <= DENSE_KEY32_MAX_POS_BITS
+def dense_keys_fit_32_bits(keeps_all: bool, width_pow2: int) -> bool:
+    """Whether the selection sorts rows of ``width_pow2`` positions on 32-bit keys: rows that
+    keep every page (``SelectionLayout.keeps_all``), up to ``2^DENSE_KEY32_MAX_POS_BITS``."""
+    return keeps_all and (width_pow2 - 1).bit_length() <= DENSE_KEY32_MAX_POS_BITS
 
 
 def dense_order_keys(ordered: torch.Tensor, positions: torch.Tensor, num_pages: torch.Tensor,
@@ -177,6 +178,7 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
         raise ValueError(f"out: every buffer needs the layout's {nnz} entries")
     if out is not None and out.slot is not None and out.slot.numel() < nnz:
         raise ValueError(f"out.slot needs the layout's {nnz} entries")
+    width_pow2 = max(16, 1 << (layout.width - 1).bit_length())  # the kernel's row tile
     if kernel:
         from .kernels.page_selection import select_top_pages_kernel
 
@@ -184,7 +186,6 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
         if nnz:
             if layout.width > 1 << 20:  # the selection kernel packs page counts in 20 bits
                 raise ValueError(f"a request of {layout.width} pages: the selection kernel takes at most 2^20 pages")
-            width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
             physical = (pages, pages, pages, pages) if out is None else (
                 ctx.kv_indices, ctx.kv_last_page_len, out.phys, out.tokens)
             slot = out.slot if out is not None and out.slot is not None else None
@@ -198,7 +199,7 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
                 *physical, pages if slot is None else slot, scores.stride(0), ctx.page_size,
                 NUM_KV_HEADS=ctx.num_kv_heads, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2, EDGE=SELECTION_EDGE,
                 KEEP_ALL=layout.keeps_all, PHYSICAL=out is not None, SLOTS=slot is not None,
-                KEY32=dense_keys_fit_32_bits(layout, width_pow2), POS_BITS=(width_pow2 - 1).bit_length(),
+                KEY32=dense_keys_fit_32_bits(layout.keeps_all, width_pow2), POS_BITS=(width_pow2 - 1).bit_length(),
                 num_warps=selection_warps(width_pow2, layout.keeps_all),
             )
         return pages
@@ -211,8 +212,7 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
     scores = torch.where(positions < num_pages, scores, float("-inf"))
     bits = scores.contiguous().view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # two's-complement order = float order
-    width_pow2 = max(16, 1 << (layout.width - 1).bit_length())
-    if dense_keys_fit_32_bits(layout, width_pow2):
+    if dense_keys_fit_32_bits(layout.keeps_all, width_pow2):
         keys = dense_order_keys(ordered, positions, num_pages, width_pow2)
     else:
         keys = (ordered.to(torch.int64) << 32) | (layout.width - 1 - positions)  # unique: ties to the lower position

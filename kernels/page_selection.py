@@ -12,9 +12,10 @@ position order), the kept pages are compacted through a scratch row, and only th
 sorted (score order, ties to the lower position). This replaced an exact radix select of
 four fixed rounds: each round is a chain of block-wide reductions (~1.5 µs of latency a row
 on an H100), and one round usually suffices (benchmarks/NOTES.md p12). When every row keeps
-all its pages (``KEEP_ALL``, a dense order) the row is sorted as it is, with ``KEY32`` on 32-bit
-keys (``dense_order_key``: half the data of the 64-bit keys through the sort's stages). With ``PHYSICAL`` it
-also writes each entry's physical page id and token count, so that a per-layer selection
+all its pages (``KEEP_ALL``, a dense order) the row is sorted as it is, with ``KEY32`` on
+32-bit keys (``dense_order_key``: half the data of the 64-bit keys through the sort's
+stages). With ``PHYSICAL`` it also writes each entry's physical page id and token count, so
+that a per-layer selection
 fills the decode plan's visit arrays in this one launch (the dozen gathers that did it in
 torch cost about as much as the selection itself); with ``SLOTS`` each entry lands where the
 plan's slot map puts it (mode ``mass`` deals a split row's blocks to its chunks in turn).

@@ -34,7 +34,7 @@ from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noq
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
 from art_runtime.plan import group_tile  # noqa: E402
-from art_runtime.selection import SELECTION_EDGE, selection_warps  # noqa: E402
+from art_runtime.selection import SELECTION_EDGE, dense_keys_fit_32_bits, selection_warps  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "sm_scale", "tau_mag", "tau_dir", "eps", "value_norm_scale", "log2_slack", "log2_cut_share",
@@ -178,7 +178,7 @@ def main():
         compile_kernel(select_top_pages_kernel, dict(NUM_KV_HEADS=8, WIDTH_POW2=width_pow2, KEPT_POW2=kept_pow2,
                                                     EDGE=SELECTION_EDGE, KEEP_ALL=keep_all,
                                                     PHYSICAL=physical, SLOTS=slots,
-                                                    KEY32=keep_all and width_pow2 <= 4096,
+                                                    KEY32=dense_keys_fit_32_bits(keep_all, width_pow2),
                                                     POS_BITS=(width_pow2 - 1).bit_length()),
                        dict(int_ptrs, keys_ptr="i64"), num_warps=selection_warps(width_pow2, keep_all))
         count += 1

@@ -103,10 +103,10 @@ def test_dense_order_ties_scores_its_32_bit_keys_cannot_tell_apart(device):
     case = make_case([300, 5, 161, 33], 8, 2, 64, 16, device=device, seed=6)  # 19, 1, 11 and 3 pages
     ctx = context(case)
     layout = QuestPolicy(budget=1000).layout(ctx)
-    assert layout.keeps_all and selection.dense_keys_fit_32_bits(layout, 32)
+    assert layout.keeps_all and selection.dense_keys_fit_32_bits(True, 32)
     positions = torch.arange(layout.width)
     # Even pages: 1 + 0 / 1 / 2 ulps (one key bucket; exact order would put p % 3 == 2 first);
-    # odd pages: well apart, lowest first.
+    # odd pages: well apart, the later the higher.
     near = 1.0 + (positions % 3).double() * 2.0 ** -23
     scores = torch.where(positions % 2 == 0, near, 2.0 + positions.double()).float()
     scores = scores.expand(ctx.num_rows, -1).contiguous().to(case.q.device)
