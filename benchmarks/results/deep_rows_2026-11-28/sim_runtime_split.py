@@ -134,8 +134,12 @@ def main():
         pred = [predicted_blocks(r, eps) for r in rows]
         total_pred = sum(pred)
         share = [p * SMS * SLOTS / total_pred for p in pred]  # chunks that give the row a like share
+        median = max(1, sorted(pred)[R // 2])
         rules = {"round": [round(x) for x in share], "ceil": [math.ceil(x) for x in share],
-                 "static+": [max(static_k, round(x)) for x in share]}
+                 "static+": [max(static_k, round(x)) for x in share],
+                 # only the outliers: rows predicted deeper than twice the median, split in proportion
+                 "outliers": [static_k * max(1, round(p / (2 * median))) if p > 2 * median else static_k
+                              for p in pred]}
         print(f"== {path}: {R} rows of {rows[0]['pages']} pages; predicted blocks a row: median "
               f"{sorted(pred)[R // 2]}, max {max(pred)}")
         deepest_first = sorted(range(R), key=lambda i: -pred[i])
