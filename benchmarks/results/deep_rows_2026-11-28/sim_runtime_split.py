@@ -6,14 +6,17 @@ kernel's time: 132 SMs, two programs an SM, a program's block taking T_ALONE µs
 T_SHARED µs beside another (block_latency_h200.txt), a pass of 8 blocks read whole once started.
 
 Usage: sim_runtime_split.py QUERIES REC.pt ... (records of ../mass_estimate_limits_2026-11-28/split.py
-with QUERIES queries a layer, repeated 64 / QUERIES times to make batch 64)."""
+with QUERIES queries a layer, repeated 64 / QUERIES times to make batch 64); PASS=4 in the environment
+models passes of 4 blocks."""
 import heapq
 import math
+import os
 import sys
 
 import torch
 
-BP, PULL_EVERY, MAX_SHARE, PASS = 8, 4, 0.25, 8
+BP, PULL_EVERY, MAX_SHARE = 8, 4, 0.25
+PASS = int(os.environ.get("PASS", 8))  # blocks a pass (the decode kernel's PASS_BLOCKS)
 SMS, SLOTS = 132, 2
 T_ALONE, T_SHARED, T_START = 2.05, 2.73, 2.0  # µs: a block alone / beside another program; a program's start
 KMAX = 8
