@@ -1,5 +1,8 @@
 """Per-block time of one decode program (no split): off vs mass (never fires), random data.
-Usage: block_latency.py ROWS (kv rows of 2048 pages each; 7 q heads per kv head, D 64)"""
+Usage: block_latency.py ROWS SWEEP (kv rows of 2048 pages each; 7 q heads per kv head, D 64). SWEEP
+``stages``: pipeline stages 2-4 and passes of 8 or 16 blocks (block_latency_h200.txt); ``tiles``:
+mode off's tile (64 / 128 / 256 tokens) and mode mass's check block (4 / 8 / 16 pages), per 128
+tokens (block_latency_h100.txt)."""
 import sys, torch
 import art_runtime.decode as D
 from art_runtime import BatchARTDecodeWrapper, TerminationConfig, PageMetadata
@@ -24,10 +27,21 @@ def prof(term, label):
     for e in p.key_averages():
         if e.key.startswith("art_decode_kernel"):
             t = (getattr(e, "device_time_total", None) or e.cuda_time_total) / e.count
-            print(f"rows {rows:4d} {label:28s} decode {t:8.1f} us  per block {t / (pages // 8) * 1000:7.1f} ns")
-for stages in (2, 3, 4):
-    for pb in (8, 16):
-        D.NUM_STAGES = stages; D.PASS_BLOCKS = pb
-        if pb == 8:
-            prof(TerminationConfig(mode="off"), f"off st{stages}")
-        prof(TerminationConfig(mode="mass", eps=1e-12), f"mass st{stages} pass{pb}")
+            print(f"rows {rows:4d} {label:28s} decode {t:8.1f} us  per 128 tokens {t / (pages // 8) * 1000:7.1f} ns")
+if sys.argv[2] == "stages":
+    for stages in (2, 3, 4):
+        for pb in (8, 16):
+            D.NUM_STAGES = stages; D.PASS_BLOCKS = pb
+            if pb == 8:
+                prof(TerminationConfig(mode="off"), f"off st{stages}")
+            prof(TerminationConfig(mode="mass", eps=1e-12), f"mass st{stages} pass{pb}")
+else:
+    D.OFF_TILE_ELEMENTS = 65536
+    for stages in (2, 3):
+        D.NUM_STAGES = stages
+        for tok in (64, 128, 256):
+            D.OFF_BLOCK_TOKENS = tok
+            prof(TerminationConfig(mode="off"), f"off st{stages} tile{tok}")
+        D.OFF_BLOCK_TOKENS = 256
+        for bp in (4, 8, 16):
+            prof(TerminationConfig(mode="mass", eps=1e-12, block_pages=bp), f"mass st{stages} block{bp * 16}")
