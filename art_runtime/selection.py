@@ -226,7 +226,7 @@ def order_pages(scores: torch.Tensor, ctx, layout, *, kernel: bool | None = None
                                   layout.row // num_kv_heads, pages)
     dest = torch.arange(nnz, device=pages.device) if out.slot is None else out.slot[:nnz].long()
     for buffer, value in ((out.pages, pages), (out.phys, phys), (out.tokens, tokens)):
-        buffer[dest[real]] = value[real]
+        buffer[dest] = torch.where(real, value, buffer[dest])  # a mask index would sync with the device
     return out.pages
 
 
