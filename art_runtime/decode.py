@@ -16,7 +16,7 @@ import torch
 from .backend import resolve_backend, tensor_core_dots, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
-from .plan import DecodePlan, build_plan, dealt, group_tile, next_power_of_two
+from .plan import DecodePlan, build_plan, dealt, group_tile, next_power_of_two, shared_heads_per_item
 from .reference import (LOG2_SLACK, LOG2E, OVERFLOW_LOG2, SKETCH_CUT_SHARE, VALUE_NORM_SCALE, art_decode_torch,
                         bound_terms_torch)
 from .policies import DensePolicy, PagePolicy, PolicyContext
@@ -104,10 +104,11 @@ def tail_order_warps(width_pow2: int) -> int:
     return max(4, min(16, width_pow2 // 512))
 
 
-def tile_tokens(head_dim: int) -> int:
-    """The longest K/V tile that reads fastest at ``head_dim`` (``OFF_BLOCK_TOKENS``, at most
-    ``OFF_TILE_ELEMENTS`` elements): mode ``off``'s block, and the cap of the others'."""
-    return min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // head_dim)
+def tile_tokens(row_width: int) -> int:
+    """The longest K/V tile that reads fastest for token rows of ``row_width`` elements (a
+    head_dim, or heads x head_dim where one program reads several heads): ``OFF_BLOCK_TOKENS``,
+    at most ``OFF_TILE_ELEMENTS`` elements. Mode ``off``'s block, and the cap of the others'."""
+    return min(OFF_BLOCK_TOKENS, OFF_TILE_ELEMENTS // row_width)
 
 
 def sketch_tile_pages(head_dim: int, page_size: int) -> int:
@@ -282,15 +283,23 @@ class BatchARTDecodeWrapper:
             selection = self._plan_policy(policy, selection, PolicyContext(
                 kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, page_size, request_ids,
                 sm_scale))
-        elif selection is None:
+        self._record_page_mass = record_page_mass or (self._policy is not None and self._policy[0].needs_page_mass)
+        parallel_programs = self._parallel_programs(device, termination)
+        heads_per_item = 1
+        if selection is None:  # dense: every KV head visits the request's pages in the same order
             selection = dense_selection(kv_indptr, num_kv_heads)
+            if termination.mode == "off" and not self._record_page_mass:
+                heads_per_item = shared_heads_per_item(num_kv_heads, num_qo_heads // num_kv_heads, head_dim,
+                                                       batch_size, parallel_programs)
+                if page_size > tile_tokens(head_dim * heads_per_item):
+                    heads_per_item = 1
         else:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
         self._selection = selection
-        parallel_programs = self._parallel_programs(device, termination)
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-            termination, float(sm_scale), selection, chunk_pages, parallel_programs, tile_tokens(head_dim),
+            termination, float(sm_scale), selection, chunk_pages, parallel_programs,
+            tile_tokens(head_dim * heads_per_item), heads_per_item,
         )
         if plan.visit_slot is not None:  # the selection as visited: a split row's blocks dealt to its chunks
             self._selection = PageSelection(selection.indptr, dealt(selection.pages, plan.visit_slot))
@@ -299,7 +308,6 @@ class BatchARTDecodeWrapper:
         self._longest_first = LONGEST_FIRST and termination.mode == "mass" and plan.num_work > parallel_programs
         self._page_table = (kv_indptr, kv_indices, kv_last_page_len)
         self._pages_in_table = int(kv_indptr[-1])  # on the host now: run() never syncs to count bytes
-        self._record_page_mass = record_page_mass or (self._policy is not None and self._policy[0].needs_page_mass)
         block_tokens = plan.block_pages * page_size
         if self._record_page_mass and self._backend == "triton" and block_tokens & (block_tokens - 1):
             raise ValueError(f"record_page_mass needs block_pages * page_size to be a power of two, got {block_tokens}")
@@ -371,7 +379,12 @@ class BatchARTDecodeWrapper:
         self._seg_bounds = torch.empty((3, plan.num_work, segments if certified else 0, group_pad),
                                        dtype=torch.float32, device=device)
         self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
-        self._work_order = torch.arange(num_work, dtype=torch.int64, device=device)  # program -> work item
+        # program -> work item; with heads_per_item > 1 the work items of each group's first head,
+        # each program taking the same chunk of the next heads' rows too (their items follow at a
+        # stride of the row's chunk count).
+        self._work_order = torch.arange(num_work, dtype=torch.int64, device=device)
+        if plan.heads_per_item > 1:
+            self._work_order = torch.nonzero(plan.work_row % plan.heads_per_item == 0).flatten()
         mass = plan.termination.mode == "mass" and self._backend == "triton"
         self._predicted_blocks = torch.empty((num_work if mass else 0,), dtype=torch.int32, device=device)
         self._predicted_sorted = torch.empty_like(self._predicted_blocks)
@@ -658,9 +671,10 @@ class BatchARTDecodeWrapper:
         final_out = out
         if interpreted and out.dtype == torch.bfloat16:
             out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        art_decode_kernel[(plan.num_work,)](
+        art_decode_kernel[(plan.num_work // plan.heads_per_item,)](
             q, k_cache, v_cache, out, lse, self._part_out, self._part_lse,
-            *visit, self._work_order, plan.work_row, plan.work_start, plan.work_end, plan.row_start, self._log2w,
+            *visit, self._work_order, plan.work_row, plan.work_start, plan.work_end, plan.row_start,
+            plan.row_work_indptr, self._log2w,
             self._vrest, self._vscale, self._log2w_low, self._log2wv,
             self._visited_pages, self._visited_tokens, self._loaded_tokens, self._stable_at, self._page_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -671,7 +685,7 @@ class BatchARTDecodeWrapper:
             HEAD_DIM=plan.head_dim, PAGE_SIZE=plan.page_size, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n,
             MODE=term.mode_code, VALUES_RELATIVE=term.relative_to == "values", SPLIT=plan.split,
             DOT_IN_INPUT_DTYPE=dot_in_input_dtype, PAGE_MASS=self._record_page_mass, PASS_BLOCKS=PASS_BLOCKS,
-            SPECULATE=plan.head_dim <= SPECULATE_MAX_HEAD_DIM,
+            SPECULATE=plan.head_dim <= SPECULATE_MAX_HEAD_DIM, HEADS=plan.heads_per_item,
             num_warps=num_warps, num_stages=num_stages,
         )
         if plan.split:
@@ -704,7 +718,7 @@ class BatchARTDecodeWrapper:
     def _num_stages(plan: DecodePlan, block_n: int, element_size: int) -> int:
         """Pipeline depth: 3 for head_dim <= 64 (small tiles), else 2; fewer if the tiles don't fit."""
         stages = NUM_STAGES or (3 if plan.head_dim <= 64 else 2)
-        tile_bytes = 2 * block_n * plan.head_dim * element_size  # K and V
+        tile_bytes = 2 * block_n * plan.heads_per_item * plan.head_dim * element_size  # K and V
         while stages > 1 and stages * tile_bytes > SHARED_MEMORY_BUDGET:
             stages -= 1
         return stages

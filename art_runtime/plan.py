@@ -26,6 +26,10 @@ class DecodePlan:
     contiguous chunk of those positions, a whole number of termination blocks long. In mode
     ``mass`` a split row's blocks are dealt to its chunks in turn (``visit_slot``), so that
     every chunk holds a like share of the row's mass (``interleaved_slots``).
+
+    With ``heads_per_item`` > 1 (mode ``off`` on a visit order that every KV head shares) one
+    program of the Triton kernel reads that many adjacent KV heads' work items together, whole
+    token rows at a time; the work items stay one per (row, chunk), each with its own output.
     """
 
     batch_size: int
@@ -48,6 +52,7 @@ class DecodePlan:
     selected_pages: torch.Tensor   # [B, H_kv] int32
     max_work_blocks: int           # blocks of the longest work item
     visit_slot: torch.Tensor | None = None  # [nnz] int32 position of each row's k-th entry; None: k-th
+    heads_per_item: int = 1        # adjacent KV heads one program reads together (shared_heads_per_item)
 
     @property
     def group_size(self) -> int:
@@ -79,6 +84,38 @@ def next_power_of_two(n: int) -> int:
 def group_tile(group_size: int) -> int:
     """Query rows of a kernel tile holding one GQA group: a power of two, at least 16 (tl.dot)."""
     return max(16, next_power_of_two(group_size))
+
+
+# Widest K/V tile row (heads x head_dim) that one program reads when KV heads share a visit order.
+SHARED_HEADS_MAX_WIDTH = 128
+
+
+def shared_heads_per_item(num_kv_heads: int, group_size: int, head_dim: int, batch_size: int,
+                          parallel_programs: int) -> int:
+    """Adjacent KV heads that one program reads together when every head visits the same pages
+    in the same order (mode ``off`` on a dense selection): the largest power of two that divides
+    ``num_kv_heads``, whose query heads still fit the group's tile (``group_tile``, so no extra
+    tensor-core rows) and whose token rows are at most ``SHARED_HEADS_MAX_WIDTH`` wide; 1 where
+    the rows, cut into at most ``MAX_CHUNKS_PER_ROW`` chunks, would then give fewer programs than
+    ``parallel_programs`` (batch 1 to 4).
+
+    Why: the heads of a page's token are adjacent in FlashInfer's NHD layout, so two heads at
+    head_dim 64 read 256 contiguous bytes a token instead of 128, and one page-table walk serves
+    both. Each query row's logits come from its own head's columns (the kernel loads q
+    block-diagonally), so the extra halves of the dots are zeros, free in a loop bound by memory.
+    H200, 14/2/64 at batch 16-128 / 16K-32K (benchmarks/NOTES.md v51): ART's time -5.5 to -12%,
+    0.88-0.99x -> 0.98-1.05x FlashInfer's throughput. Two heads at head_dim 128 (512-byte rows)
+    ran as fast at batch 64-128 and 12% slower at batch 16 (their tile spills, or halves the
+    tokens a step), hence the width.
+    """
+    tile_rows = group_tile(group_size)
+    heads = 1
+    while (num_kv_heads % (2 * heads) == 0 and 2 * heads * group_size <= tile_rows
+           and 2 * heads * head_dim <= SHARED_HEADS_MAX_WIDTH):
+        heads *= 2
+    if batch_size * num_kv_heads * MAX_CHUNKS_PER_ROW < parallel_programs * heads:
+        return 1
+    return heads
 
 
 # A row is cut into at most this many chunks: the merge reads every chunk of a row, and past
@@ -171,6 +208,7 @@ def build_plan(
     chunk_pages: int | None,
     parallel_programs: int,
     tile_tokens: int,
+    heads_per_item: int = 1,
 ) -> DecodePlan:
     """Flatten ``selection`` through the page table and cut it into work items.
 
@@ -178,8 +216,13 @@ def build_plan(
     is never split (its criterion needs the whole row's state, see ``TerminationConfig``).
     ``tile_tokens`` is the longest tile that reads fastest for this head_dim: mode ``off``
     checks nothing, so unless ``block_pages`` is set its blocks are that long; the other
-    modes' default blocks (``DEFAULT_BLOCK_TOKENS``) are capped by it.
+    modes' default blocks (``DEFAULT_BLOCK_TOKENS``) are capped by it. ``heads_per_item``
+    (``shared_heads_per_item``; only for a selection every KV head shares, in mode ``off``)
+    programs each take that many rows' chunks, so the rows are cut for ``parallel_programs``
+    times as many work items, and ``tile_tokens`` is the tile of those heads' rows together.
     """
+    if heads_per_item > 1 and (termination.mode != "off" or num_kv_heads % heads_per_item):
+        raise ValueError(f"heads_per_item {heads_per_item}: only in mode off, dividing num_kv_heads ({num_kv_heads})")
     device = kv_indptr.device
     batch_size = kv_last_page_len.numel()
     block_pages = kernel_block_pages(termination, page_size, tile_tokens)
@@ -200,7 +243,7 @@ def build_plan(
     no_split = termination.mode == "bound" and termination.relative_to == "output"
     if chunk_pages is None:
         chunk_pages = longest if no_split else choose_chunk_pages(
-            longest, num_rows, block_pages, parallel_programs, termination.mode != "off")
+            longest, num_rows, block_pages, parallel_programs * heads_per_item, termination.mode != "off")
     elif no_split and chunk_pages < longest:
         raise ValueError("chunk_pages: bound mode relative to the output cannot split a row; use relative_to='values'")
     if chunk_pages < 1:
@@ -239,4 +282,5 @@ def build_plan(
         selected_pages=lengths.view(batch_size, num_kv_heads).to(torch.int32),
         max_work_blocks=math.ceil(min(chunk_pages, longest) / block_pages) if num_rows else 0,
         visit_slot=visit_slot,
+        heads_per_item=heads_per_item,
     )

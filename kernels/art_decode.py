@@ -6,7 +6,10 @@ so that ``tl.dot`` runs on tensor cores), reads ``BLOCK_PAGES`` pages per step t
 page table, keeps the online softmax in base 2, and after every block decides whether the
 group may stop (modes: 0 off, 1 stability, 2 bound, 3 mass; see ``art_runtime.termination``).
 Work items that cover a whole visit order write the final output; split rows write partial
-outputs and LSEs that ``art_merge_kernel`` combines.
+outputs and LSEs that ``art_merge_kernel`` combines. In mode off on a visit order that every KV
+head shares, one program reads ``HEADS`` adjacent KV heads' work items together: whole token rows
+of ``HEADS * HEAD_DIM`` elements, each query row dotted with its own head's columns only (q is
+loaded block-diagonally), each work item's output written as its own.
 """
 
 import triton
@@ -31,18 +34,28 @@ def _attend_block(
     q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+    HEADS: tl.constexpr = 1,
 ):
-    """Fold one block (its pages' ``phys`` ids and ``tokens`` counts per slot) into the state.
+    """Fold one block (its pages' ``phys`` ids and ``tokens`` counts per slot) into the state:
+    heads ``head .. head + HEADS - 1``, side by side in the K/V tile's columns.
 
     Returns the new ``m, l, acc``, the block's token count, its scaled logits and its ``P.V``.
     """
     slot = tl.arange(0, BLOCK_N) % PAGE_SIZE
     token_ok = slot < tokens
-    dims = tl.arange(0, HEAD_DIM)
-    k = tl.load(k_ptr + phys[:, None] * stride_kp + slot[:, None] * stride_kt + head * stride_kh + dims[None, :],
-                mask=token_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + phys[:, None] * stride_vp + slot[:, None] * stride_vt + head * stride_vh + dims[None, :],
-                mask=token_ok[:, None], other=0.0)
+    if HEADS == 1:
+        dims = tl.arange(0, HEAD_DIM)
+        k = tl.load(k_ptr + phys[:, None] * stride_kp + slot[:, None] * stride_kt + head * stride_kh + dims[None, :],
+                    mask=token_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + phys[:, None] * stride_vp + slot[:, None] * stride_vt + head * stride_vh + dims[None, :],
+                    mask=token_ok[:, None], other=0.0)
+    else:
+        cols = tl.arange(0, HEADS * HEAD_DIM)
+        col_head, dims = head + cols // HEAD_DIM, cols % HEAD_DIM
+        k = tl.load(k_ptr + phys[:, None] * stride_kp + slot[:, None] * stride_kt
+                    + (col_head * stride_kh + dims)[None, :], mask=token_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + phys[:, None] * stride_vp + slot[:, None] * stride_vt
+                    + (col_head * stride_vh + dims)[None, :], mask=token_ok[:, None], other=0.0)
     if DOT_IN_INPUT_DTYPE:
         s = tl.dot(q, tl.trans(k))
     else:
@@ -106,6 +119,7 @@ def art_decode_kernel(
     visit_phys_ptr, visit_tokens_ptr,   # [nnz] int32: physical page and its token count, visit order
     work_order_ptr,                     # [W] int64: the work item of each program (longest expected first)
     work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr,
+    row_work_indptr_ptr,                # [R + 1] int32 work items of each row (read with HEADS > 1)
     bound_log2w_ptr, bound_vrest_ptr, row_vscale_ptr,  # bound / mass modes: [nnz, GROUP_PAD], [nnz], [R]
     bound_log2w_low_ptr, bound_log2wv_ptr,  # bound: [nnz, GROUP_PAD] each (page_bounds)
     visited_pages_ptr, visited_tokens_ptr, loaded_tokens_ptr, stable_at_ptr,  # stats: [W] x3, [W, GROUP_PAD]
@@ -117,7 +131,7 @@ def art_decode_kernel(
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, VALUES_RELATIVE: tl.constexpr, SPLIT: tl.constexpr,
     DOT_IN_INPUT_DTYPE: tl.constexpr, PAGE_MASS: tl.constexpr, PASS_BLOCKS: tl.constexpr,
-    SPECULATE: tl.constexpr,
+    SPECULATE: tl.constexpr, HEADS: tl.constexpr,
 ):
     work = tl.load(work_order_ptr + tl.program_id(0))
     row = tl.load(work_row_ptr + work)
@@ -128,16 +142,22 @@ def art_decode_kernel(
     row_start = tl.load(row_start_ptr + row)
 
     g = tl.arange(0, GROUP_PAD)
-    g_ok = g < GROUP_SIZE
+    g_ok = g < HEADS * GROUP_SIZE  # the query heads of KV heads head .. head + HEADS - 1 are adjacent
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
-                mask=g_ok[:, None], other=0.0)
+    if HEADS == 1:
+        q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh + dims[None, :],
+                    mask=g_ok[:, None], other=0.0)
+    else:  # block-diagonal: a query row holds its head's columns, zeros in the other heads'
+        cols = tl.arange(0, HEADS * HEAD_DIM)
+        own_cols = (cols // HEAD_DIM)[None, :] == (g // GROUP_SIZE)[:, None]
+        q = tl.load(q_ptr + request * stride_qb + (head * GROUP_SIZE + g)[:, None] * stride_qh
+                    + (cols % HEAD_DIM)[None, :], mask=g_ok[:, None] & own_cols, other=0.0)
     if not DOT_IN_INPUT_DTYPE:
         q = q.to(tl.float32)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEADS * HEAD_DIM], tl.float32)
     tokens_read = start * 0  # tokens folded into the output
     loaded_tokens = start * 0  # tokens read from memory (termination modes: past the stop too)
     stable_at = tl.full([GROUP_PAD], -1, tl.int32)
@@ -152,7 +172,7 @@ def art_decode_kernel(
             m_i, l_i, acc, block_tokens, s, _ = _attend_block(
                 q, m_i, l_i, acc, k_ptr, v_ptr, phys, tokens, head,
                 stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, qk_scale,
-                PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE)
+                PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_IN_INPUT_DTYPE, HEADS)
             if PAGE_MASS:
                 _store_page_lse(page_lse_ptr, s, pos, end, GROUP_PAD, BLOCK_PAGES, PAGE_SIZE)
             phys, tokens = next_phys, next_tokens
@@ -293,13 +313,30 @@ def art_decode_kernel(
                 live = live & rest & ~stop
             go = live
 
-    tl.store(visited_pages_ptr + work, tl.minimum(pos, end) - start)
-    tl.store(visited_tokens_ptr + work, tokens_read)
-    tl.store(loaded_tokens_ptr + work, loaded_tokens)
-    tl.store(stable_at_ptr + work * GROUP_PAD + g, stable_at)
     o = acc / l_i[:, None]
     lse = m_i + tl.log2(l_i)
-    if SPLIT:
+    if HEADS == 1:
+        tl.store(visited_pages_ptr + work, tl.minimum(pos, end) - start)
+        tl.store(visited_tokens_ptr + work, tokens_read)
+        tl.store(loaded_tokens_ptr + work, loaded_tokens)
+        tl.store(stable_at_ptr + work * GROUP_PAD + g, stable_at)
+    else:
+        # The same chunk of heads head + 1 .. : work items at a stride of the row's chunk count.
+        row_chunks = tl.load(row_work_indptr_ptr + row + 1) - tl.load(row_work_indptr_ptr + row)
+        h = tl.arange(0, HEADS)
+        items = work + h * row_chunks
+        tl.store(visited_pages_ptr + items, tl.zeros([HEADS], tl.int32) + (tl.minimum(pos, end) - start))
+        tl.store(visited_tokens_ptr + items, tl.zeros([HEADS], tl.int32) + tokens_read)
+        tl.store(loaded_tokens_ptr + items, tl.zeros([HEADS], tl.int32) + loaded_tokens)
+        tl.store(stable_at_ptr + items[:, None] * GROUP_PAD + g[None, :], tl.full([HEADS, GROUP_PAD], -1, tl.int32))
+        # Each query row's output: its own head's columns of the tile.
+        own = (g // GROUP_SIZE)[:, None, None] == h[None, :, None]
+        o = tl.sum(tl.where(own, tl.reshape(o, [GROUP_PAD, HEADS, HEAD_DIM]), 0.0), 1)
+    if SPLIT and HEADS > 1:
+        item_row = (work + (g // GROUP_SIZE) * row_chunks) * GROUP_PAD + g % GROUP_SIZE
+        tl.store(part_out_ptr + item_row[:, None] * HEAD_DIM + dims[None, :], o, mask=g_ok[:, None])
+        tl.store(part_lse_ptr + item_row, lse, mask=g_ok)
+    elif SPLIT:
         tl.store(part_out_ptr + (work * GROUP_PAD + g)[:, None] * HEAD_DIM + dims[None, :], o)
         tl.store(part_lse_ptr + work * GROUP_PAD + g, lse)
     else:

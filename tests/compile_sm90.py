@@ -24,7 +24,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from art_runtime.decode import MERGE_TILE_ELEMENTS, SKETCH_STAGES, sketch_tile_pages, tail_order_warps  # noqa: E402
+from art_runtime.decode import (MERGE_TILE_ELEMENTS, SKETCH_STAGES, sketch_tile_pages, tail_order_warps,  # noqa: E402
+                                tile_tokens)
 from art_runtime.kernels.art_decode import art_decode_kernel, art_merge_kernel  # noqa: E402
 from art_runtime.kernels.h2o_state import h2o_observe_kernel, h2o_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_bounds import (block_mass_estimate_kernel, block_suffix_kernel,  # noqa: E402
@@ -33,7 +34,7 @@ from art_runtime.kernels.page_bounds import (block_mass_estimate_kernel, block_s
 from art_runtime.kernels.page_metadata import page_metadata_update_kernel  # noqa: E402
 from art_runtime.kernels.page_scoring import quest_page_scores_kernel  # noqa: E402
 from art_runtime.kernels.page_selection import select_top_pages_kernel  # noqa: E402
-from art_runtime.plan import group_tile  # noqa: E402
+from art_runtime.plan import group_tile, shared_heads_per_item  # noqa: E402
 from art_runtime.selection import SELECTION_EDGE, dense_keys_fit_32_bits, selection_warps  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -112,10 +113,17 @@ def main():
         constexprs = dict(NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_pad, HEAD_DIM=dim, PAGE_SIZE=page,
                           BLOCK_PAGES=block_pages, BLOCK_N=block_n, MODE=mode, VALUES_RELATIVE=values, SPLIT=split,
                           DOT_IN_INPUT_DTYPE=dtype != "fp32", PAGE_MASS=page_mass, PASS_BLOCKS=8,
-                          SPECULATE=dim <= 64)
+                          SPECULATE=dim <= 64, HEADS=1)
         compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=2 if mode == 1 and dim <= 128 else 4,
                        num_stages=2)  # decode.BatchARTDecodeWrapper._num_warps
         count += 1
+        heads = shared_heads_per_item(2, group, dim, 64, 264)
+        if mode == 0 and heads > 1:  # a dense selection that both KV heads share: one program reads both
+            fused_pages = max(1, tile_tokens(dim * heads) // page)
+            compile_kernel(art_decode_kernel, dict(constexprs, HEADS=heads, PAGE_MASS=False, BLOCK_PAGES=fused_pages,
+                                                   BLOCK_N=max(16, 1 << (page * fused_pages - 1).bit_length())),
+                           ptrs, num_warps=4, num_stages=2)
+            count += 1
         box_ptrs = dict(int_ptrs, q_ptr=dtype, key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv")
         if mode == 3 and not split:  # the pre-pass does not depend on the split
             pages_pow2 = 1 << (block_pages - 1).bit_length()
@@ -198,23 +206,25 @@ def check_hot_launches_do_not_spill(int_ptrs) -> int:
     slowdown no CPU test would otherwise see. Returns the variants compiled."""
     from types import SimpleNamespace
 
-    from art_runtime.decode import OFF_BLOCK_TOKENS, PASS_BLOCKS, SPECULATE_MAX_HEAD_DIM, BatchARTDecodeWrapper
+    from art_runtime.decode import PASS_BLOCKS, SPECULATE_MAX_HEAD_DIM, BatchARTDecodeWrapper, tile_tokens
     from art_runtime.page_scores import SCORE_BLOCK_D, SCORE_STAGES, SCORE_TILE
 
     page = 16
     launches = []
-    for group, dim in ((4, 128), (7, 64)):
-        plan = SimpleNamespace(head_dim=dim, page_size=page, block_pages=OFF_BLOCK_TOKENS // page,
-                               termination=SimpleNamespace(mode="off"))
-        block_n, warps, stages = BatchARTDecodeWrapper._kernel_launch(plan, SimpleNamespace(type="cuda"), 2)
-        for split in (False, True):
-            launches.append((art_decode_kernel, dict(
-                NUM_KV_HEADS=8, GROUP_SIZE=group, GROUP_PAD=group_tile(group), HEAD_DIM=dim, PAGE_SIZE=page,
-                BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n, MODE=0, VALUES_RELATIVE=False,
-                SPLIT=split, DOT_IN_INPUT_DTYPE=True, PAGE_MASS=False, PASS_BLOCKS=PASS_BLOCKS,
-                SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM),
-                dict(int_ptrs, q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16"),
-                dict(num_warps=warps, num_stages=stages)))
+    for kv_heads, group, dim in ((8, 4, 128), (2, 7, 64)):
+        # per KV head (a policy's own order per head), and the dense plan's heads read together
+        for heads in sorted({1, shared_heads_per_item(kv_heads, group, dim, 64, 264)}):
+            plan = SimpleNamespace(head_dim=dim, page_size=page, block_pages=tile_tokens(dim * heads) // page,
+                                   heads_per_item=heads, termination=SimpleNamespace(mode="off"))
+            block_n, warps, stages = BatchARTDecodeWrapper._kernel_launch(plan, SimpleNamespace(type="cuda"), 2)
+            for split in (False, True):
+                launches.append((art_decode_kernel, dict(
+                    NUM_KV_HEADS=kv_heads, GROUP_SIZE=group, GROUP_PAD=group_tile(group), HEAD_DIM=dim,
+                    PAGE_SIZE=page, BLOCK_PAGES=plan.block_pages, BLOCK_N=block_n, MODE=0, VALUES_RELATIVE=False,
+                    SPLIT=split, DOT_IN_INPUT_DTYPE=True, PAGE_MASS=False, PASS_BLOCKS=PASS_BLOCKS,
+                    SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM, HEADS=heads),
+                    dict(int_ptrs, q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16"),
+                    dict(num_warps=warps, num_stages=stages)))
         launches.append((quest_page_scores_kernel, dict(
             NUM_KV_HEADS=8, GROUP_SIZE=group, GROUP_PAD=group_tile(group), HEAD_DIM=dim,
             BLOCK_D=min(SCORE_BLOCK_D, dim), TILE=SCORE_TILE, REDUCE_MAX=True, ESTIMATE=False, TENSOR_CORES=True),
@@ -244,13 +254,13 @@ def check_termination_loop_double_buffers(int_ptrs) -> int:
         termination = TerminationConfig(mode=mode)
         block_pages = kernel_block_pages(termination, page, tile_tokens(dim))
         block_n = block_pages * page
-        stages = BatchARTDecodeWrapper._num_stages(SimpleNamespace(head_dim=dim), block_n, 2)
+        stages = BatchARTDecodeWrapper._num_stages(SimpleNamespace(head_dim=dim, heads_per_item=1), block_n, 2)
         for warps in (2, 4) if mode == "stability" else (4,):  # decode.BatchARTDecodeWrapper._num_warps
             compiled = compile_kernel(art_decode_kernel, dict(
                 NUM_KV_HEADS=2, GROUP_SIZE=group, GROUP_PAD=group_tile(group + (mode == "mass")), HEAD_DIM=dim,
                 PAGE_SIZE=page, BLOCK_PAGES=block_pages, BLOCK_N=block_n, MODE=termination.mode_code,
                 VALUES_RELATIVE=False, SPLIT=False, DOT_IN_INPUT_DTYPE=True, PAGE_MASS=False,
-                PASS_BLOCKS=PASS_BLOCKS, SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM),
+                PASS_BLOCKS=PASS_BLOCKS, SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM, HEADS=1),
                 dict(int_ptrs, q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16"),
                 num_warps=warps, num_stages=stages)
             # The pipeline's buffers: allocations without an initial value, [buffers, BLOCK_N, D].

@@ -110,6 +110,64 @@ def test_selection_equals_attention_over_selected_pages(backend, chunk_pages, de
     assert torch.equal(stats.visited_pages, expected)
 
 
+# Enough requests that the rule reads heads together on a GPU too (batch x H_kv x 64 chunks at
+# least the device's programs x heads_per_item).
+@pytest.mark.parametrize("shape", [([300, 1, 77, 20, 5, 64, 33, 16, 140], 14, 2, 64, 16), ([37, 5, 300], 4, 4, 64, 1),
+                                   ([90, 161, 7, 40, 33], 8, 4, 32, 8)],
+                         ids=["G7-D64-P16", "G1-D64-P1", "G2-D32-P8"])
+@pytest.mark.parametrize("kv_layout", ["NHD", "HND"])
+@pytest.mark.parametrize("chunk_pages", [None, 1])
+def test_heads_read_together_equal_exact_attention(shape, kv_layout, chunk_pages, device):
+    """Mode off on a dense plan reads adjacent KV heads in one program (``heads_per_item``):
+    each query head's output, LSE and every work item's counters as if read alone, whole rows
+    and split ones (each program then writes the same chunk of both heads' rows)."""
+    seq_lens, hq, hk, dim, page = shape
+    case = make_case(seq_lens, hq, hk, dim, page, dtype=torch.bfloat16, kv_layout=kv_layout, device=device, seed=11)
+    wrapper = BatchARTDecodeWrapper(kv_layout=kv_layout, backend="triton")
+    wrapper.plan(*case.plan_args(), termination=TerminationConfig(mode="off"), chunk_pages=chunk_pages)
+    assert wrapper._plan.heads_per_item > 1
+    assert wrapper._plan.split or chunk_pages is None
+    out = torch.full(case.q.shape, float("nan"), dtype=torch.float32, device=device)
+    _, lse = wrapper.run(case.q, case.cache, return_lse=True, out=out)
+    ref, ref_lse = exact_attention(case)
+    assert relative_error(out, ref).max() <= TOLERANCE[torch.bfloat16]
+    assert torch.allclose(lse.cpu().double(), ref_lse, atol=1e-3, rtol=1e-4)
+    stats = wrapper.last_stats
+    assert torch.equal(stats.visited_pages, stats.selected_pages)
+    tokens = torch.tensor(seq_lens, device=stats.visited_tokens.device)[:, None].expand(-1, hk)
+    assert torch.equal(stats.visited_tokens.long(), tokens) and torch.equal(stats.loaded_tokens.long(), tokens)
+    assert (stats.stable_at == -1).all()
+
+
+def test_heads_per_item_rule():
+    """Adjacent KV heads share a program only where their query rows fit the group's tile and
+    their token rows are at most 128 wide, and only when enough programs remain to fill the device."""
+    from art_runtime.plan import shared_heads_per_item
+
+    assert shared_heads_per_item(2, 7, 64, 64, 264) == 2    # Qwen2.5-0.5B: 14 of 16 tile rows
+    assert shared_heads_per_item(8, 4, 128, 64, 264) == 1   # Llama-3-8B: 256-wide rows were no faster
+    assert shared_heads_per_item(3, 3, 64, 64, 264) == 1    # SmolLM2: 3 KV heads
+    assert shared_heads_per_item(16, 1, 32, 64, 264) == 4   # MHA at head_dim 32: 4 heads, 128 wide
+    assert shared_heads_per_item(4, 16, 64, 64, 264) == 1   # 32 query rows would need a 32-row tile
+    assert shared_heads_per_item(2, 7, 64, 1, 264) == 1     # batch 1: 2 rows x 64 chunks < 2 x 264
+    assert shared_heads_per_item(2, 7, 64, 16, 264) == 2
+
+
+@pytest.mark.parametrize("plan_kwargs", [dict(termination=TerminationConfig(mode="mass")),
+                                         dict(termination=TerminationConfig(mode="off"), record_page_mass=True),
+                                         dict(termination=TerminationConfig(mode="off"), selection="random")],
+                         ids=["mass", "page-mass", "selection"])
+def test_heads_per_item_only_for_a_shared_order_in_mode_off(plan_kwargs, device):
+    """Per-head visit orders (a selection, a termination mode's own stops) and per-head page
+    masses keep one KV head a program."""
+    case = make_case([300, 77], 14, 2, 64, 16, device=device, seed=2)
+    if plan_kwargs.get("selection") == "random":
+        plan_kwargs = dict(plan_kwargs, selection=random_selection(case, seed=3))
+    wrapper = BatchARTDecodeWrapper(backend="triton")
+    wrapper.plan(*case.plan_args(), **plan_kwargs)
+    assert wrapper._plan.heads_per_item == 1
+
+
 def test_empty_batch(device):
     empty = torch.zeros(1, dtype=torch.int32, device=device)
     wrapper = BatchARTDecodeWrapper()
