@@ -126,19 +126,57 @@ MAX_CHUNKS_PER_ROW = 64
 
 def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parallel_programs: int,
                        terminates: bool) -> int:
-    """Pages per work item so that about ``parallel_programs`` items exist (no split if enough).
+    """Pages per work item for ``parallel_programs`` program slots (no split if rows fill them).
 
-    Without termination a chunk is at least two blocks (shorter ones cost more in merge
-    traffic than they gain) and a row at most ``MAX_CHUNKS_PER_ROW`` chunks; with termination
-    on, a chunk stops on its own, so it gets room to do so (16 blocks).
+    A row is cut into the slots over the rows, rounded, chunks, at most ``MAX_CHUNKS_PER_ROW``;
+    without termination a chunk is at least two blocks (shorter ones cost more in merge traffic
+    than they gain), and where that ratio rounds to one (rows at least 2/3 of the slots) the
+    split is ``offline_splits``'s, which fills whole waves; with termination on, a chunk stops on
+    its own, so it gets room to do so (16 blocks).
     """
-    # Rounded, not ceiled: 256 rows for 264 slots run best unsplit (H200 sweep, v5 in
-    # benchmarks/NOTES.md), and a near-miss of a whole number of waves costs little.
-    splits = min(round(parallel_programs / num_rows), MAX_CHUNKS_PER_ROW) if num_rows else 1
+    min_blocks = 16 if terminates else 2
+    if not num_rows:
+        return max(longest_row, 1)
+    if terminates or round(parallel_programs / num_rows) > 1:
+        # Rounded, not ceiled: 256 rows for 264 slots run best unsplit (H200 sweep, v5 in
+        # benchmarks/NOTES.md), and a near-miss of a whole number of waves costs little.
+        splits = min(round(parallel_programs / num_rows), MAX_CHUNKS_PER_ROW)
+    else:
+        row_blocks = math.ceil(longest_row / block_pages)
+        splits = offline_splits(num_rows, row_blocks, parallel_programs,
+                                max(1, min(MAX_CHUNKS_PER_ROW, row_blocks // min_blocks)))
     if splits <= 1:
         return max(longest_row, 1)
-    min_blocks = 16 if terminates else 2
     return max(min_blocks * block_pages, math.ceil(longest_row / splits))
+
+
+# What a work item costs besides its blocks, in blocks: the program's start and pipeline fill,
+# and its partial output for the merge.
+SPLIT_ITEM_BLOCKS = 2
+
+
+def offline_splits(num_rows: int, row_blocks: int, parallel_programs: int, most: int) -> int:
+    """Chunks per row (1 .. ``most``) for rows of ``row_blocks`` blocks that read every one: the
+    fewest that minimize the predicted time, the waves of work items on the slots,
+    ``ceil(rows * splits / slots)``, times a work item's blocks plus ``SPLIT_ITEM_BLOCKS``.
+
+    Where the rounded ratio of slots to rows is one, rows run whole, and a wave is left part-empty
+    unless rows and slots are powers of two apart (as at the core benchmark's batches, where this
+    model agrees with it): on an H200 (benchmarks/NOTES.md v52) 192 rows (SmolLM2-135M's 3 KV
+    heads at batch 64) ran on 264 slots as one wave of whole rows, 60 SMs holding two; 4 chunks a
+    row took 20-25% less time; 296 rows (32/8/128 at batch 37) 23-30% less with 4 (8K) and 8
+    (32K). Where the ratio rounds higher the model is not reliable, its slots likely not the
+    device's: 72 rows at head_dim 64 (where 3 programs may fit an SM) ran 10-16% slower with its
+    7 chunks than with the rounded 4, while 96 rows at head_dim 128 ran 29% faster with its 8
+    than with 3; ``choose_chunk_pages`` keeps the rounded ratio there.
+    """
+    best_splits, best = 1, math.ceil(num_rows / parallel_programs) * (row_blocks + SPLIT_ITEM_BLOCKS)
+    for splits in range(2, most + 1):
+        waves = math.ceil(num_rows * splits / parallel_programs)
+        time = waves * (math.ceil(row_blocks / splits) + SPLIT_ITEM_BLOCKS)
+        if time < best:
+            best_splits, best = splits, time
+    return best_splits
 
 
 def interleaved_slots(row_start: torch.Tensor, chunks_per_row: torch.Tensor, chunk_pages: int,
