@@ -97,7 +97,7 @@ def shared_heads_per_item(num_kv_heads: int, group_size: int, head_dim: int, bat
     ``num_kv_heads``, whose query heads still fit the group's tile (``group_tile``, so no extra
     tensor-core rows) and whose token rows are at most ``SHARED_HEADS_MAX_WIDTH`` wide; 1 where
     the rows, cut into at most ``MAX_CHUNKS_PER_ROW`` chunks, would then give fewer programs than
-    ``parallel_programs`` (batch 1 to 4).
+    ``parallel_programs`` (at 2 KV heads on 132 SMs: batch 1 to 4).
 
     Why: the heads of a page's token are adjacent in FlashInfer's NHD layout, so two heads at
     head_dim 64 read 256 contiguous bytes a token instead of 128, and one page-table walk serves
@@ -128,11 +128,11 @@ def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parall
                        terminates: bool) -> int:
     """Pages per work item for ``parallel_programs`` program slots (no split if rows fill them).
 
-    A row is cut into the slots over the rows, rounded, chunks, at most ``MAX_CHUNKS_PER_ROW``;
-    without termination a chunk is at least two blocks (shorter ones cost more in merge traffic
-    than they gain), and where that ratio rounds to one (rows at least 2/3 of the slots) the
-    split is ``offline_splits``'s, which fills whole waves; with termination on, a chunk stops on
-    its own, so it gets room to do so (16 blocks).
+    A row is cut into ``round(slots / rows)`` chunks, at most ``MAX_CHUNKS_PER_ROW``; without
+    termination a chunk is at least two blocks (shorter ones cost more in merge traffic than they
+    gain), and where that ratio rounds to one (rows more than 2/3 of the slots) the split is
+    ``wave_splits``'s, which fills whole waves; with termination on, a chunk stops on its own, so
+    it gets room to do so (16 blocks).
     """
     min_blocks = 16 if terminates else 2
     if not num_rows:
@@ -143,7 +143,7 @@ def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parall
         splits = min(round(parallel_programs / num_rows), MAX_CHUNKS_PER_ROW)
     else:
         row_blocks = math.ceil(longest_row / block_pages)
-        splits = offline_splits(num_rows, row_blocks, parallel_programs,
+        splits = wave_splits(num_rows, row_blocks, parallel_programs,
                                 max(1, min(MAX_CHUNKS_PER_ROW, row_blocks // min_blocks)))
     if splits <= 1:
         return max(longest_row, 1)
@@ -155,7 +155,7 @@ def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parall
 SPLIT_ITEM_BLOCKS = 2
 
 
-def offline_splits(num_rows: int, row_blocks: int, parallel_programs: int, most: int) -> int:
+def wave_splits(num_rows: int, row_blocks: int, parallel_programs: int, most: int) -> int:
     """Chunks per row (1 .. ``most``) for rows of ``row_blocks`` blocks that read every one: the
     fewest that minimize the predicted time, the waves of work items on the slots,
     ``ceil(rows * splits / slots)``, times a work item's blocks plus ``SPLIT_ITEM_BLOCKS``.

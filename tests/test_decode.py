@@ -190,23 +190,23 @@ def test_chunk_choice_bounds_chunk_count_and_length():
     assert choose_chunk_pages(2048, 512, 8, 264, terminates=False) == 2048  # one item a row fills the device
 
 
-def test_offline_splits_fill_whole_waves():
+def test_wave_splits_fill_whole_waves():
     """Mode off cuts rows that would run whole (at least 2/3 of the slots) so that the work items
     fill whole waves: whole where rows and slots are powers of two apart, more chunks where they
     would leave a wave part-empty (192 rows on 264 slots: one wave of whole rows, 60 SMs with two)."""
-    from art_runtime.plan import choose_chunk_pages, offline_splits
+    from art_runtime.plan import choose_chunk_pages, wave_splits
 
     for rows, slots, blocks, splits in [(128, 264, 256, 2), (512, 264, 256, 1), (1024, 264, 32, 1), (32, 264, 256, 8),
                                         (128, 528, 256, 4), (256, 528, 256, 2), (2, 264, 256, 64), (256, 264, 256, 1)]:
-        assert offline_splits(rows, blocks, slots, 64) == splits, (rows, slots, blocks)
-    assert offline_splits(192, 64, 264, 32) == 4    # 768 items: 3 full waves of 16 blocks
-    assert offline_splits(300, 256, 264, 64) == 7   # rounded: a second wave of 36 whole rows
-    assert offline_splits(192, 64, 264, 1) == 1     # rows too short to cut
+        assert wave_splits(rows, blocks, slots, 64) == splits, (rows, slots, blocks)
+    assert wave_splits(192, 64, 264, 32) == 4    # 768 items: 3 full waves of 16 blocks
+    assert wave_splits(300, 256, 264, 64) == 7   # rounded: a second wave of 36 whole rows
+    assert wave_splits(192, 64, 264, 1) == 1     # rows too short to cut
     assert choose_chunk_pages(512, 192, 8, 264, terminates=False) == 128    # 4 chunks of a 512-page row
     assert choose_chunk_pages(2048, 72, 8, 264, terminates=False) == 512    # rounds to 4: that split, not the model's
     assert choose_chunk_pages(512, 192, 8, 264, terminates=True) == 512     # termination: rounded, whole
     for rows in range(1, 600, 7):                   # never a predicted time above the whole rows'
-        splits = offline_splits(rows, 64, 264, 32)
+        splits = wave_splits(rows, 64, 264, 32)
         assert math.ceil(rows * splits / 264) * (math.ceil(64 / splits) + 2) <= math.ceil(rows / 264) * 66
 
 
