@@ -190,6 +190,16 @@ def main():
                                                     POS_BITS=(width_pow2 - 1).bit_length()),
                        dict(int_ptrs, keys_ptr="i64"), num_warps=selection_warps(width_pow2, keep_all))
         count += 1
+    for split in (False, True):  # four KV heads a program at head_dim 32, fp32 (ieee dots): the widest HEADS
+        heads, group, dim, page = 4, 2, 32, 8
+        assert shared_heads_per_item(4, group, dim, 64, 264) == heads
+        block_pages = tile_tokens(dim * heads) // page
+        compile_kernel(art_decode_kernel, dict(
+            NUM_KV_HEADS=4, GROUP_SIZE=group, GROUP_PAD=group_tile(group), HEAD_DIM=dim, PAGE_SIZE=page,
+            BLOCK_PAGES=block_pages, BLOCK_N=block_pages * page, MODE=0, VALUES_RELATIVE=False, SPLIT=split,
+            DOT_IN_INPUT_DTYPE=False, PAGE_MASS=False, PASS_BLOCKS=8, SPECULATE=True, HEADS=heads),
+            dict(int_ptrs, q_ptr="fp32", k_ptr="fp32", v_ptr="fp32", out_ptr="fp32"), num_warps=4, num_stages=2)
+        count += 1
     for paged in (False, True):  # state per request slot, or per physical page (SGLang: kv_indptr stands in)
         h2o_ptrs = dict(int_ptrs, evicted_ptr="i1", slots_ptr="i32" if paged else "i64")
         compile_kernel(h2o_page_scores_kernel, dict(NUM_KV_HEADS=8, TILE=64, PAGED=paged), h2o_ptrs)
