@@ -16,7 +16,8 @@ import torch
 from .backend import resolve_backend, tensor_core_dots, triton_interpreter_enabled
 from .page_metadata import PageMetadata
 from .paged_cache import unpack_paged_kv_cache, validate_page_table
-from .plan import DecodePlan, build_plan, dealt, group_tile, next_power_of_two, shared_heads_per_item
+from .plan import (DecodePlan, build_plan, dealt, group_tile, next_power_of_two, rows_fill_slots,
+                   shared_heads_per_item)
 from .reference import (LOG2_SLACK, LOG2E, OVERFLOW_LOG2, SKETCH_CUT_SHARE, VALUE_NORM_SCALE, art_decode_torch,
                         bound_terms_torch)
 from .policies import DensePolicy, PagePolicy, PolicyContext
@@ -288,11 +289,8 @@ class BatchARTDecodeWrapper:
         heads_per_item = 1
         if selection is None:  # dense: every KV head visits the request's pages in the same order
             selection = dense_selection(kv_indptr, num_kv_heads)
-            if termination.mode == "off" and not self._record_page_mass:
-                heads_per_item = shared_heads_per_item(num_kv_heads, num_qo_heads // num_kv_heads, head_dim,
-                                                       batch_size, parallel_programs)
-                if page_size > tile_tokens(head_dim * heads_per_item):
-                    heads_per_item = 1
+            heads_per_item = self._shared_heads(kv_indptr, num_qo_heads, num_kv_heads, head_dim, page_size,
+                                                termination, parallel_programs)
         else:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
         self._selection = selection
@@ -327,6 +325,25 @@ class BatchARTDecodeWrapper:
         if policy.per_layer:
             return PageSelection(layout.indptr, layout.rank.to(torch.int32))  # overwritten by every run()
         return PageSelection(layout.indptr, policy.select(ctx, layout))
+
+    def _shared_heads(self, kv_indptr: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                      page_size: int, termination: TerminationConfig, parallel_programs: int) -> int:
+        """KV heads one program reads on a dense plan (``plan.shared_heads_per_item``): only in
+        mode ``off`` without page masses, on an NHD cache (whose heads of a token are adjacent:
+        the layout measured), at the default block when a page fits the wider tile, and where the
+        rows can still be cut into work items for every program slot (not at batch 1-4 at 2 KV
+        heads on 132 SMs, nor for short rows)."""
+        if termination.mode != "off" or self._record_page_mass or self.kv_layout != "NHD" \
+                or termination.block_pages is not None:
+            return 1
+        heads = shared_heads_per_item(num_kv_heads, num_qo_heads // num_kv_heads, head_dim)
+        tile = tile_tokens(head_dim * heads)
+        if heads == 1 or page_size > tile:
+            return 1
+        longest_pages = int((kv_indptr[1:] - kv_indptr[:-1]).max()) if kv_indptr.numel() > 1 else 0
+        row_blocks = math.ceil(longest_pages / (tile // page_size))
+        return heads if rows_fill_slots((kv_indptr.numel() - 1) * num_kv_heads, row_blocks,
+                                        parallel_programs * heads) else 1
 
     @staticmethod
     def _parallel_programs(device: torch.device, termination: TerminationConfig) -> int:

@@ -90,14 +90,13 @@ def group_tile(group_size: int) -> int:
 SHARED_HEADS_MAX_WIDTH = 128
 
 
-def shared_heads_per_item(num_kv_heads: int, group_size: int, head_dim: int, batch_size: int,
-                          parallel_programs: int) -> int:
-    """Adjacent KV heads that one program reads together when every head visits the same pages
-    in the same order (mode ``off`` on a dense selection): the largest power of two that divides
-    ``num_kv_heads``, whose query heads still fit the group's tile (``group_tile``, so no extra
-    tensor-core rows) and whose token rows are at most ``SHARED_HEADS_MAX_WIDTH`` wide; 1 where
-    the rows, cut into at most ``MAX_CHUNKS_PER_ROW`` chunks, would then give fewer programs than
-    ``parallel_programs`` (at 2 KV heads on 132 SMs: batch 1 to 4).
+def shared_heads_per_item(num_kv_heads: int, group_size: int, head_dim: int) -> int:
+    """Adjacent KV heads that one program can read together when every head visits the same
+    pages in the same order (mode ``off`` on a dense selection): the largest power of two that
+    divides ``num_kv_heads``, whose query heads still fit the group's tile (``group_tile``, so no
+    extra tensor-core rows) and whose token rows are at most ``SHARED_HEADS_MAX_WIDTH`` wide.
+    Whether a plan uses them is ``BatchARTDecodeWrapper.plan``'s choice (NHD caches, the
+    default blocks, and enough work items left to fill the device: ``rows_fill_slots``).
 
     Why: the heads of a page's token are adjacent in FlashInfer's NHD layout, so two heads at
     head_dim 64 read 256 contiguous bytes a token instead of 128, and one page-table walk serves
@@ -113,9 +112,13 @@ def shared_heads_per_item(num_kv_heads: int, group_size: int, head_dim: int, bat
     while (num_kv_heads % (2 * heads) == 0 and 2 * heads * group_size <= tile_rows
            and 2 * heads * head_dim <= SHARED_HEADS_MAX_WIDTH):
         heads *= 2
-    if batch_size * num_kv_heads * MAX_CHUNKS_PER_ROW < parallel_programs * heads:
-        return 1
     return heads
+
+
+def rows_fill_slots(num_rows: int, row_blocks: int, slots: int) -> bool:
+    """Whether ``num_rows`` rows of ``row_blocks`` blocks, cut into at most
+    ``MAX_CHUNKS_PER_ROW`` chunks of at least two blocks, make at least ``slots`` work items."""
+    return num_rows * min(MAX_CHUNKS_PER_ROW, max(1, row_blocks // 2)) >= slots
 
 
 # A row is cut into at most this many chunks: the merge reads every chunk of a row, and past
@@ -130,9 +133,9 @@ def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parall
 
     A row is cut into ``round(slots / rows)`` chunks, at most ``MAX_CHUNKS_PER_ROW``; without
     termination a chunk is at least two blocks (shorter ones cost more in merge traffic than they
-    gain), and where that ratio rounds to one (rows more than 2/3 of the slots) the split is
-    ``wave_splits``'s, which fills whole waves; with termination on, a chunk stops on its own, so
-    it gets room to do so (16 blocks).
+    gain), and where that ratio rounds to at most one (rows more than 2/3 of the slots) the split
+    is ``wave_splits``'s, which fills whole waves; with termination on, a chunk stops on its own,
+    so it gets room to do so (16 blocks).
     """
     min_blocks = 16 if terminates else 2
     if not num_rows:
@@ -158,7 +161,9 @@ SPLIT_ITEM_BLOCKS = 2
 def wave_splits(num_rows: int, row_blocks: int, parallel_programs: int, most: int) -> int:
     """Chunks per row (1 .. ``most``) for rows of ``row_blocks`` blocks that read every one: the
     fewest that minimize the predicted time, the waves of work items on the slots,
-    ``ceil(rows * splits / slots)``, times a work item's blocks plus ``SPLIT_ITEM_BLOCKS``.
+    ``ceil(rows * splits / slots)``, times a work item's blocks plus ``SPLIT_ITEM_BLOCKS``. Every
+    row counts as ``row_blocks`` long (the longest's): shorter rows make fewer, shorter items, so
+    with mixed lengths it may split more than the waves need.
 
     Where the rounded ratio of slots to rows is one, rows run whole, and a wave is left part-empty
     unless rows and slots are powers of two apart (as at the core benchmark's batches, where this
@@ -232,6 +237,20 @@ def kernel_block_pages(termination: TerminationConfig, page_size: int, tile_toke
     return termination.pages_per_block(page_size, tile_tokens)
 
 
+def heads_share_selection(selection: PageSelection, lengths: torch.Tensor, visit_row: torch.Tensor,
+                          num_kv_heads: int, heads: int) -> bool:
+    """Whether each group of ``heads`` adjacent KV heads' rows (``lengths``, entries' ``visit_row``)
+    holds the same pages in the same order: entry ``i`` of a row equals entry ``i`` of the next
+    row in its group, ``lengths[row]`` entries on."""
+    group_rows = lengths.view(-1, heads)
+    if not bool((group_rows == group_rows[:, :1]).all()):
+        return False
+    pages = selection.pages[: visit_row.numel()]
+    has_next = (visit_row % num_kv_heads) % heads != heads - 1
+    at = torch.nonzero(has_next).flatten()
+    return bool(torch.equal(pages[at], pages[at + lengths[visit_row[at]]]))
+
+
 def build_plan(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
@@ -259,8 +278,11 @@ def build_plan(
     programs each take that many rows' chunks, so the rows are cut for ``parallel_programs``
     times as many work items, and ``tile_tokens`` is the tile of those heads' rows together.
     """
-    if heads_per_item > 1 and (termination.mode != "off" or num_kv_heads % heads_per_item):
-        raise ValueError(f"heads_per_item {heads_per_item}: only in mode off, dividing num_kv_heads ({num_kv_heads})")
+    group_size = num_qo_heads // num_kv_heads
+    if heads_per_item > 1 and (termination.mode != "off" or heads_per_item & (heads_per_item - 1)
+                               or num_kv_heads % heads_per_item or heads_per_item * group_size > group_tile(group_size)):
+        raise ValueError(f"heads_per_item {heads_per_item}: only in mode off, a power of two dividing num_kv_heads "
+                         f"({num_kv_heads}) whose query heads fit the group's tile ({group_tile(group_size)} rows)")
     device = kv_indptr.device
     batch_size = kv_last_page_len.numel()
     block_pages = kernel_block_pages(termination, page_size, tile_tokens)
@@ -277,6 +299,9 @@ def build_plan(
     visit_phys, visit_tokens = physical_pages(kv_indptr, kv_indices, kv_last_page_len, page_size,
                                               visit_row // num_kv_heads, selection.pages[:nnz])
 
+    if heads_per_item > 1 and not heads_share_selection(selection, lengths, visit_row, num_kv_heads, heads_per_item):
+        raise ValueError(f"heads_per_item {heads_per_item}: every group of that many adjacent KV heads must visit "
+                         "the same pages in the same order")
     longest = int(lengths.max()) if num_rows else 0
     no_split = termination.mode == "bound" and termination.relative_to == "output"
     if chunk_pages is None:

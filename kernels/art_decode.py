@@ -117,7 +117,7 @@ def art_decode_kernel(
     out_ptr, lse_ptr,                   # final [B, H_qo, D] / [B, H_qo] (unsplit plans)
     part_out_ptr, part_lse_ptr,         # [W, GROUP_PAD, D] fp32 / [W, GROUP_PAD] (split plans)
     visit_phys_ptr, visit_tokens_ptr,   # [nnz] int32: physical page and its token count, visit order
-    work_order_ptr,                     # [W] int64: the work item of each program (longest expected first)
+    work_order_ptr,                     # [programs] int64: each program's work item (HEADS > 1: its first head's)
     work_row_ptr, work_start_ptr, work_end_ptr, row_start_ptr,
     row_work_indptr_ptr,                # [R + 1] int32 work items of each row (read with HEADS > 1)
     bound_log2w_ptr, bound_vrest_ptr, row_vscale_ptr,  # bound / mass modes: [nnz, GROUP_PAD], [nnz], [R]
@@ -133,6 +133,7 @@ def art_decode_kernel(
     DOT_IN_INPUT_DTYPE: tl.constexpr, PAGE_MASS: tl.constexpr, PASS_BLOCKS: tl.constexpr,
     SPECULATE: tl.constexpr, HEADS: tl.constexpr,
 ):
+    tl.static_assert(HEADS == 1 or (MODE == 0 and not PAGE_MASS), "heads read together only in mode off")
     work = tl.load(work_order_ptr + tl.program_id(0))
     row = tl.load(work_row_ptr + work)
     request = row // NUM_KV_HEADS

@@ -117,7 +117,7 @@ def main():
         compile_kernel(art_decode_kernel, constexprs, ptrs, num_warps=2 if mode == 1 and dim <= 128 else 4,
                        num_stages=2)  # decode.BatchARTDecodeWrapper._num_warps
         count += 1
-        heads = shared_heads_per_item(2, group, dim, 64, 264)
+        heads = shared_heads_per_item(2, group, dim)
         if mode == 0 and heads > 1:  # a dense selection that both KV heads share: one program reads both
             fused_pages = max(1, tile_tokens(dim * heads) // page)
             compile_kernel(art_decode_kernel, dict(constexprs, HEADS=heads, PAGE_MASS=False, BLOCK_PAGES=fused_pages,
@@ -192,7 +192,7 @@ def main():
         count += 1
     for split in (False, True):  # four KV heads a program at head_dim 32, fp32 (ieee dots): the widest HEADS
         heads, group, dim, page = 4, 2, 32, 8
-        assert shared_heads_per_item(4, group, dim, 64, 264) == heads
+        assert shared_heads_per_item(4, group, dim) == heads
         block_pages = tile_tokens(dim * heads) // page
         compile_kernel(art_decode_kernel, dict(
             NUM_KV_HEADS=4, GROUP_SIZE=group, GROUP_PAD=group_tile(group), HEAD_DIM=dim, PAGE_SIZE=page,
@@ -223,7 +223,7 @@ def check_hot_launches_do_not_spill(int_ptrs) -> int:
     launches = []
     for kv_heads, group, dim in ((8, 4, 128), (2, 7, 64)):
         # per KV head (a policy's own order per head), and the dense plan's heads read together
-        for heads in sorted({1, shared_heads_per_item(kv_heads, group, dim, 64, 264)}):
+        for heads in sorted({1, shared_heads_per_item(kv_heads, group, dim)}):
             plan = SimpleNamespace(head_dim=dim, page_size=page, block_pages=tile_tokens(dim * heads) // page,
                                    heads_per_item=heads, termination=SimpleNamespace(mode="off"))
             block_n, warps, stages = BatchARTDecodeWrapper._kernel_launch(plan, SimpleNamespace(type="cuda"), 2)

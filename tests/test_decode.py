@@ -110,27 +110,28 @@ def test_selection_equals_attention_over_selected_pages(backend, chunk_pages, de
     assert torch.equal(stats.visited_pages, expected)
 
 
-# Enough requests that the rule reads heads together on a GPU too (batch x H_kv x 64 chunks at
-# least the device's programs x heads_per_item).
+# Enough requests, and rows long enough, that the rule reads heads together on a GPU too (rows x
+# chunks of two blocks at least the device's programs x heads_per_item).
 @pytest.mark.parametrize("shape", [([300, 1, 77, 20, 5, 64, 33, 16, 140], 14, 2, 64, 16), ([37, 5, 300], 4, 4, 64, 1),
-                                   ([90, 161, 7, 40, 33], 8, 4, 32, 8)],
-                         ids=["G7-D64-P16", "G1-D64-P1", "G2-D32-P8"])
-@pytest.mark.parametrize("kv_layout", ["NHD", "HND"])
+                                   ([900, 161, 7, 640, 33], 8, 4, 32, 8), ([700, 2, 513], 32, 4, 64, 16)],
+                         ids=["G7-D64-P16", "G1-D64-P1", "G2-D32-P8", "G8-D64-P16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("chunk_pages", [None, 1])
-def test_heads_read_together_equal_exact_attention(shape, kv_layout, chunk_pages, device):
+def test_heads_read_together_equal_exact_attention(shape, dtype, chunk_pages, device):
     """Mode off on a dense plan reads adjacent KV heads in one program (``heads_per_item``):
     each query head's output, LSE and every work item's counters as if read alone, whole rows
-    and split ones (each program then writes the same chunk of both heads' rows)."""
+    and split ones (each program then writes the same chunk of both heads' rows), padding rows
+    of the tile (G7, G2) or none (G8: two heads fill its 16 rows)."""
     seq_lens, hq, hk, dim, page = shape
-    case = make_case(seq_lens, hq, hk, dim, page, dtype=torch.bfloat16, kv_layout=kv_layout, device=device, seed=11)
-    wrapper = BatchARTDecodeWrapper(kv_layout=kv_layout, backend="triton")
+    case = make_case(seq_lens, hq, hk, dim, page, dtype=dtype, device=device, seed=11)
+    wrapper = BatchARTDecodeWrapper(backend="triton")
     wrapper.plan(*case.plan_args(), termination=TerminationConfig(mode="off"), chunk_pages=chunk_pages)
     assert wrapper._plan.heads_per_item > 1
     assert wrapper._plan.split or chunk_pages is None
     out = torch.full(case.q.shape, float("nan"), dtype=torch.float32, device=device)
     _, lse = wrapper.run(case.q, case.cache, return_lse=True, out=out)
     ref, ref_lse = exact_attention(case)
-    assert relative_error(out, ref).max() <= TOLERANCE[torch.bfloat16]
+    assert relative_error(out, ref).max() <= TOLERANCE[dtype]
     assert torch.allclose(lse.cpu().double(), ref_lse, atol=1e-3, rtol=1e-4)
     stats = wrapper.last_stats
     assert torch.equal(stats.visited_pages, stats.selected_pages)
@@ -140,32 +141,71 @@ def test_heads_read_together_equal_exact_attention(shape, kv_layout, chunk_pages
 
 
 def test_heads_per_item_rule():
-    """Adjacent KV heads share a program only where their query rows fit the group's tile and
-    their token rows are at most 128 wide, and only when enough programs remain to fill the device."""
-    from art_runtime.plan import shared_heads_per_item
+    """Adjacent KV heads can share a program where their query rows fit the group's tile and their
+    token rows are at most 128 wide; a plan uses them only where its rows still make a work item
+    for every program slot."""
+    from art_runtime.plan import rows_fill_slots, shared_heads_per_item
 
-    assert shared_heads_per_item(2, 7, 64, 64, 264) == 2    # Qwen2.5-0.5B: 14 of 16 tile rows
-    assert shared_heads_per_item(8, 4, 128, 64, 264) == 1   # Llama-3-8B: 256-wide rows were no faster
-    assert shared_heads_per_item(3, 3, 64, 64, 264) == 1    # SmolLM2: 3 KV heads
-    assert shared_heads_per_item(16, 1, 32, 64, 264) == 4   # MHA at head_dim 32: 4 heads, 128 wide
-    assert shared_heads_per_item(4, 16, 64, 64, 264) == 1   # 32 query rows would need a 32-row tile
-    assert shared_heads_per_item(2, 7, 64, 1, 264) == 1     # batch 1: 2 rows x 64 chunks < 2 x 264
-    assert shared_heads_per_item(2, 7, 64, 16, 264) == 2
+    assert shared_heads_per_item(2, 7, 64) == 2    # Qwen2.5-0.5B: 14 of 16 tile rows
+    assert shared_heads_per_item(8, 4, 128) == 1   # Llama-3-8B: 256-wide rows were no faster
+    assert shared_heads_per_item(3, 3, 64) == 1    # SmolLM2: 3 KV heads
+    assert shared_heads_per_item(16, 1, 32) == 4   # MHA at head_dim 32: 4 heads, 128 wide
+    assert shared_heads_per_item(4, 16, 64) == 1   # 32 query rows would need a 32-row tile
+    assert not rows_fill_slots(2, 256, 2 * 264)    # batch 1 at 2 KV heads: 2 rows x 64 chunks
+    assert rows_fill_slots(32, 256, 2 * 264)       # batch 16
+    assert not rows_fill_slots(32, 32, 2 * 264)    # batch 16 at 4K: chunks of two blocks, 16 a row
+    assert rows_fill_slots(128, 32, 2 * 264)
 
 
-@pytest.mark.parametrize("plan_kwargs", [dict(termination=TerminationConfig(mode="mass")),
-                                         dict(termination=TerminationConfig(mode="off"), record_page_mass=True),
-                                         dict(termination=TerminationConfig(mode="off"), selection="random")],
-                         ids=["mass", "page-mass", "selection"])
-def test_heads_per_item_only_for_a_shared_order_in_mode_off(plan_kwargs, device):
-    """Per-head visit orders (a selection, a termination mode's own stops) and per-head page
-    masses keep one KV head a program."""
-    case = make_case([300, 77], 14, 2, 64, 16, device=device, seed=2)
+@pytest.mark.parametrize("case_kwargs,plan_kwargs", [
+    ({}, dict(termination=TerminationConfig(mode="mass"))),
+    ({}, dict(termination=TerminationConfig(mode="off"), record_page_mass=True)),
+    ({}, dict(termination=TerminationConfig(mode="off"), selection="random")),
+    ({}, dict(termination=TerminationConfig(mode="off", block_pages=4))),
+    (dict(kv_layout="HND"), dict(termination=TerminationConfig(mode="off"))),
+    (dict(page_size=256), dict(termination=TerminationConfig(mode="off"))),
+], ids=["mass", "page-mass", "selection", "block-pages", "HND", "page-256"])
+def test_heads_per_item_only_for_a_shared_order_in_mode_off(case_kwargs, plan_kwargs, device):
+    """Per-head visit orders (a selection, a termination mode's own stops), per-head page masses,
+    an explicit block, an HND cache (not measured) and pages wider than the tile keep one KV
+    head a program."""
+    case = make_case([300, 77], 14, 2, 64, case_kwargs.pop("page_size", 16), device=device, seed=2, **case_kwargs)
     if plan_kwargs.get("selection") == "random":
         plan_kwargs = dict(plan_kwargs, selection=random_selection(case, seed=3))
-    wrapper = BatchARTDecodeWrapper(backend="triton")
+    wrapper = BatchARTDecodeWrapper(kv_layout=case.kv_layout, backend="triton")
     wrapper.plan(*case.plan_args(), **plan_kwargs)
     assert wrapper._plan.heads_per_item == 1
+
+
+def test_heads_per_item_is_checked(device):
+    """``build_plan`` refuses heads read together where they would be wrong: query rows past the
+    group's tile, or heads whose visit orders differ."""
+    from art_runtime.plan import build_plan
+    from art_runtime.selection import dense_selection
+
+    case = make_case([300, 77], 32, 2, 64, 16, device=device, seed=4)  # 16 query heads a KV head
+    args = (*case.plan_args(), TerminationConfig(mode="off"), 0.125)
+    with pytest.raises(ValueError, match="heads_per_item"):
+        build_plan(*args, dense_selection(case.kv_indptr, 2), None, 1, 128, heads_per_item=2)
+    case = make_case([300, 77], 14, 2, 64, 16, device=device, seed=4)
+    args = (*case.plan_args(), TerminationConfig(mode="off"), 0.125)
+    build_plan(*args, dense_selection(case.kv_indptr, 2), None, 1, 128, heads_per_item=2)  # shared: accepted
+    with pytest.raises(ValueError, match="same pages"):
+        build_plan(*args, random_selection(case, seed=5, keep=1.0), None, 1, 128, heads_per_item=2)
+
+
+def test_off_on_a_wave_split_plan_equals_exact_attention(monkeypatch, device):
+    """Rows cut by the wave model (rows more than 2/3 of the slots) merge to exact attention."""
+    monkeypatch.setattr(BatchARTDecodeWrapper, "_parallel_programs", staticmethod(lambda device, termination: 8))
+    case = make_case([3072, 2900], 9, 3, 64, 16, device=device, seed=6)  # 6 rows of 24 blocks for 8 slots
+    wrapper = BatchARTDecodeWrapper(backend="triton")
+    wrapper.plan(*case.plan_args(), termination=TerminationConfig(mode="off"))
+    assert wrapper._plan.num_work == 24  # 4 chunks a row: 3 waves of 6 blocks, against 1 of 24
+    out, lse, stats = run_art(case, "triton", TerminationConfig(mode="off"), out_dtype=torch.float32)
+    ref, ref_lse = exact_attention(case)
+    assert relative_error(out, ref).max() <= 1e-5
+    assert torch.allclose(lse.cpu().double(), ref_lse, atol=1e-4)
+    assert torch.equal(stats.visited_pages, stats.selected_pages)
 
 
 def test_empty_batch(device):
@@ -205,9 +245,6 @@ def test_wave_splits_fill_whole_waves():
     assert choose_chunk_pages(512, 192, 8, 264, terminates=False) == 128    # 4 chunks of a 512-page row
     assert choose_chunk_pages(2048, 72, 8, 264, terminates=False) == 512    # rounds to 4: that split, not the model's
     assert choose_chunk_pages(512, 192, 8, 264, terminates=True) == 512     # termination: rounded, whole
-    for rows in range(1, 600, 7):                   # never a predicted time above the whole rows'
-        splits = wave_splits(rows, 64, 264, 32)
-        assert math.ceil(rows * splits / 264) * (math.ceil(64 / splits) + 2) <= math.ceil(rows / 264) * 66
 
 
 def dealt_positions(n, chunk_pages, block_pages):
