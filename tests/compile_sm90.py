@@ -76,8 +76,21 @@ def compile_kernel(kernel, constexprs, pointer_types, **options):
     compiled = triton.compile(source, target=TARGET, options=options)
     assert compiled.asm["cubin"], kernel.fn.__name__
     if "--resources" in sys.argv:
-        print(kernel.fn.__name__, resource_usage(compiled.asm["cubin"]), constexprs, options)
+        usage = resource_usage(compiled.asm["cubin"])
+        registers = int(re.search(r"REG:(\d+)", usage).group(1))
+        fit = programs_per_sm(registers, compiled.metadata.shared, compiled.metadata.num_warps)
+        print(kernel.fn.__name__, usage, f"SHARED:{compiled.metadata.shared} PROGRAMS/SM:{fit}", constexprs, options)
     return compiled
+
+
+def programs_per_sm(registers: int, shared_bytes: int, warps: int) -> int:
+    """Programs of a kernel that an H100/H200 SM holds at once: 64K registers (allocated per warp
+    in multiples of 8 a thread), 228 KB of shared memory (1 KB of it reserved per program), 64
+    warps. What the plans' slots assume (``decode.PROGRAMS_PER_SM``) is not always what fits
+    (benchmarks/NOTES.md v52)."""
+    by_registers = 65536 // (-(-registers // 8) * 8 * 32 * warps)
+    by_shared = 233472 // (shared_bytes + 1024)
+    return min(by_registers, by_shared, 64 // warps)
 
 
 def resource_usage(cubin: bytes) -> str:
