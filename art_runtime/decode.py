@@ -399,9 +399,10 @@ class BatchARTDecodeWrapper:
         # program -> work item; with heads_per_item > 1 the work items of each group's first head,
         # each program taking the same chunk of the next heads' rows too (their items follow at a
         # stride of the row's chunk count).
-        self._work_order = torch.arange(num_work, dtype=torch.int64, device=device)
         if plan.heads_per_item > 1:
             self._work_order = torch.nonzero(plan.work_row % plan.heads_per_item == 0).flatten()
+        else:
+            self._work_order = torch.arange(num_work, dtype=torch.int64, device=device)
         mass = plan.termination.mode == "mass" and self._backend == "triton"
         self._predicted_blocks = torch.empty((num_work if mass else 0,), dtype=torch.int32, device=device)
         self._predicted_sorted = torch.empty_like(self._predicted_blocks)

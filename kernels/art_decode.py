@@ -43,6 +43,8 @@ def _attend_block(
     """
     slot = tl.arange(0, BLOCK_N) % PAGE_SIZE
     token_ok = slot < tokens
+    # One head keeps its own address form: the general one divides the columns by HEAD_DIM, and
+    # every termination mode's loop, as measured, runs this branch.
     if HEADS == 1:
         dims = tl.arange(0, HEAD_DIM)
         k = tl.load(k_ptr + phys[:, None] * stride_kp + slot[:, None] * stride_kt + head * stride_kh + dims[None, :],
