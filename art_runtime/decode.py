@@ -71,16 +71,28 @@ NUM_WARPS = None  # None: STABILITY_WARPS in mode stability (see below), else 4
 STABILITY_WARPS = 2
 STABILITY_WARPS_MIN_ITEMS = 2
 NUM_STAGES = None  # None: 3 for head_dim <= 64 (small tiles need a deeper pipeline), else 2
-# Work items per SM that the split heuristic aims for: PROGRAMS_PER_SM, or
-# STABILITY_PROGRAMS_PER_SM in mode stability (above). For `off`, 2 against 8 swept on an
-# H100 and an H200 (32/8/128, batch 16-128, 4K-32K): 2 was 8-10% faster at batch 16 / 4K, 3.5%
-# at batch 64 / 4K and within 0.7% elsewhere (benchmarks/NOTES.md v24; 2 had won at batch 1-4
-# before, v8, v12). In modes mass
-# and bound a chunk judges its own unread share, and the chunks after a row's first hold
-# little of its mass, so they read nearly all of it (Llama-3-8B shape at batch 64 on real
-# attention: mass read 84% / 40% of two layers' pages split in 2, 68% / 11% whole; v13).
+# Work items per SM that the split heuristic aims for in modes mass and bound: PROGRAMS_PER_SM
+# (STABILITY_PROGRAMS_PER_SM in mode stability, above). There a chunk judges its own unread
+# share, and the chunks after a row's first hold little of its mass, so they read nearly all of
+# it (Llama-3-8B shape at batch 64 on real attention: mass read 84% / 40% of two layers' pages
+# split in 2, 68% / 11% whole; v13). Mode off plans for what fits an SM (below): 2 items per SM
+# had beaten 8 at head_dim 128 (v24), which is what fits there.
 PROGRAMS_PER_SM = 2
 STABILITY_PROGRAMS_PER_SM = 4
+# Mode off plans for the programs an SM actually holds (None: off_programs_per_sm), so that the
+# wave model (plan.wave_splits) counts the device's slots.
+OFF_PROGRAMS_PER_SM = None
+
+
+def off_programs_per_sm(row_width: int) -> int:
+    """Programs of mode ``off``'s decode kernel that one SM holds at once, for K/V token rows of
+    ``row_width`` elements (head_dim x the heads one program reads) in a 16-bit cache, as
+    compiled for sm_90 (``python tests/compile_sm90.py --resources``; pinned by
+    ``tests/test_compile_sm90.py``): 3 up to 64 elements (~153 registers, 76 KB of shared
+    memory in 3 pipeline stages), 2 for wider rows (~200 registers, 78 KB in 2 stages; head_dim
+    256 spills at either). fp32 caches hold fewer (1 at head_dim 128), which this over-counts.
+    """
+    return 3 if row_width <= 64 else 2
 OFF_BLOCK_TOKENS = 128  # tile of mode "off" (no checks, so the tile is free) unless block_pages is set
 OFF_TILE_ELEMENTS = 16384  # ... and at most this many K elements (head_dim 256: 64 tokens)
 # Blocks per pass of the termination loop (a `for` loop the compiler may pipeline, inside
@@ -285,14 +297,14 @@ class BatchARTDecodeWrapper:
                 kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, page_size, request_ids,
                 sm_scale))
         self._record_page_mass = record_page_mass or (self._policy is not None and self._policy[0].needs_page_mass)
-        parallel_programs = self._parallel_programs(device, termination)
         heads_per_item = 1
         if selection is None:  # dense: every KV head visits the request's pages in the same order
             selection = dense_selection(kv_indptr, num_kv_heads)
             heads_per_item = self._shared_heads(kv_indptr, num_qo_heads, num_kv_heads, head_dim, page_size,
-                                                termination, parallel_programs)
+                                                termination, device)
         else:
             validate_selection(selection, kv_indptr[1:] - kv_indptr[:-1], num_kv_heads)
+        parallel_programs = self._parallel_programs(device, termination, head_dim * heads_per_item)
         self._selection = selection
         plan = build_plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
@@ -327,7 +339,7 @@ class BatchARTDecodeWrapper:
         return PageSelection(layout.indptr, policy.select(ctx, layout))
 
     def _shared_heads(self, kv_indptr: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                      page_size: int, termination: TerminationConfig, parallel_programs: int) -> int:
+                      page_size: int, termination: TerminationConfig, device: torch.device) -> int:
         """KV heads one program reads on a dense plan (``plan.shared_heads_per_item``): only in
         mode ``off`` without page masses, on an NHD cache (whose heads of a token are adjacent:
         the layout measured), at the default block when a page fits the wider tile, and where the
@@ -342,20 +354,24 @@ class BatchARTDecodeWrapper:
             return 1
         longest_pages = int((kv_indptr[1:] - kv_indptr[:-1]).max()) if kv_indptr.numel() > 1 else 0
         row_blocks = math.ceil(longest_pages / (tile // page_size))
-        return heads if rows_fill_slots((kv_indptr.numel() - 1) * num_kv_heads, row_blocks,
-                                        parallel_programs * heads) else 1
+        programs = self._parallel_programs(device, termination, head_dim * heads)
+        return heads if rows_fill_slots((kv_indptr.numel() - 1) * num_kv_heads, row_blocks, programs * heads) else 1
 
     @staticmethod
-    def _parallel_programs(device: torch.device, termination: TerminationConfig) -> int:
-        """Work items that fill the device: ``PROGRAMS_PER_SM`` per SM on a GPU
-        (``STABILITY_PROGRAMS_PER_SM`` in mode stability), none on a CPU.
+    def _parallel_programs(device: torch.device, termination: TerminationConfig, row_width: int) -> int:
+        """Work items that fill the device, none on a CPU. On a GPU, per SM: in mode ``off`` the
+        programs that fit (``off_programs_per_sm`` of the K/V rows' ``row_width``), in mode
+        stability ``STABILITY_PROGRAMS_PER_SM``, else ``PROGRAMS_PER_SM``.
 
-        It depends on the device and the mode only, so both backends plan the same chunks
-        (and so give the same results) on the same device.
+        It depends on the device, the mode and the shape only, so both backends plan the same
+        chunks (and so give the same results) on the same device.
         """
         if device.type != "cuda":
             return 1
-        per_sm = STABILITY_PROGRAMS_PER_SM if termination.mode == "stability" else PROGRAMS_PER_SM
+        if termination.mode == "off":
+            per_sm = OFF_PROGRAMS_PER_SM or off_programs_per_sm(row_width)
+        else:
+            per_sm = STABILITY_PROGRAMS_PER_SM if termination.mode == "stability" else PROGRAMS_PER_SM
         return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
     def _allocate(self, plan: DecodePlan, device: torch.device) -> None:

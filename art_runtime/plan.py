@@ -131,18 +131,18 @@ def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parall
                        terminates: bool) -> int:
     """Pages per work item for ``parallel_programs`` program slots (no split if rows fill them).
 
-    A row is cut into ``round(slots / rows)`` chunks, at most ``MAX_CHUNKS_PER_ROW``; without
-    termination a chunk is at least two blocks (shorter ones cost more in merge traffic than they
-    gain), and where that ratio rounds to at most one (rows more than 2/3 of the slots) the split
-    is ``wave_splits``'s, which fills whole waves; with termination on, a chunk stops on its own,
-    so it gets room to do so (16 blocks).
+    Without termination (every block read) the split is ``wave_splits``'s, which fills whole
+    waves of the slots, in chunks of at least two blocks (shorter ones cost more in merge
+    traffic than they gain), at most ``MAX_CHUNKS_PER_ROW``. With termination on, a chunk stops
+    on its own, so it gets room to do so (16 blocks), and a row is cut into
+    ``round(slots / rows)`` chunks.
     """
     min_blocks = 16 if terminates else 2
     if not num_rows:
         return max(longest_row, 1)
-    if terminates or round(parallel_programs / num_rows) > 1:
-        # Rounded, not ceiled: 256 rows for 264 slots run best unsplit (H200 sweep, v5 in
-        # benchmarks/NOTES.md), and a near-miss of a whole number of waves costs little.
+    if terminates:
+        # Rounded, not ceiled: a near-miss of a whole number of waves costs little (v5 in
+        # benchmarks/NOTES.md: 256 rows for 264 slots ran best unsplit).
         splits = min(round(parallel_programs / num_rows), MAX_CHUNKS_PER_ROW)
     else:
         row_blocks = math.ceil(longest_row / block_pages)
@@ -165,15 +165,14 @@ def wave_splits(num_rows: int, row_blocks: int, parallel_programs: int, most: in
     row counts as ``row_blocks`` long (the longest's): shorter rows make fewer, shorter items, so
     with mixed lengths it may split more than the waves need.
 
-    Where the rounded ratio of slots to rows is one, rows run whole, and a wave is left part-empty
-    unless rows and slots are powers of two apart (as at the core benchmark's batches, where this
-    model agrees with it): on an H200 (benchmarks/NOTES.md v52) 192 rows (SmolLM2-135M's 3 KV
-    heads at batch 64) ran on 264 slots as one wave of whole rows, 60 SMs holding two; 4 chunks a
-    row took 20-25% less time; 296 rows (32/8/128 at batch 37) 23-30% less with 4 (8K) and 8
-    (32K). Where the ratio rounds higher the model is not reliable, its slots likely not the
-    device's: 72 rows at head_dim 64 (where 3 programs may fit an SM) ran 10-16% slower with its
-    7 chunks than with the rounded 4, while 96 rows at head_dim 128 ran 29% faster with its 8
-    than with 3; ``choose_chunk_pages`` keeps the rounded ratio there.
+    Cutting rows into ``round(slots / rows)`` chunks leaves a wave part-empty unless rows and
+    slots are powers of two apart (as at the core benchmark's batches, where this model agrees
+    with it): on an H200 (benchmarks/NOTES.md v52) 192 rows (SmolLM2-135M's 3 KV heads at batch
+    64) ran on 264 slots as one wave of whole rows, 60 SMs holding two; 4 chunks a row took
+    20-25% less time; 296 rows (32/8/128 at batch 37) 23-30% less with 4 (8K) and 8 (32K); 96
+    rows at head_dim 128 29% less with 8 than with the rounded 3. The slots must be the
+    device's: 72 rows at head_dim 64 ran 10-16% slower with the 7 chunks planned for 2 programs
+    an SM than with 4, where 3 fit (``decode.off_programs_per_sm``; NOTES v53).
     """
     best_splits, best = 1, math.ceil(num_rows / parallel_programs) * (row_blocks + SPLIT_ITEM_BLOCKS)
     for splits in range(2, most + 1):

@@ -262,7 +262,8 @@ def benchmark_row(
     nbytes = bytes_moved(shape, batch, kv_len)
     floor_us = nbytes / (copy_tbps * 1e12) * 1e6
     rows = []
-    own_programs_per_sm = (art_decode.PROGRAMS_PER_SM, art_decode.STABILITY_PROGRAMS_PER_SM)
+    own_programs_per_sm = (art_decode.PROGRAMS_PER_SM, art_decode.STABILITY_PROGRAMS_PER_SM,
+                           art_decode.OFF_PROGRAMS_PER_SM)
     page_meta = None
     for mode, ((num_warps, num_stages), programs_per_sm, off_tokens) in itertools.product(modes, configs):
         if mode in MODES_NEEDING_PAGE_METADATA and page_meta is None:
@@ -272,6 +273,7 @@ def benchmark_row(
         art_decode.NUM_WARPS, art_decode.NUM_STAGES = num_warps or None, num_stages or None
         art_decode.PROGRAMS_PER_SM = programs_per_sm or own_programs_per_sm[0]
         art_decode.STABILITY_PROGRAMS_PER_SM = programs_per_sm or own_programs_per_sm[1]
+        art_decode.OFF_PROGRAMS_PER_SM = programs_per_sm or own_programs_per_sm[2]
         art_decode.OFF_BLOCK_TOKENS = off_tokens
         art = BatchARTDecodeWrapper(kv_layout="NHD", backend="triton")
         art.plan(*page_table, *layer, termination=TerminationConfig(mode=mode))
@@ -312,7 +314,8 @@ def benchmark_row(
             "max_relative_error": max_relative_error(art_out, flashinfer_out),
             "flashinfer_backend": getattr(flashinfer_wrapper, "resolved_backend", None),
         })
-    art_decode.PROGRAMS_PER_SM, art_decode.STABILITY_PROGRAMS_PER_SM = own_programs_per_sm
+    (art_decode.PROGRAMS_PER_SM, art_decode.STABILITY_PROGRAMS_PER_SM,
+     art_decode.OFF_PROGRAMS_PER_SM) = own_programs_per_sm
     return rows
 
 

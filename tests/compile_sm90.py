@@ -5,7 +5,8 @@ with K < 16, ...); compiling to a cubin here makes such code fail CPU CI. Runs i
 process because kernels created under ``TRITON_INTERPRET=1`` cannot be compiled.
 
 Mode ``off`` and Quest's scoring, as they launch for the core benchmark's shapes, must also
-compile without register spills (``check_hot_launches_do_not_spill``).
+compile without register spills, and mode ``off`` must fit the programs an SM that its plans
+count (``check_hot_launches``).
 ``python tests/compile_sm90.py --resources`` also prints each variant's registers and spill
 bytes a thread (``cuobjdump --dump-resource-usage``, shipped with Triton): the numbers the GPU
 will run with, since the variants are compiled as the launches specialize them.
@@ -86,8 +87,8 @@ def compile_kernel(kernel, constexprs, pointer_types, **options):
 def programs_per_sm(registers: int, shared_bytes: int, warps: int) -> int:
     """Programs of a kernel that an H100/H200 SM holds at once: 64K registers (allocated per warp
     in multiples of 8 a thread), 228 KB of shared memory (1 KB of it reserved per program), 64
-    warps. What the plans' slots assume (``decode.PROGRAMS_PER_SM``) is not always what fits
-    (benchmarks/NOTES.md v52)."""
+    warps. Mode ``off``'s plans count this (``decode.off_programs_per_sm``, checked by
+    ``check_hot_launches``; benchmarks/NOTES.md v53)."""
     by_registers = 65536 // (-(-registers // 8) * 8 * 32 * warps)
     by_shared = 233472 // (shared_bytes + 1024)
     return min(by_registers, by_shared, 64 // warps)
@@ -218,23 +219,26 @@ def main():
         compile_kernel(h2o_page_scores_kernel, dict(NUM_KV_HEADS=8, TILE=64, PAGED=paged), h2o_ptrs)
         compile_kernel(h2o_observe_kernel, dict(NUM_KV_HEADS=8, TILE=64, KEPT_TILE=64, PAGED=paged), h2o_ptrs)
         count += 2
-    count += check_hot_launches_do_not_spill(int_ptrs)
+    count += check_hot_launches(int_ptrs)
     count += check_termination_loop_double_buffers(int_ptrs)
     print(f"compiled {count} kernel variants for sm_90")
 
 
-def check_hot_launches_do_not_spill(int_ptrs) -> int:
+def check_hot_launches(int_ptrs) -> int:
     """Mode ``off`` and Quest's scoring as they launch for the core benchmark's shapes
-    (32/8/128 and 14/2/64, bf16, page 16) compile without register spills: a spill there is a
-    slowdown no CPU test would otherwise see. Returns the variants compiled."""
+    (32/8/128 and 14/2/64, bf16, page 16; mode ``off`` also at SmolLM2-135M's 9/3/64) compile
+    without register spills, and mode ``off`` fits as many programs on an SM as its plan counts
+    (``decode.off_programs_per_sm``): a spill, or slots that are not the device's, is a slowdown no
+    CPU test would otherwise see. Returns the variants compiled."""
     from types import SimpleNamespace
 
-    from art_runtime.decode import PASS_BLOCKS, SPECULATE_MAX_HEAD_DIM, BatchARTDecodeWrapper, tile_tokens
+    from art_runtime.decode import (PASS_BLOCKS, SPECULATE_MAX_HEAD_DIM, BatchARTDecodeWrapper, off_programs_per_sm,
+                                    tile_tokens)
     from art_runtime.page_scores import SCORE_BLOCK_D, SCORE_STAGES, SCORE_TILE
 
     page = 16
     launches = []
-    for kv_heads, group, dim in ((8, 4, 128), (2, 7, 64)):
+    for kv_heads, group, dim in ((8, 4, 128), (2, 7, 64), (3, 3, 64)):
         # per KV head (a policy's own order per head), and the dense plan's heads read together
         for heads in sorted({1, shared_heads_per_item(kv_heads, group, dim)}):
             plan = SimpleNamespace(head_dim=dim, page_size=page, block_pages=tile_tokens(dim * heads) // page,
@@ -248,14 +252,23 @@ def check_hot_launches_do_not_spill(int_ptrs) -> int:
                     SPECULATE=dim <= SPECULATE_MAX_HEAD_DIM, HEADS=heads),
                     dict(int_ptrs, q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16"),
                     dict(num_warps=warps, num_stages=stages)))
+        if kv_heads == 3:
+            continue
         launches.append((quest_page_scores_kernel, dict(
             NUM_KV_HEADS=8, GROUP_SIZE=group, GROUP_PAD=group_tile(group), HEAD_DIM=dim,
             BLOCK_D=min(SCORE_BLOCK_D, dim), TILE=SCORE_TILE, REDUCE_MAX=True, ESTIMATE=False, TENSOR_CORES=True),
             dict(int_ptrs, q_ptr="bf16", key_min_ptr="fp8e4nv", key_max_ptr="fp8e4nv"),
             dict(num_warps=4, num_stages=SCORE_STAGES)))
     for kernel, constexprs, pointer_types, options in launches:
-        usage = resource_usage(compile_kernel(kernel, constexprs, pointer_types, **options).asm["cubin"])
+        compiled = compile_kernel(kernel, constexprs, pointer_types, **options)
+        usage = resource_usage(compiled.asm["cubin"])
         assert usage.endswith("STACK:0"), f"{kernel.fn.__name__} spills registers ({usage}): {constexprs} {options}"
+        if kernel is art_decode_kernel:
+            fit = programs_per_sm(int(re.search(r"REG:(\d+)", usage).group(1)), compiled.metadata.shared,
+                                  options["num_warps"])
+            planned = off_programs_per_sm(constexprs["HEAD_DIM"] * constexprs["HEADS"])
+            assert fit == planned, f"mode off fits {fit} programs an SM ({usage}, shared {compiled.metadata.shared} B), " \
+                                   f"its plan counts {planned}: {constexprs} {options}"
     return len(launches)
 
 

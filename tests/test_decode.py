@@ -195,8 +195,8 @@ def test_heads_per_item_is_checked(device):
 
 
 def test_off_on_a_wave_split_plan_equals_exact_attention(monkeypatch, device):
-    """Rows cut by the wave model (rows more than 2/3 of the slots) merge to exact attention."""
-    monkeypatch.setattr(BatchARTDecodeWrapper, "_parallel_programs", staticmethod(lambda device, termination: 8))
+    """Rows cut by the wave model into more chunks than slots over rows merge to exact attention."""
+    monkeypatch.setattr(BatchARTDecodeWrapper, "_parallel_programs", staticmethod(lambda device, termination, row_width: 8))
     case = make_case([3072, 2900], 9, 3, 64, 16, device=device, seed=6)  # 6 rows of 24 blocks for 8 slots
     wrapper = BatchARTDecodeWrapper(backend="triton")
     wrapper.plan(*case.plan_args(), termination=TerminationConfig(mode="off"))
@@ -223,17 +223,17 @@ def test_chunk_choice_bounds_chunk_count_and_length():
     from art_runtime.plan import MAX_CHUNKS_PER_ROW, choose_chunk_pages
 
     assert MAX_CHUNKS_PER_ROW == 64
-    assert choose_chunk_pages(2048, 2, 8, 264, terminates=False) == 32  # 132 splits wanted, 64 allowed
-    assert choose_chunk_pages(256, 8, 8, 264, terminates=False) == 16  # 33 splits of 8 pages: 2 blocks
-    assert choose_chunk_pages(4096, 8, 8, 264, terminates=False) == 125  # 33 splits of 125 pages
+    assert choose_chunk_pages(2048, 2, 8, 264, terminates=False) == 32  # 132 splits would fit, 64 allowed
+    assert choose_chunk_pages(256, 8, 8, 264, terminates=False) == 16  # 16 splits of 8 pages: 2 blocks
+    assert choose_chunk_pages(4096, 8, 8, 264, terminates=False) == 128  # 32 splits of 16 blocks: one wave
     assert choose_chunk_pages(2048, 8, 8, 264, terminates=True) == 128  # 16 blocks
     assert choose_chunk_pages(2048, 512, 8, 264, terminates=False) == 2048  # one item a row fills the device
 
 
 def test_wave_splits_fill_whole_waves():
-    """Mode off cuts rows that would run whole (at least 2/3 of the slots) so that the work items
-    fill whole waves: whole where rows and slots are powers of two apart, more chunks where they
-    would leave a wave part-empty (192 rows on 264 slots: one wave of whole rows, 60 SMs with two)."""
+    """Mode off cuts rows so that the work items fill whole waves: whole where rows and slots are
+    powers of two apart, more chunks where they would leave a wave part-empty (192 rows on 264
+    slots: one wave of whole rows, 60 SMs with two)."""
     from art_runtime.plan import choose_chunk_pages, wave_splits
 
     for rows, slots, blocks, splits in [(128, 264, 256, 2), (512, 264, 256, 1), (1024, 264, 32, 1), (32, 264, 256, 8),
@@ -243,7 +243,8 @@ def test_wave_splits_fill_whole_waves():
     assert wave_splits(300, 256, 264, 64) == 7   # rounded: a second wave of 36 whole rows
     assert wave_splits(192, 64, 264, 1) == 1     # rows too short to cut
     assert choose_chunk_pages(512, 192, 8, 264, terminates=False) == 128    # 4 chunks of a 512-page row
-    assert choose_chunk_pages(2048, 72, 8, 264, terminates=False) == 512    # rounds to 4: that split, not the model's
+    assert choose_chunk_pages(2048, 96, 8, 264, terminates=False) == 256    # 8 chunks: 3 waves, not 3 chunks in 2
+    assert choose_chunk_pages(2048, 72, 8, 396, terminates=False) == 187    # 11 chunks: 2 waves of 3 programs an SM
     assert choose_chunk_pages(512, 192, 8, 264, terminates=True) == 512     # termination: rounded, whole
 
 
