@@ -86,15 +86,18 @@ def group_tile(group_size: int) -> int:
     return max(16, next_power_of_two(group_size))
 
 
-# Widest K/V tile row (heads x head_dim) that one program reads when KV heads share a visit order.
+# Widest K/V tile row (heads x head_dim) that one program reads when KV heads share a visit order,
+# and the share of the group's tile rows that their query heads must fill.
 SHARED_HEADS_MAX_WIDTH = 128
+SHARED_HEADS_MIN_FILL = 7 / 8
 
 
 def shared_heads_per_item(num_kv_heads: int, group_size: int, head_dim: int) -> int:
     """Adjacent KV heads that one program can read together when every head visits the same
     pages in the same order (mode ``off`` on a dense selection): the largest power of two that
     divides ``num_kv_heads``, whose query heads still fit the group's tile (``group_tile``, so no
-    extra tensor-core rows) and whose token rows are at most ``SHARED_HEADS_MAX_WIDTH`` wide.
+    extra tensor-core rows) and whose token rows are at most ``SHARED_HEADS_MAX_WIDTH`` wide;
+    one unless their query heads then fill at least ``SHARED_HEADS_MIN_FILL`` of the tile.
     Whether a plan uses them is ``BatchARTDecodeWrapper.plan``'s choice (NHD caches, the
     default blocks, and enough work items left to fill the device: ``rows_fill_slots``).
 
@@ -105,14 +108,20 @@ def shared_heads_per_item(num_kv_heads: int, group_size: int, head_dim: int) -> 
     H200, 14/2/64 at batch 16-128 / 16K-32K (benchmarks/NOTES.md v51): ART's time -5.5 to -12%,
     0.88-0.99x -> 0.98-1.05x FlashInfer's throughput. Two heads at head_dim 128 (512-byte rows)
     ran as fast at batch 64-128 and 12% slower at batch 16 (their tile spills, or halves the
-    tokens a step), hence the width.
+    tokens a step), hence the width. Across groups at head_dim 64 (H200, NOTES v54, both on the
+    slots that fit an SM): where two heads' query heads fill 14-16 of the tile's 16 rows (groups
+    7 and 8: 14/2/64, 32/4/64, 64/8/64) reading them together took 1-15% less time at batch 16-128
+    (but 3-12% more at batch 48 / 4K); at groups 1 and 4 (32/32/64, 32/8/64 as Llama-3.2-1B,
+    16/4/64) one head a program took up to 28% less, at group 2 the two were within -7..+12%;
+    hence the fill. Why half-empty tiles lose was not found: the compiled loops are the same at
+    every group.
     """
     tile_rows = group_tile(group_size)
     heads = 1
     while (num_kv_heads % (2 * heads) == 0 and 2 * heads * group_size <= tile_rows
            and 2 * heads * head_dim <= SHARED_HEADS_MAX_WIDTH):
         heads *= 2
-    return heads
+    return heads if heads * group_size >= SHARED_HEADS_MIN_FILL * tile_rows else 1
 
 
 def rows_fill_slots(num_rows: int, row_blocks: int, slots: int) -> bool:

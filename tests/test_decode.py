@@ -110,18 +110,18 @@ def test_selection_equals_attention_over_selected_pages(backend, chunk_pages, de
     assert torch.equal(stats.visited_pages, expected)
 
 
-# Enough requests, and rows long enough, that the rule reads heads together on a GPU too (rows x
-# chunks of two blocks at least the device's programs x heads_per_item).
-@pytest.mark.parametrize("shape", [([300, 1, 77, 20, 5, 64, 33, 16, 140], 14, 2, 64, 16), ([37, 5, 300], 4, 4, 64, 1),
-                                   ([900, 161, 7, 640, 33], 8, 4, 32, 8), ([700, 2, 513], 32, 4, 64, 16)],
-                         ids=["G7-D64-P16", "G1-D64-P1", "G2-D32-P8", "G8-D64-P16"])
+@pytest.mark.parametrize("shape", [([300, 1, 77, 20, 5, 64, 33, 16, 140], 14, 2, 64, 16), ([37, 5, 300], 28, 4, 64, 1),
+                                   ([900, 161, 7, 640, 33], 16, 4, 32, 8), ([700, 2, 513], 32, 4, 64, 16)],
+                         ids=["G7-D64-P16", "G7-D64-P1", "G4-D32-P8", "G8-D64-P16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("chunk_pages", [None, 1])
-def test_heads_read_together_equal_exact_attention(shape, dtype, chunk_pages, device):
+def test_heads_read_together_equal_exact_attention(shape, dtype, chunk_pages, monkeypatch, device):
     """Mode off on a dense plan reads adjacent KV heads in one program (``heads_per_item``):
     each query head's output, LSE and every work item's counters as if read alone, whole rows
-    and split ones (each program then writes the same chunk of both heads' rows), padding rows
-    of the tile (G7, G2) or none (G8: two heads fill its 16 rows)."""
+    and split ones (each program then writes the same chunk of the heads' rows), padding rows
+    of the tile (G7) or none (G8 two heads, G4 four heads at head_dim 32). Planned for one program slot,
+    as on a CPU, so that these few rows read heads together on a GPU too."""
+    monkeypatch.setattr(BatchARTDecodeWrapper, "_parallel_programs", staticmethod(lambda device, termination, row_width: 1))
     seq_lens, hq, hk, dim, page = shape
     case = make_case(seq_lens, hq, hk, dim, page, dtype=dtype, device=device, seed=11)
     wrapper = BatchARTDecodeWrapper(backend="triton")
@@ -141,15 +141,18 @@ def test_heads_read_together_equal_exact_attention(shape, dtype, chunk_pages, de
 
 
 def test_heads_per_item_rule():
-    """Adjacent KV heads can share a program where their query rows fit the group's tile and their
-    token rows are at most 128 wide; a plan uses them only where its rows still make a work item
-    for every program slot."""
+    """Adjacent KV heads can share a program where their query rows fit the group's tile and fill
+    at least 7/8 of it, and their token rows are at most 128 wide; a plan uses them only where its
+    rows still make a work item for every program slot."""
     from art_runtime.plan import rows_fill_slots, shared_heads_per_item
 
     assert shared_heads_per_item(2, 7, 64) == 2    # Qwen2.5-0.5B: 14 of 16 tile rows
+    assert shared_heads_per_item(4, 8, 64) == 2    # 32/4/64: 16 of 16
     assert shared_heads_per_item(8, 4, 128) == 1   # Llama-3-8B: 256-wide rows were no faster
+    assert shared_heads_per_item(8, 4, 64) == 1    # Llama-3.2-1B: 8 of 16 rows, slower than one head
+    assert shared_heads_per_item(32, 1, 64) == 1   # MHA: 2 of 16 rows, slower than one head
     assert shared_heads_per_item(3, 3, 64) == 1    # SmolLM2: 3 KV heads
-    assert shared_heads_per_item(16, 1, 32) == 4   # MHA at head_dim 32: 4 heads, 128 wide
+    assert shared_heads_per_item(16, 4, 32) == 4   # head_dim 32: 4 heads, 128 wide, 16 of 16 rows
     assert shared_heads_per_item(4, 16, 64) == 1   # 32 query rows would need a 32-row tile
     assert not rows_fill_slots(2, 256, 2 * 264)    # batch 1 at 2 KV heads: 2 rows x 64 chunks
     assert rows_fill_slots(32, 256, 2 * 264)       # batch 16
