@@ -110,7 +110,7 @@ def shared_heads_per_item(num_kv_heads: int, group_size: int, head_dim: int) -> 
     ran as fast at batch 64-128 and 12% slower at batch 16 (their tile spills, or halves the
     tokens a step), hence the width. Across groups at head_dim 64 (H200, NOTES v54, both on the
     slots that fit an SM): where two heads' query heads fill 14-16 of the tile's 16 rows (groups
-    7 and 8: 14/2/64, 32/4/64, 64/8/64) reading them together took 1-15% less time at batch 16-128
+    7 and 8: 14/2/64, 32/4/64, 64/8/64) reading them together took 0-15% less time at batch 16-128
     (but 3-12% more at batch 48 / 4K); at groups 1 and 4 (32/32/64, 32/8/64 as Llama-3.2-1B,
     16/4/64) one head a program took up to 28% less, at group 2 the two were within -7..+12%;
     hence the fill. Why half-empty tiles lose was not found: the compiled loops are the same at

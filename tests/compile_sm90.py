@@ -226,11 +226,10 @@ def main():
 
 def check_hot_launches(int_ptrs) -> int:
     """Mode ``off`` and Quest's scoring as they launch for the core benchmark's shapes
-    (32/8/128 and 14/2/64, bf16, page 16; mode ``off`` also at SmolLM2-135M's 9/3/64 and 32/4/64,
-    group 8) compile
-    without register spills, and mode ``off`` fits as many programs on an SM as its plan counts
-    (``decode.off_programs_per_sm``): a spill, or slots that are not the device's, is a slowdown no
-    CPU test would otherwise see. Returns the variants compiled."""
+    (32/8/128 and 14/2/64, bf16, page 16; mode ``off`` also at SmolLM2-135M's 9/3/64 and at
+    32/4/64, group 8) compile without register spills, and mode ``off`` fits as many programs on
+    an SM as its plan counts (``decode.off_programs_per_sm``): a spill, or slots that are not the
+    device's, is a slowdown no CPU test would otherwise see. Returns the variants compiled."""
     from types import SimpleNamespace
 
     from art_runtime.decode import (PASS_BLOCKS, SPECULATE_MAX_HEAD_DIM, BatchARTDecodeWrapper, off_programs_per_sm,
