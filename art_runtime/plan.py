@@ -136,17 +136,21 @@ def rows_fill_slots(num_rows: int, row_blocks: int, slots: int) -> bool:
 MAX_CHUNKS_PER_ROW = 64
 
 
+def min_chunk_blocks(terminates: bool) -> int:
+    """Fewest blocks in a chunk of a split row: 2 without termination (shorter chunks cost more
+    in merge traffic than they gain), 16 with (room for the chunk to stop on its own)."""
+    return 16 if terminates else 2
+
+
 def choose_chunk_pages(longest_row: int, num_rows: int, block_pages: int, parallel_programs: int,
                        terminates: bool) -> int:
     """Pages per work item for ``parallel_programs`` program slots (no split if rows fill them).
 
     Without termination (every block read) the split is ``wave_splits``'s, which fills whole
-    waves of the slots, in chunks of at least two blocks (shorter ones cost more in merge
-    traffic than they gain), at most ``MAX_CHUNKS_PER_ROW``. With termination on, a chunk stops
-    on its own, so it gets room to do so (16 blocks), and a row is cut into
-    ``round(slots / rows)`` chunks.
+    waves of the slots, at most ``MAX_CHUNKS_PER_ROW`` chunks; with termination on a row is cut
+    into ``round(slots / rows)`` chunks. Chunks are at least ``min_chunk_blocks`` long.
     """
-    min_blocks = 16 if terminates else 2
+    min_blocks = min_chunk_blocks(terminates)
     if not num_rows:
         return max(longest_row, 1)
     if terminates:

@@ -375,7 +375,8 @@ def art_decode_torch(plan: DecodePlan, q, k_cache, v_cache, bound_terms=None, pa
         active[work] = (pos[work] < end[work]) & ~stop
 
     visited_pages = (torch.minimum(pos, end) - start).to(torch.int32)
-    o = acc / l[..., None]
+    # An empty work item (a fixed-buffer plan's chunk past its row's end) merges with weight 0.
+    o = torch.where(l[..., None] > 0, acc / l[..., None], 0.0)
     lse = m + torch.log2(l)
     out, out_lse = _merge(plan, o, lse)
     return out, out_lse, visited_pages, visited_tokens.to(torch.int32), stable_at

@@ -316,7 +316,8 @@ def art_decode_kernel(
                 live = live & rest & ~stop
             go = live
 
-    o = acc / l_i[:, None]
+    # An empty work item (a fixed-buffer plan's chunk past its row's end) merges with weight 0.
+    o = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
     lse = m_i + tl.log2(l_i)
     if HEADS == 1:
         tl.store(visited_pages_ptr + work, tl.minimum(pos, end) - start)

@@ -43,8 +43,12 @@ def page_table(lengths, gen, device):
     return tuple(t.to(device) for t in (indptr, chosen.int(), last))
 
 
-def replay_a_new_batch(policy_name, mode, device, dtype, capture, backend="triton"):
-    """Prepare batch 1, capture (or just run) a step, prepare batch 2, replay (or run); compare to eager."""
+def replay_a_new_batch(policy_name, mode, device, dtype, capture, backend="triton", block_pages=None):
+    """Prepare batch 1, capture (or just run) a step, prepare batch 2, replay (or run); compare to eager.
+
+    Returns the fixed plan of batch 2. Where it cuts rows into chunks (modes off and stability
+    on a GPU, a small batch of long rows), the eager plan is cut into chunks of the same length.
+    """
     gen = torch.Generator().manual_seed(7)
     k_pool = torch.randn(POOL_PAGES, PAGE, HKV, DIM, generator=gen).to(device, dtype)
     v_pool = torch.randn(POOL_PAGES, PAGE, HKV, DIM, generator=gen).to(device, dtype)
@@ -53,7 +57,8 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture, backend="trito
                   torch.arange(POOL_PAGES, dtype=torch.int32, device=device),
                   torch.tensor([PAGE], dtype=torch.int32, device=device))
     meta = PageMetadata.from_cache(cache, *every_page)
-    termination = TerminationConfig(mode=mode, relative_to="values", tau_mag=0.05, tau_dir=1e-3, eps=0.1)
+    termination = TerminationConfig(mode=mode, relative_to="values", tau_mag=0.05, tau_dir=1e-3, eps=0.1,
+                                    block_pages=block_pages)
     library = POLICIES[policy_name]()  # keyed by request id: the eager reference's
     policy = paged_policy(POLICIES[policy_name](), 1, POOL_PAGES, HKV, device)  # keyed by page: the fixed plan's
     kept = WIDTH if policy is None or policy.name == "dense" else 6
@@ -86,8 +91,10 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture, backend="trito
         wrapper.run(q, cache, page_meta=meta, out=out)
     stats = wrapper.last_stats
 
+    fixed = wrapper._plan
+    chunk_pages = int((fixed.work_end - fixed.work_start).max()) if fixed.split else 1 << 30
     eager = BatchARTDecodeWrapper(backend=backend)
-    eager.plan(*second, HQ, HKV, DIM, PAGE, termination=termination, chunk_pages=1 << 30, policy=library,
+    eager.plan(*second, HQ, HKV, DIM, PAGE, termination=termination, chunk_pages=chunk_pages, policy=library,
                request_ids=None if library is None or not library.stateful else list(range(MAX_BATCH)))
     expected = eager.run(q, cache, page_meta=meta)
     assert torch.isfinite(out).all()
@@ -105,6 +112,7 @@ def replay_a_new_batch(policy_name, mode, device, dtype, capture, backend="trito
             torch.testing.assert_close(policy.mass[0, pages].T.cpu(), mass.cpu(), rtol=1e-5, atol=1e-6)
             assert torch.equal(policy.evicted[0, pages].T.cpu(), evicted.cpu())
         assert bool((policy.mass > 0).any())
+    return fixed
 
 
 def prefill_votes(policy, library, table, k_pool, gen):
@@ -142,6 +150,46 @@ def test_the_graph_test_steps_run_on_cpu(policy_name, mode):
 def test_the_fixed_plan_on_the_torch_backend(policy_name):
     """The torch backend (a CPU server without the Triton interpreter) reads the fixed buffers alike."""
     replay_a_new_batch(policy_name, "bound", "cpu", torch.float32, capture=False, backend="torch")
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["off", "stability"])
+def test_the_fixed_plan_cuts_a_small_batchs_rows_into_chunks(mode, monkeypatch):
+    """Modes off and stability on a device of 64 program slots: the fixed plan cuts the rows
+    (2-38 pages, 1-page blocks) into as many chunks as the eager plan would cut the longest row
+    the buffers hold; the shorter rows' last chunks are empty, and the result equals the eager
+    plan cut into chunks of the same length, bit for bit."""
+    monkeypatch.setattr(BatchARTDecodeWrapper, "_parallel_programs",
+                        staticmethod(lambda device, termination, row_width: 64))
+    fixed = replay_a_new_batch("none", mode, "cpu", torch.float32, capture=False, block_pages=1)
+    chunks = fixed.num_work // fixed.num_rows
+    assert chunks > 1
+    lengths = (fixed.work_end - fixed.work_start).view(fixed.num_rows, chunks)
+    assert bool((lengths == 0).any())  # a short row's chunks past its end
+    assert torch.equal(lengths.sum(1), (fixed.row_start[1:] - fixed.row_start[:-1]).long())
+
+
+@interpreted
+def test_a_fixed_plan_cuts_small_batches_that_its_largest_does_not(monkeypatch):
+    """Buffers for 16 requests on 16 program slots: 32 rows run whole, a batch of 2 is cut into
+    chunks, and the chunks' partial outputs have room though the largest batch needs none."""
+    monkeypatch.setattr(BatchARTDecodeWrapper, "_parallel_programs",
+                        staticmethod(lambda device, termination, row_width: 16))
+    gen = torch.Generator().manual_seed(3)
+    cache = tuple(torch.randn(POOL_PAGES, PAGE, HKV, DIM, generator=gen) for _ in range(2))
+    termination = TerminationConfig(mode="off", block_pages=1)
+    wrapper = StaticPlanDecodeWrapper(StaticPlanBuffers.allocate(16, HKV, WIDTH, WIDTH, "cpu"), 16, HQ, DIM, PAGE,
+                                      termination, DIM ** -0.5, POOL_PAGES)
+    assert wrapper._chunks[16] == 1 and wrapper._chunks[2] > 1
+    table = page_table([700, 90], gen, "cpu")
+    wrapper.prepare(*table)
+    q = torch.randn(2, HQ, DIM, generator=gen)
+    out = wrapper.run(q, cache)
+    assert wrapper._plan.split
+    eager = BatchARTDecodeWrapper(backend="triton")
+    eager.plan(*table, HQ, HKV, DIM, PAGE, termination=termination,
+               chunk_pages=int((wrapper._plan.work_end - wrapper._plan.work_start).max()))
+    torch.testing.assert_close(out, eager.run(q, cache), rtol=0, atol=0)
 
 
 @interpreted

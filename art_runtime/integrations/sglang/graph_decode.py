@@ -1,9 +1,12 @@
 """ART decode on a plan whose buffers never move: SGLang's eager steps and its CUDA graphs.
 
 ``BatchARTDecodeWrapper.plan`` sizes its plan from the batch (it synchronizes and allocates),
-which a captured graph cannot follow. Here the plan is unsplit (one work item per (request,
-KV head)) and lives in fixed buffers
-(:class:`~art_runtime.integrations.sglang.paging.StaticPlanBuffers`). :meth:`prepare`
+which a captured graph cannot follow. Here the plan lives in fixed buffers
+(:class:`~art_runtime.integrations.sglang.paging.StaticPlanBuffers`): one work item per
+(request, KV head), or in modes ``off`` and ``stability`` a fixed number per batch size, each
+row cut into that many chunks of the longest row's share
+(:func:`~art_runtime.integrations.sglang.paging.fill_chunks`; a shorter row's chunks past its
+end are empty), so that a small batch of long requests still fills the GPU. :meth:`prepare`
 (before a step, outside any graph) copies the batch's page table in, lays out how many pages
 each row keeps (the policy's budget) and, for policies scored once per step
 (``streaming_llm``, recency), fills the visit order. :meth:`run` (per layer, inside the graph
@@ -16,16 +19,25 @@ step synchronizes with the host; shapes depend only on the buffers' sizes.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import torch
+
 from art_runtime.decode import BatchARTDecodeWrapper, policy_for_mode
+from art_runtime.plan import choose_chunk_pages, min_chunk_blocks
 from art_runtime.policies import PagePolicy, PolicyContext, SelectionLayout
 from art_runtime.selection import PageSelection
 from art_runtime.termination import TerminationConfig
 
-from .paging import StaticPlanBuffers
+from .paging import StaticPlanBuffers, fill_chunks
 
-# Wrapper buffers with one entry per work item or row: viewed per batch size. The others
+# Wrapper buffers with one entry per work item or per row: viewed per batch size. The others
 # (bound terms per visit position) are sized by the fixed capacity and shared as they are.
-_PER_ROW = ("_visited_pages", "_visited_tokens", "_loaded_tokens", "_stable_at", "_vscale", "_sketch_pages")
+_PER_ITEM = ("_visited_pages", "_visited_tokens", "_loaded_tokens", "_stable_at", "_sketch_pages")
+_PER_ROW = ("_vscale",)
+# Modes whose rows a fixed plan cuts into chunks: those without a pre-pass over each work item.
+_CHUNKED_MODES = ("off", "stability")
 
 
 class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
@@ -73,7 +85,8 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
         self._policy = None
         # H2O's page mass comes from the decode kernel (needs power-of-two blocks on Triton).
         self._record_page_mass = policy is not None and policy.needs_page_mass
-        block_tokens = buffers.plan(1, *self._shape).block_pages * page_size
+        self._block_pages = buffers.plan(1, *self._shape).block_pages
+        block_tokens = self._block_pages * page_size
         if self._record_page_mass and backend == "triton" and block_tokens & (block_tokens - 1):
             raise ValueError(f"policy {policy.name}: the page mass needs block_pages (--art-block-pages) * page_size "
                              f"to be a power of two, got {block_tokens}")
@@ -81,8 +94,44 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
         self._longest_first = False
         self._page_table = None  # the caller always passes the page metadata, never rebuilt here
         self._plans = {}
-        self._allocate(self._plan_for(max_batch)[0], buffers.row_start.device)
-        self._full = {name: getattr(self, name) for name in _PER_ROW}
+        device = buffers.row_start.device
+        self._chunks = {batch: self._chunks_per_row(batch, device) for batch in range(1, max_batch + 1)}
+        items = max(batch * buffers.num_kv_heads * chunks for batch, chunks in self._chunks.items())
+        self._work_start = torch.zeros(items, dtype=torch.int32, device=device)
+        self._work_end = torch.zeros(items, dtype=torch.int32, device=device)
+        largest = self._plan_for(max_batch)[0]
+        self._allocate(largest, device)
+        self._allocate_work_items(largest, items, max(self._chunks.values()) > 1, device)
+        self._full = {name: getattr(self, name) for name in _PER_ITEM + _PER_ROW}
+
+    def _chunks_per_row(self, batch: int, device: torch.device) -> int:
+        """Work items per row of a ``batch``-request step: in modes ``off`` and ``stability`` as
+        many as ``BatchARTDecodeWrapper.plan`` would cut the longest row the buffers hold into
+        (``kept`` pages), otherwise one."""
+        head_dim, termination = self._shape[1], self._shape[3]
+        if termination.mode not in _CHUNKED_MODES:
+            return 1
+        kept = self.buffers.kept
+        programs = self._parallel_programs(device, termination, head_dim)
+        chunk = choose_chunk_pages(kept, batch * self.buffers.num_kv_heads, self._block_pages, programs,
+                                   termination.mode != "off")
+        return math.ceil(kept / chunk)
+
+    def _allocate_work_items(self, plan, items: int, split: bool, device: torch.device) -> None:
+        """The buffers with one entry per work item, for ``items`` of them, and the chunks'
+        partial outputs where some batch size cuts its rows (``split``): ``_allocate`` sized them
+        for ``plan`` (the largest batch's), which may have fewer work items than a small batch's
+        chunks, or none cut."""
+        group_pad = self._group_pad
+        if items > plan.num_work:
+            self._visited_pages = torch.zeros(items, dtype=torch.int32, device=device)
+            self._visited_tokens = torch.zeros(items, dtype=torch.int32, device=device)
+            self._loaded_tokens = torch.zeros(items, dtype=torch.int32, device=device)
+            self._stable_at = torch.full((items, group_pad), -1, dtype=torch.int32, device=device)
+            self._work_order = torch.arange(items, dtype=torch.int64, device=device)
+        if split and self._backend == "triton" and self._part_out.shape[0] < items:
+            self._part_out = torch.empty((items, group_pad, plan.head_dim), dtype=torch.float32, device=device)
+            self._part_lse = torch.empty((items, group_pad), dtype=torch.float32, device=device)
 
     def _plan_for(self, batch: int):
         """``(DecodePlan, PolicyContext, SelectionLayout)`` of a ``batch``-request step: views, made once."""
@@ -92,8 +141,23 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
             ctx = PolicyContext(b.page_indptr[: batch + 1], b.page_indices, b.last_page_len[:batch],
                                 self._num_qo_heads, b.num_kv_heads, self._page_size, None, self._sm_scale)
             layout = SelectionLayout(b.row_start[: rows + 1], b.entry_row, b.entry_rank, b.width, b.kept)
-            self._plans[batch] = (b.plan(batch, *self._shape), ctx, layout)
+            plan = b.plan(batch, *self._shape)
+            chunks = self._chunks[batch]
+            if chunks > 1:
+                items = rows * chunks
+                device = b.row_start.device
+                longest = -(-max(-(-b.kept // chunks), self._min_chunk_pages(plan)) // plan.block_pages)
+                plan = dataclasses.replace(
+                    plan, work_row=torch.arange(rows, dtype=torch.int32, device=device).repeat_interleave(chunks),
+                    work_start=self._work_start[:items], work_end=self._work_end[:items],
+                    row_work_indptr=torch.arange(0, items + 1, chunks, dtype=torch.int32, device=device),
+                    max_work_blocks=longest)
+            self._plans[batch] = (plan, ctx, layout)
         return self._plans[batch]
+
+    @staticmethod
+    def _min_chunk_pages(plan) -> int:
+        return min_chunk_blocks(plan.termination.mode != "off") * plan.block_pages
 
     def prepare(self, kv_indptr, kv_indices, kv_last_page_len) -> None:
         """Fill the buffers with a batch's page table and selection layout (outside graphs), then :meth:`bind`.
@@ -115,14 +179,19 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
             buffers.set_visits(buffers.recency_pages(), self._page_size)
         elif not policy.per_layer:
             buffers.set_visits(policy.select(ctx, layout), self._page_size)
+        plan = self._plan_for(batch)[0]
+        if plan.split:
+            fill_chunks(buffers.row_start[: plan.num_rows + 1], plan.num_work // plan.num_rows, plan.block_pages,
+                        self._min_chunk_pages(plan), plan.work_start, plan.work_end)
         self.bind(batch)
 
     def bind(self, batch: int) -> None:
         """Point ``run`` at the plan of a ``batch``-request step (done by :meth:`prepare`)."""
         plan, ctx, layout = self._plan_for(batch)
-        rows = plan.num_rows
+        for name in _PER_ITEM:
+            setattr(self, name, self._full[name][: plan.num_work])
         for name in _PER_ROW:
-            setattr(self, name, self._full[name][:rows])
+            setattr(self, name, self._full[name][: plan.num_rows])
         self._plan = plan
         self._policy = None if self._step_policy is None else (self._step_policy, ctx, layout)
         self._selection = PageSelection(layout.indptr, self.buffers.visit_pages)

@@ -99,13 +99,39 @@ def appended_page_table(out_cache_loc, first_position, num_new, page_size: int):
     return request.to(torch.int32), positions.to(torch.int32), kv_indices.to(torch.int32), kv_indptr.to(torch.int32)
 
 
+def fill_chunks(row_start: torch.Tensor, chunks: int, block_pages: int, min_pages: int,
+                work_start: torch.Tensor, work_end: torch.Tensor) -> None:
+    """Cut each row into ``chunks`` work items of like size, in place and without synchronizing.
+
+    Parameters
+    ----------
+    row_start : torch.Tensor
+        ``[R + 1]`` selection row pointers.
+    chunks : int
+        Work items per row: item ``r * chunks + k`` is row ``r``'s ``k``-th.
+    block_pages, min_pages : int
+        Every chunk is ``max(ceil(n / chunks), min_pages)`` pages for the longest row's ``n``,
+        rounded up to whole blocks (the chunks ``BatchARTDecodeWrapper.plan`` cuts with that
+        ``chunk_pages``); those past a shorter row's end are empty (start = end = its end).
+    work_start, work_end : torch.Tensor
+        ``[R * chunks]`` int32, written.
+    """
+    start, end = row_start[:-1].long(), row_start[1:].long()
+    size = ((end - start).max() + chunks - 1) // chunks
+    size = (torch.clamp(size, min=min_pages) + block_pages - 1) // block_pages * block_pages
+    rank = torch.arange(chunks, device=row_start.device)
+    first = torch.minimum(start[:, None] + rank[None, :] * size, end[:, None])
+    work_start.copy_(first.flatten())
+    work_end.copy_(torch.minimum(first + size, end[:, None]).flatten())
+
+
 @dataclass
 class StaticPlanBuffers:
-    """Fixed buffers of an unsplit decode plan: a batch's page table, its selection, its visit order.
+    """Fixed buffers of a decode plan: a batch's page table, its selection, its visit order.
 
     Row ``r = b * H_kv + h`` keeps ``row_start[r + 1] - row_start[r]`` pages, its entries
-    ``row_start[r] .. row_start[r + 1]`` of the ``capacity``-long arrays (one work item per
-    row). Every method fills these tensors in place with device operations of fixed shapes
+    ``row_start[r] .. row_start[r + 1]`` of the ``capacity``-long arrays (``plan``: one work
+    item per row; ``StaticPlanDecodeWrapper`` may cut rows into chunks, ``fill_chunks``). Every method fills these tensors in place with device operations of fixed shapes
     and never synchronizes with the host, so kernels captured in a CUDA graph read the batch
     filled before each replay. Entries past the batch's last row are padding (``valid``
     False, no page to read).
