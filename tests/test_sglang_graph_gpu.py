@@ -152,16 +152,16 @@ def test_the_fixed_plan_on_the_torch_backend(policy_name):
     replay_a_new_batch(policy_name, "bound", "cpu", torch.float32, capture=False, backend="torch")
 
 
-@interpreted
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=interpreted), "torch"])
 @pytest.mark.parametrize("mode", ["off", "stability"])
-def test_the_fixed_plan_cuts_a_small_batchs_rows_into_chunks(mode, monkeypatch):
+def test_the_fixed_plan_cuts_a_small_batchs_rows_into_chunks(mode, backend, monkeypatch):
     """Modes off and stability on a device of 64 program slots: the fixed plan cuts the rows
     (2-38 pages, 1-page blocks) into as many chunks as the eager plan would cut the longest row
     the buffers hold; the shorter rows' last chunks are empty, and the result equals the eager
     plan cut into chunks of the same length, bit for bit."""
     monkeypatch.setattr(BatchARTDecodeWrapper, "_parallel_programs",
                         staticmethod(lambda device, termination, row_width: 64))
-    fixed = replay_a_new_batch("none", mode, "cpu", torch.float32, capture=False, block_pages=1)
+    fixed = replay_a_new_batch("none", mode, "cpu", torch.float32, capture=False, backend=backend, block_pages=1)
     chunks = fixed.num_work // fixed.num_rows
     assert chunks > 1
     lengths = (fixed.work_end - fixed.work_start).view(fixed.num_rows, chunks)
