@@ -131,9 +131,10 @@ class StaticPlanBuffers:
 
     Row ``r = b * H_kv + h`` keeps ``row_start[r + 1] - row_start[r]`` pages, its entries
     ``row_start[r] .. row_start[r + 1]`` of the ``capacity``-long arrays (``plan``: one work
-    item per row; ``StaticPlanDecodeWrapper`` may cut rows into chunks, ``fill_chunks``). Every method fills these tensors in place with device operations of fixed shapes
-    and never synchronizes with the host, so kernels captured in a CUDA graph read the batch
-    filled before each replay. Entries past the batch's last row are padding (``valid``
+    item per row; ``StaticPlanDecodeWrapper`` may cut rows into chunks, ``fill_chunks``).
+    Every method fills these tensors in place with device operations of fixed shapes and never
+    synchronizes with the host, so kernels captured in a CUDA graph read the batch filled
+    before each replay. Entries past the batch's last row are padding (``valid``
     False, no page to read).
 
     Attributes
