@@ -374,16 +374,20 @@ class BatchARTDecodeWrapper:
             per_sm = STABILITY_PROGRAMS_PER_SM if termination.mode == "stability" else PROGRAMS_PER_SM
         return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
-    def _allocate(self, plan: DecodePlan, device: torch.device) -> None:
+    def _allocate(self, plan: DecodePlan, device: torch.device, num_work: int | None = None,
+                  split: bool | None = None) -> None:
+        """The run's buffers for ``plan``; ``num_work`` and ``split`` (default: the plan's) size the
+        per-work-item ones and the chunks' partial outputs for more items, or for a split that
+        ``plan`` lacks (a fixed-buffer plan serving several batch sizes)."""
         # Mode mass's check reads the plain mean of the values from one query row of zeros.
         group_pad = group_tile(plan.group_size + (plan.termination.mode == "mass"))
         self._group_pad = group_pad
-        num_work = plan.num_work
+        num_work = plan.num_work if num_work is None else num_work
         self._visited_pages = torch.zeros(num_work, dtype=torch.int32, device=device)
         self._visited_tokens = torch.zeros(num_work, dtype=torch.int32, device=device)
         self._loaded_tokens = torch.zeros(num_work, dtype=torch.int32, device=device)
         self._stable_at = torch.full((num_work, group_pad), -1, dtype=torch.int32, device=device)
-        split = plan.split and self._backend == "triton"
+        split = (plan.split if split is None else split) and self._backend == "triton"
         self._part_out = torch.empty((num_work if split else 0, group_pad, plan.head_dim), dtype=torch.float32, device=device)
         self._part_lse = torch.empty((num_work if split else 0, group_pad), dtype=torch.float32, device=device)
         # bound: suffix bounds at every position; mass: suffix estimates at each block's first position.
@@ -407,9 +411,9 @@ class BatchARTDecodeWrapper:
         self._visit_pages = torch.zeros((plan.nnz if plan.termination.mode == "bound" else 0,), dtype=torch.int32,
                                         device=device)
         segments = self._prepass_segments(plan)[1] if certified else 0
-        self._seg_est = torch.empty((plan.num_work, segments, group_pad), dtype=torch.float32, device=device)
-        self._seg_vmax = torch.empty((plan.num_work, segments if certified else 0), dtype=torch.float32, device=device)
-        self._seg_bounds = torch.empty((3, plan.num_work, segments if certified else 0, group_pad),
+        self._seg_est = torch.empty((num_work, segments, group_pad), dtype=torch.float32, device=device)
+        self._seg_vmax = torch.empty((num_work, segments if certified else 0), dtype=torch.float32, device=device)
+        self._seg_bounds = torch.empty((3, num_work, segments if certified else 0, group_pad),
                                        dtype=torch.float32, device=device)
         self._vscale = torch.empty((plan.num_rows,), dtype=torch.float32, device=device)
         # program -> work item; with heads_per_item > 1 the work items of each group's first head,

@@ -126,8 +126,9 @@ def shared_heads_per_item(num_kv_heads: int, group_size: int, head_dim: int) -> 
 
 def rows_fill_slots(num_rows: int, row_blocks: int, slots: int) -> bool:
     """Whether ``num_rows`` rows of ``row_blocks`` blocks, cut into at most
-    ``MAX_CHUNKS_PER_ROW`` chunks of at least two blocks, make at least ``slots`` work items."""
-    return num_rows * min(MAX_CHUNKS_PER_ROW, max(1, row_blocks // 2)) >= slots
+    ``MAX_CHUNKS_PER_ROW`` chunks of at least ``min_chunk_blocks`` (mode off), make at least
+    ``slots`` work items."""
+    return num_rows * min(MAX_CHUNKS_PER_ROW, max(1, row_blocks // min_chunk_blocks(False))) >= slots
 
 
 # A row is cut into at most this many chunks: the merge reads every chunk of a row, and past

@@ -99,9 +99,7 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
         items = max(batch * buffers.num_kv_heads * chunks for batch, chunks in self._chunks.items())
         self._work_start = torch.zeros(items, dtype=torch.int32, device=device)
         self._work_end = torch.zeros(items, dtype=torch.int32, device=device)
-        largest = self._plan_for(max_batch)[0]
-        self._allocate(largest, device)
-        self._allocate_work_items(largest, items, max(self._chunks.values()) > 1, device)
+        self._allocate(self._plan_for(max_batch)[0], device, items, max(self._chunks.values()) > 1)
         self._full = {name: getattr(self, name) for name in _PER_ITEM + _PER_ROW}
 
     def _chunks_per_row(self, batch: int, device: torch.device) -> int:
@@ -117,22 +115,6 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
                                    termination.mode != "off")
         return math.ceil(kept / chunk)
 
-    def _allocate_work_items(self, plan, items: int, split: bool, device: torch.device) -> None:
-        """The buffers with one entry per work item, for ``items`` of them, and the chunks'
-        partial outputs where some batch size cuts its rows (``split``): ``_allocate`` sized them
-        for ``plan`` (the largest batch's), which may have fewer work items than a small batch's
-        chunks, or none cut."""
-        group_pad = self._group_pad
-        if items > plan.num_work:
-            self._visited_pages = torch.zeros(items, dtype=torch.int32, device=device)
-            self._visited_tokens = torch.zeros(items, dtype=torch.int32, device=device)
-            self._loaded_tokens = torch.zeros(items, dtype=torch.int32, device=device)
-            self._stable_at = torch.full((items, group_pad), -1, dtype=torch.int32, device=device)
-            self._work_order = torch.arange(items, dtype=torch.int64, device=device)
-        if split and self._backend == "triton" and self._part_out.shape[0] < items:
-            self._part_out = torch.empty((items, group_pad, plan.head_dim), dtype=torch.float32, device=device)
-            self._part_lse = torch.empty((items, group_pad), dtype=torch.float32, device=device)
-
     def _plan_for(self, batch: int):
         """``(DecodePlan, PolicyContext, SelectionLayout)`` of a ``batch``-request step: views, made once."""
         if batch not in self._plans:
@@ -146,7 +128,7 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
             if chunks > 1:
                 items = rows * chunks
                 device = b.row_start.device
-                longest = -(-max(-(-b.kept // chunks), self._min_chunk_pages(plan)) // plan.block_pages)
+                longest = math.ceil(max(math.ceil(b.kept / chunks), self._min_chunk_pages(plan)) / plan.block_pages)
                 plan = dataclasses.replace(
                     plan, work_row=torch.arange(rows, dtype=torch.int32, device=device).repeat_interleave(chunks),
                     work_start=self._work_start[:items], work_end=self._work_end[:items],
@@ -172,16 +154,15 @@ class StaticPlanDecodeWrapper(BatchARTDecodeWrapper):
         batch = kv_last_page_len.numel()
         buffers, policy = self.buffers, self._step_policy
         buffers.fill_page_table(kv_indptr, kv_indices, kv_last_page_len)
-        _, ctx, layout = self._plan_for(batch)
+        plan, ctx, layout = self._plan_for(batch)
         pages = ctx.pages_per_row
         buffers.fill_layout(pages if policy is None else policy.budget_pages(ctx).to(pages.device).minimum(pages))
         if policy is None:
             buffers.set_visits(buffers.recency_pages(), self._page_size)
         elif not policy.per_layer:
             buffers.set_visits(policy.select(ctx, layout), self._page_size)
-        plan = self._plan_for(batch)[0]
         if plan.split:
-            fill_chunks(buffers.row_start[: plan.num_rows + 1], plan.num_work // plan.num_rows, plan.block_pages,
+            fill_chunks(buffers.row_start[: plan.num_rows + 1], self._chunks[batch], plan.block_pages,
                         self._min_chunk_pages(plan), plan.work_start, plan.work_end)
         self.bind(batch)
 
